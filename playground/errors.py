@@ -1,0 +1,29 @@
+"""Errors the playground raises on purpose; each carries a message meant for the user."""
+
+
+class PlaygroundError(Exception):
+    """Base class: the message is shown as is in the UI and in API error bodies."""
+
+
+class ModelFolderError(PlaygroundError):
+    """A model folder is missing, incomplete or corrupt. The message names the file at fault."""
+
+
+class ModelNotLoadedError(PlaygroundError):
+    """No model is loaded (or one is still loading)."""
+
+
+class LoadInProgressError(PlaygroundError):
+    """Another load is running; loads are not stacked."""
+
+
+class ParameterError(PlaygroundError):
+    """A sampling or request parameter is out of range or of the wrong type."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class GenerationCancelled(PlaygroundError):
+    """The caller cancelled the generation."""

@@ -1,0 +1,704 @@
+"""The model manager: the one process-wide object that owns the loaded model and every generation.
+
+The chat tab, the sampling lab, the HTTP APIs and the LangChain integration all go through `get_manager()`.
+Generations are serialised per device in arrival order (a waiting caller can read its place), each can be
+cancelled and stops within one token, and each ends with stats.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import queue
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from playground.chat_format import ChatFormat, PlainChatFormat, TemplateChatFormat, normalise_messages
+from playground.errors import (
+    LoadInProgressError,
+    ModelFolderError,
+    ModelNotLoadedError,
+    ParameterError,
+    PlaygroundError,
+)
+from playground.memory import MemorySampler
+from playground.params import SamplingParams
+
+Progress = Callable[[float, str], None]
+EMBEDDED = "embedded"
+
+
+# --------------------------------------------------------------------------------------------- data types
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    chat_format: ChatFormat
+    name: str
+    kind: str  # "embedded", "transformers", "yuan", "yuan-int4"
+    path: str
+    device: str
+    dtype: str
+    parameters: int
+    memory_bytes: int
+    load_time_s: float
+    context_length: int
+    has_experts: bool = False
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    queue_wait_s: float = 0.0
+    time_to_first_token_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    total_s: float = 0.0
+    finish_reason: str = "stop"  # stop, length, cancelled, error
+    seed: int | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """The line shown under a reply."""
+        parts = [f"{self.new_tokens} tokens"]
+        if self.time_to_first_token_s is not None:
+            parts.append(f"first token {self.time_to_first_token_s:.2f} s")
+        if self.decode_tokens_per_s:
+            parts.append(f"{self.decode_tokens_per_s:.1f} tok/s")
+        parts.append(f"prompt {self.prompt_tokens}")
+        if self.seed is not None:
+            parts.append(f"seed {self.seed}")
+        parts.append(self.finish_reason)
+        return " · ".join(parts)
+
+
+@dataclass
+class TokenInfo:
+    """One generated token; logprob fields are filled only when the caller asked for them."""
+
+    id: int
+    text: str
+    logprob: float | None = None  # under the model's raw distribution
+    sampled_logprob: float | None = None  # under the distribution after the sampling settings
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # raw top alternatives
+    sampled_top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
+class GenerationEvent:
+    """What a stream yields: `queued` (position), `delta` (text, tokens) and finally `done` (stats)."""
+
+    kind: str
+    text: str = ""  # delta text for "delta", the full clean reply for "done"
+    position: int | None = None
+    tokens: list[TokenInfo] = field(default_factory=list)
+    stats: GenerationStats | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    stats: GenerationStats
+    tokens: list[TokenInfo]
+
+
+# ---------------------------------------------------------------------------------------- the FIFO gate
+
+
+class GenerationHandle:
+    """A caller's ticket: its place in the queue and its cancel switch."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, owner: str | None):
+        self.id = next(self._ids)
+        self.owner = owner
+        self.cancelled = threading.Event()
+        self.created = time.monotonic()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class FifoGate:
+    """One generation at a time, served strictly in arrival order."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._waiting: deque[GenerationHandle] = deque()
+        self.running: GenerationHandle | None = None
+
+    def join(self, handle: GenerationHandle) -> None:
+        with self._cond:
+            self._waiting.append(handle)
+
+    def position(self, handle: GenerationHandle) -> int:
+        """0 while running; 1 when next in line, 2 when one caller waits ahead, ...; -1 when gone."""
+        with self._cond:
+            if self.running is handle:
+                return 0
+            try:
+                return self._waiting.index(handle) + 1
+            except ValueError:
+                return -1
+
+    def wait_turn(self, handle: GenerationHandle, timeout: float) -> bool:
+        """Block until it is this handle's turn (True) or `timeout` passes (False)."""
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: self.running is None and self._waiting and self._waiting[0] is handle, timeout
+            )
+            if ok:
+                self._waiting.popleft()
+                self.running = handle
+            return ok
+
+    def leave(self, handle: GenerationHandle) -> None:
+        with self._cond:
+            if self.running is handle:
+                self.running = None
+            else:
+                try:
+                    self._waiting.remove(handle)
+                except ValueError:
+                    pass
+            self._cond.notify_all()
+
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+
+# ------------------------------------------------------------------------------ generation plumbing
+
+
+class CancelCriteria(StoppingCriteria):
+    """Stops generate after the current token once the caller cancels."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = self.event.is_set()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class ProcessedScoreRecorder(LogitsProcessor):
+    """Last in generate's processor list: sees the scores after temperature/top-k/top-p/min-p etc."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(scores[0].detach().float().log_softmax(-1).cpu())
+        return scores
+
+
+class RawLogitsRecorder:
+    """A forward hook on the output head: the model's raw next-token logits for each step."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, module, inputs, output):
+        self.steps.append(output[0, -1].detach().float().log_softmax(-1).cpu())
+
+
+class TokenStreamer(BaseStreamer):
+    """transformers streamer that hands each new token id (with a timestamp) to the consuming thread."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate's first put is the prompt
+            self._prompt_seen = True
+            return
+        for token_id in value.reshape(-1).tolist():
+            self.queue.put((time.perf_counter(), int(token_id)))
+
+    def end(self):
+        self.queue.put(None)
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------- the manager
+
+
+class ModelManager:
+    def __init__(self):
+        self._loaded: LoadedModel | None = None
+        self._load_lock = threading.Lock()
+        self._loading: dict[str, Any] | None = None
+        self._last_error: str | None = None
+        self._gates: dict[str, FifoGate] = {}
+        self._gates_lock = threading.Lock()
+        self._handles: dict[int, GenerationHandle] = {}
+        self._handles_lock = threading.Lock()
+        self._memory: MemorySampler | None = None
+        self.generations_done = 0
+
+    # --------------------------------------------------------------------------------------- loading
+
+    def load(
+        self,
+        model: str | os.PathLike | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Load a model and make it current. On failure the previous model stays and the error is kept.
+
+        `model`: None or "embedded" for the embedded SmolLM2, else a model folder (or a .gguf file).
+        Raises LoadInProgressError when another load is running, ModelFolderError for a bad folder.
+        """
+        if not self._load_lock.acquire(blocking=False):
+            raise LoadInProgressError("another model is loading; wait for it to finish")
+        started = time.perf_counter()
+        target = EMBEDDED if model in (None, "", EMBEDDED) else str(model)
+        self._loading = {"model": target, "fraction": 0.0, "message": "starting"}
+
+        def report(fraction: float, message: str) -> None:
+            self._loading = {"model": target, "fraction": float(fraction), "message": message}
+            if progress:
+                progress(fraction, message)
+
+        try:
+            resolved_device = resolve_device(device)
+            loaded = self._build(target, resolved_device, dtype, report)
+            loaded.load_time_s = time.perf_counter() - started
+            report(1.0, "ready")
+            previous, self._loaded = self._loaded, loaded
+            self._last_error = None
+            del previous  # a running generation keeps its own reference until it ends
+            _free_device_memory()
+        except Exception as exc:
+            self._last_error = f"loading {target} failed: {exc}"
+            _free_device_memory()
+            if isinstance(exc, PlaygroundError):
+                raise
+            raise ModelFolderError(self._last_error) from exc
+        finally:
+            self._loading = None
+            self._load_lock.release()
+        return self.status()
+
+    def _build(self, target: str, device: str, dtype: str, report: Progress) -> LoadedModel:
+        if target == EMBEDDED:
+            from playground.embedded import EMBEDDED_NAME, ensure_converted
+
+            folder = ensure_converted(report)
+            return self._load_transformers_folder(folder, device, dtype, report, name=EMBEDDED_NAME, kind="embedded")
+        path = Path(target).expanduser()
+        if not path.exists():
+            raise ModelFolderError(f"model folder {path} does not exist")
+        if path.is_file():
+            if path.suffix == ".gguf":
+                return self._load_gguf(path, device, dtype, report)
+            raise ModelFolderError(f"{path} is a file; give a model folder (or a .gguf file)")
+        from playground.models import yuan as _yuan_registration  # noqa: F401  (registers the Auto classes)
+        from playground.models.yuan.loading import is_yuan_folder
+
+        if is_yuan_folder(path):
+            return self._load_yuan_folder(path, device, dtype, report)
+        return self._load_transformers_folder(path, device, dtype, report, name=path.name, kind="transformers")
+
+    def _load_transformers_folder(self, folder, device, dtype, report, name, kind) -> LoadedModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise ModelFolderError(f"{folder} has no config.json; is it a model folder?")
+        if not list(folder.glob("*.safetensors")):
+            raise ModelFolderError(f"{folder} has no *.safetensors weights (only safetensors are read, never pickle)")
+        report(0.2, f"loading {name}")
+        torch_dtype = resolve_dtype(dtype, device)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, local_files_only=True, trust_remote_code=False, use_safetensors=True
+        )
+        return self._finish(model, tokenizer, name, kind, str(folder), device, report)
+
+    def _load_gguf(self, path: Path, device, dtype, report) -> LoadedModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        report(0.2, f"dequantising {path.name}")
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=resolve_dtype(dtype, device))
+        return self._finish(model, tokenizer, path.stem, "gguf", str(path), device, report)
+
+    def _load_yuan_folder(self, path: Path, device, dtype, report) -> LoadedModel:
+        from playground.models.yuan.loading import check_yuan_folder, load_yuan
+        from playground.models.yuan.prompt import YuanChatFormat
+
+        check_yuan_folder(path)
+        torch_dtype = None if dtype == "auto" else resolve_dtype(dtype, device)
+        model, tokenizer = load_yuan(path, device=device, dtype=torch_dtype, progress=report)
+        int4 = (path / "quantize_config.json").is_file()
+        return self._finish(
+            model, tokenizer, path.name, "yuan-int4" if int4 else "yuan", str(path), device, report,
+            chat_format=YuanChatFormat(tokenizer), has_experts=True,
+        )
+
+    def _finish(self, model, tokenizer, name, kind, path, device, report, chat_format=None, has_experts=False):
+        report(0.9, f"moving to {device}")
+        if str(getattr(model, "device", device)) != device:
+            model = model.to(device)
+        model.eval()
+        if chat_format is None:
+            chat_format = TemplateChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else PlainChatFormat()
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tensors = list(model.parameters()) + list(model.buffers())
+        parameters = sum(p.numel() for p in model.parameters())
+        memory = sum(t.numel() * t.element_size() for t in tensors)
+        dtype = next((str(p.dtype) for p in model.parameters() if p.is_floating_point()), "unknown")
+        context = int(
+            getattr(model.config, "max_position_embeddings", None)
+            or getattr(tokenizer, "model_max_length", None)
+            or 2048
+        )
+        return LoadedModel(
+            model=model, tokenizer=tokenizer, chat_format=chat_format, name=name, kind=kind, path=path,
+            device=device, dtype=dtype.replace("torch.", ""), parameters=parameters, memory_bytes=memory,
+            load_time_s=0.0, context_length=context, has_experts=has_experts,
+        )
+
+    def unload(self) -> None:
+        self._loaded = None
+        _free_device_memory()
+
+    @property
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
+
+    def require_model(self) -> LoadedModel:
+        loaded = self._loaded
+        if loaded is None:
+            if self._loading:
+                raise ModelNotLoadedError(f"the model is still loading ({self._loading['message']})")
+            raise ModelNotLoadedError(self._last_error or "no model is loaded")
+        return loaded
+
+    def status(self) -> dict[str, Any]:
+        loaded = self._loaded
+        info: dict[str, Any] = {
+            "state": "loading" if self._loading else ("ready" if loaded else ("error" if self._last_error else "empty")),
+            "loading": dict(self._loading) if self._loading else None,
+            "last_error": self._last_error,
+            "queued": sum(g.queued() for g in self._gates.values()),
+            "running": sum(1 for g in self._gates.values() if g.running is not None),
+        }
+        if loaded:
+            info.update(
+                name=loaded.name, kind=loaded.kind, path=loaded.path, device=loaded.device, dtype=loaded.dtype,
+                parameters=loaded.parameters, memory_mib=round(loaded.memory_bytes / 2**20, 1),
+                load_time_s=round(loaded.load_time_s, 2), context_length=loaded.context_length,
+                chat_format=loaded.chat_format.name, has_experts=loaded.has_experts,
+            )
+        return info
+
+    # ------------------------------------------------------------------------------------- generation
+
+    def _gate(self, device: str) -> FifoGate:
+        with self._gates_lock:
+            return self._gates.setdefault(device, FifoGate())
+
+    def build_prompt(self, messages: list[dict[str, Any]]) -> str:
+        loaded = self.require_model()
+        return loaded.chat_format.build_prompt(normalise_messages(messages))
+
+    def count_tokens(self, text: str) -> int:
+        loaded = self.require_model()
+        return len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def cancel(self, owner: str) -> int:
+        """Cancel every queued or running generation of `owner` (a UI session); returns how many."""
+        with self._handles_lock:
+            handles = [h for h in self._handles.values() if h.owner == owner]
+        for handle in handles:
+            handle.cancel()
+        return len(handles)
+
+    def stream(
+        self,
+        messages: list[dict[str, Any]] | None = None,
+        prompt: str | None = None,
+        params: SamplingParams | dict | None = None,
+        owner: str | None = None,
+        handle: GenerationHandle | None = None,
+        logprobs: int | None = None,
+    ) -> Iterator[GenerationEvent]:
+        """Stream one reply: `queued` events while waiting, `delta` events, then one `done` event.
+
+        Give chat `messages` (formatted by the model's chat format) or a raw `prompt`. Closing the iterator
+        early (a client going away) cancels the generation. `logprobs`: how many top alternatives to attach
+        to each token (0 for only the chosen token's logprob, None for none).
+        """
+        params = SamplingParams.parse(params)
+        if (messages is None) == (prompt is None):
+            raise ParameterError("give either messages or a prompt")
+        if logprobs is not None and not 0 <= int(logprobs) <= 20:
+            raise ParameterError("logprobs must be between 0 and 20", field="logprobs")
+        loaded = self.require_model()
+        text = loaded.chat_format.build_prompt(normalise_messages(messages)) if messages is not None else prompt
+        self._encode(loaded, text, params)  # bad input fails here, before it takes a place in the queue
+        handle = handle or GenerationHandle(owner)
+        with self._handles_lock:
+            self._handles[handle.id] = handle
+        gate = self._gate(loaded.device)
+        gate.join(handle)
+        queued_at = time.perf_counter()
+        try:
+            last_position = None
+            while not gate.wait_turn(handle, timeout=0.2):
+                if handle.cancelled.is_set():
+                    stats = GenerationStats(finish_reason="cancelled", queue_wait_s=time.perf_counter() - queued_at)
+                    yield GenerationEvent("done", stats=stats)
+                    return
+                position = gate.position(handle)
+                if position != last_position:
+                    last_position = position
+                    yield GenerationEvent("queued", position=position)
+            # The model may have been swapped while this caller waited: use the current one.
+            if self.require_model() is not loaded:
+                loaded = self.require_model()
+                if messages is not None:
+                    text = loaded.chat_format.build_prompt(normalise_messages(messages))
+            yield from self._generate(loaded, text, params, handle, time.perf_counter() - queued_at, logprobs)
+        finally:
+            handle.cancel()  # no-op after a normal end; stops a generation whose consumer went away
+            gate.leave(handle)
+            with self._handles_lock:
+                self._handles.pop(handle.id, None)
+
+    def generate(self, **kwargs) -> GenerationResult:
+        """Non-streaming convenience over `stream`."""
+        tokens: list[TokenInfo] = []
+        for event in self.stream(**kwargs):
+            tokens.extend(event.tokens)
+            if event.kind == "done":
+                return GenerationResult(text=event.text, stats=event.stats, tokens=tokens)
+        raise PlaygroundError("generation ended without a result")  # pragma: no cover
+
+    def _generate(self, loaded, text, params, handle, queue_wait, logprobs) -> Iterator[GenerationEvent]:
+        model, tokenizer, chat_format = loaded.model, loaded.tokenizer, loaded.chat_format
+        input_ids = self._encode(loaded, text, params).to(loaded.device)
+        attention_mask = torch.ones_like(input_ids)
+        prompt_tokens = int(input_ids.shape[1])
+        seed = params.seed if params.seed is not None else random.randrange(2**32)
+        eos_ids = _eos_ids(model, tokenizer) | set(chat_format.stop_token_ids)
+        streamer = TokenStreamer()
+        processed = ProcessedScoreRecorder() if logprobs is not None else None
+        raw = RawLogitsRecorder() if logprobs is not None else None
+        kwargs = params.generate_kwargs()
+        if params.stop:
+            kwargs["tokenizer"] = tokenizer
+        generate_kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([CancelCriteria(handle.cancelled)]),
+            logits_processor=LogitsProcessorList([processed] if processed else []),
+            eos_token_id=sorted(eos_ids) or None,
+            pad_token_id=tokenizer.pad_token_id,
+            **kwargs,
+        )
+        failure: list[BaseException] = []
+        hook = model.get_output_embeddings().register_forward_hook(raw) if raw else None
+
+        def worker():
+            try:
+                with torch.inference_mode():
+                    torch.manual_seed(seed)  # serialised by the gate, so the global RNG is ours
+                    model.generate(**generate_kwargs)
+            except BaseException as exc:  # reported to the consumer, never lost in the thread
+                failure.append(exc)
+            finally:
+                streamer.end()
+
+        started = time.perf_counter()
+        thread = threading.Thread(target=worker, name=f"generate-{handle.id}", daemon=True)
+        thread.start()
+        new_ids: list[int] = []
+        emitted = ""
+        first_token_at = last_token_at = None
+        try:
+            while True:
+                item = streamer.queue.get()
+                if item is None:
+                    break
+                stamp, token_id = item
+                first_token_at = first_token_at or stamp
+                last_token_at = stamp
+                new_ids.append(token_id)
+                infos = []
+                if logprobs is not None:
+                    infos.append(self._token_info(tokenizer, token_id, len(new_ids) - 1, raw, processed, logprobs))
+                clean = _trim_at_stop(
+                    chat_format.clean_output(tokenizer.decode(new_ids, skip_special_tokens=chat_format.skip_special_tokens)),
+                    params.stop,
+                )[0]
+                # Hold back a partial multi-byte character; emit only what extends the text already sent.
+                if clean.endswith("\ufffd") or not clean.startswith(emitted):
+                    if infos:
+                        yield GenerationEvent("delta", text="", tokens=infos)
+                    continue
+                delta, emitted = clean[len(emitted):], clean
+                if delta or infos:
+                    yield GenerationEvent("delta", text=delta, tokens=infos)
+        except BaseException:  # the consumer went away (GeneratorExit) or failed: stop the model too
+            handle.cancel()
+            raise
+        finally:
+            thread.join()
+            if hook:
+                hook.remove()
+        finished = time.perf_counter()
+        final, hit_stop = _trim_at_stop(
+            chat_format.clean_output(tokenizer.decode(new_ids, skip_special_tokens=chat_format.skip_special_tokens)),
+            params.stop,
+        )
+        stats = GenerationStats(
+            prompt_tokens=prompt_tokens,
+            new_tokens=len(new_ids),
+            queue_wait_s=queue_wait,
+            time_to_first_token_s=(first_token_at - started) if first_token_at else None,
+            decode_tokens_per_s=((len(new_ids) - 1) / (last_token_at - first_token_at))
+            if first_token_at and last_token_at and last_token_at > first_token_at
+            else None,
+            total_s=finished - started,
+            seed=seed,
+        )
+        if failure:
+            exc = failure[0]
+            stats.finish_reason = "error"
+            if isinstance(exc, torch.OutOfMemoryError):
+                stats.error = "out of memory during generation; caches were freed, try a shorter prompt or reply"
+            else:
+                stats.error = f"{type(exc).__name__}: {exc}"
+            _free_device_memory()
+        elif handle.cancelled.is_set():
+            stats.finish_reason = "cancelled"
+        elif new_ids and new_ids[-1] in eos_ids:
+            stats.finish_reason = "stop"
+        elif hit_stop:
+            stats.finish_reason = "stop"
+        elif len(new_ids) >= params.max_new_tokens:
+            stats.finish_reason = "length"
+        self.generations_done += 1
+        if final != emitted and final.startswith(emitted):
+            yield GenerationEvent("delta", text=final[len(emitted):])
+        yield GenerationEvent("done", text=final, stats=stats)
+
+    @staticmethod
+    def _encode(loaded: LoadedModel, text: str, params: SamplingParams) -> torch.Tensor:
+        """The prompt's ids [1, n]; rejects an empty prompt or one that leaves no room for the reply."""
+        if not text or not text.strip():
+            raise ParameterError("the prompt is empty", field="prompt")
+        input_ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        prompt_tokens = int(input_ids.shape[1])
+        if prompt_tokens + params.max_new_tokens > loaded.context_length:
+            raise ParameterError(
+                f"the prompt is {prompt_tokens} tokens and max_new_tokens is {params.max_new_tokens}, "
+                f"but the model's context is {loaded.context_length} tokens; shorten the prompt or the reply",
+                field="prompt",
+            )
+        return input_ids
+
+    @staticmethod
+    def _token_info(tokenizer, token_id, step, raw, processed, top_n) -> TokenInfo:
+        info = TokenInfo(id=token_id, text=tokenizer.decode([token_id]))
+        for recorder, value_attr, top_attr in ((raw, "logprob", "top"), (processed, "sampled_logprob", "sampled_top")):
+            if recorder is None or step >= len(recorder.steps):
+                continue
+            dist = recorder.steps[step]
+            setattr(info, value_attr, float(dist[token_id]))
+            if top_n:
+                values, ids = dist.topk(top_n)
+                setattr(
+                    info,
+                    top_attr,
+                    [(int(i), tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids) if v > float("-inf")],
+                )
+        return info
+
+    # ----------------------------------------------------------------------------------------- memory
+
+    def memory(self) -> MemorySampler:
+        """The process's memory sampler (started on first use)."""
+        if self._memory is None:
+            self._memory = MemorySampler()
+            self._memory.start()
+        return self._memory
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _trim_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Cut the text at the first stop string (the stop string itself is not part of the reply)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def resolve_device(device: str) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ParameterError(f"device {device!r} was asked for, but CUDA is not available here", field="device")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise ParameterError(f"unknown device {device!r}; use auto, cpu or cuda[:N]", field="device")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ParameterError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16", field="dtype")
+    return DTYPES[dtype]
+
+
+_manager: ModelManager | None = None
+_manager_lock = threading.Lock()
+
+
+def get_manager() -> ModelManager:
+    """The process-wide model manager."""
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            _manager = ModelManager()
+        return _manager
