@@ -1,0 +1,1 @@
+"""Model families the playground implements natively (no remote code)."""

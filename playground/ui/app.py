@@ -1,0 +1,40 @@
+"""The Gradio Blocks app: a model status line and one tab per feature."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from playground.manager import get_manager
+from playground.ui.chat_tab import build_chat_tab
+from playground.ui.lab_tab import build_lab_tab
+from playground.ui.memory_tab import build_memory_tab
+
+TITLE = "Yuan2.0-M32 Playground"
+
+
+def status_line() -> str:
+    status = get_manager().status()
+    if status["state"] == "loading":
+        loading = status["loading"]
+        return f"⏳ Loading **{loading['model']}**: {loading['message']} ({loading['fraction']:.0%})"
+    if status["state"] == "ready":
+        queue = f" · {status['queued']} waiting" if status["queued"] else ""
+        return (
+            f"🟢 **{status['name']}** · {status['kind']} · {status['parameters'] / 1e6:.0f}M parameters · "
+            f"{status['dtype']} on {status['device']} · loaded in {status['load_time_s']:.1f} s{queue}"
+        )
+    if status["state"] == "error":
+        return f"🔴 No model loaded: {status['last_error']}"
+    return "⚪ No model loaded."
+
+
+def build_app() -> gr.Blocks:
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}")
+        status = gr.Markdown(status_line, elem_id="model-status")
+        build_chat_tab()
+        build_lab_tab()
+        build_memory_tab()
+        status_timer = gr.Timer(2.0)
+        status_timer.tick(status_line, None, status, api_name="status", show_progress="hidden", queue=False)
+    return demo

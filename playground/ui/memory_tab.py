@@ -1,0 +1,69 @@
+"""GPU memory panel: live device memory (NVML), torch's allocator figures, and a CPU fallback."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from playground.manager import get_manager
+
+
+def memory_report() -> str:
+    """The latest reading in words: per GPU, or the process and system memory without NVML."""
+    manager = get_manager()
+    sampler = manager.memory()
+    reading = sampler.latest() or sampler.record()
+    lines = [f"**Source.** {sampler.describe_source()}", ""]
+    if reading.gpus:
+        lines.append("| GPU | used / total MiB | utilisation | temperature | this process MiB | torch allocated / reserved MiB |")
+        lines.append("|---|---|---|---|---|---|")
+        for g in reading.gpus:
+            torch_figures = (
+                f"{g.torch_allocated_mib:.0f} / {g.torch_reserved_mib:.0f}" if g.torch_allocated_mib is not None else "n/a"
+            )
+            lines.append(
+                f"| {g.index}: {g.name} | {g.used_mib:.0f} / {g.total_mib:.0f} | "
+                f"{'n/a' if g.utilisation_pct is None else f'{g.utilisation_pct:.0f}%'} | "
+                f"{'n/a' if g.temperature_c is None else f'{g.temperature_c:.0f} °C'} | "
+                f"{'n/a' if g.process_used_mib is None else f'{g.process_used_mib:.0f}'} | {torch_figures} |"
+            )
+    lines.append("")
+    lines.append(
+        f"Process RSS **{reading.process_rss_mib:.0f} MiB** · system memory "
+        f"**{reading.system_used_mib:.0f} / {reading.system_total_mib:.0f} MiB**"
+    )
+    status = manager.status()
+    if status.get("name"):
+        lines.append(
+            f"Model **{status['name']}** ({status['kind']}, {status['dtype']} on {status['device']}): "
+            f"{status['memory_mib']:.0f} MiB of weights"
+        )
+    return "\n".join(lines)
+
+
+def memory_tick():
+    return get_manager().memory().frame(), memory_report()
+
+
+def build_memory_tab():
+    with gr.Tab("GPU memory", id="memory"):
+        report = gr.Markdown(memory_report, elem_id="memory-report")
+        plot = gr.LinePlot(
+            x="seconds", y="MiB", color="series", title="Memory over the last minutes",
+            x_title="seconds ago", y_title="MiB", height=320, elem_id="memory-plot",
+        )
+        with gr.Row():
+            interval = gr.Slider(0.5, 10, value=1.0, step=0.5, label="Refresh every (s)")
+            paused = gr.Checkbox(False, label="Pause")
+        timer = gr.Timer(1.0)
+
+        def set_interval(seconds):
+            get_manager().memory().set_interval(seconds)
+            return gr.Timer(value=seconds)
+
+        def set_paused(is_paused):
+            get_manager().memory().paused = bool(is_paused)
+            return gr.Timer(active=not is_paused)
+
+        timer.tick(memory_tick, None, [plot, report], api_name="memory_tick", show_progress="hidden", queue=False)
+        interval.change(set_interval, interval, timer, api_name=False)
+        paused.change(set_paused, paused, timer, api_name=False)

@@ -1,0 +1,92 @@
+"""Shared fixtures: the real app launched once per test session on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+YUAN_TOKENIZER_DIR = SHARED / "yuan2-tokenizer"
+# Converted models are cached inside the repo (ignored by git) so reruns skip the GGUF conversion.
+os.environ.setdefault("PLAYGROUND_CACHE_DIR", str(REPO / ".cache"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LaunchedServer:
+    """`python launch.py ...` in a subprocess, as a user starts it."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log_dir: Path | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = ["--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.log_path = (log_dir or Path("/tmp")) / f"server-{self.port}.log"
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "launch.py"), *self.args],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
+        )
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.url}/healthz", timeout=5).json()
+
+    def wait_until(self, states=("ready",), timeout: float = 240) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                last = self.status()
+                if last["state"] in states:
+                    return last
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not in {states} after {timeout} s (last status {last}):\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-5000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def launched_server(tmp_path_factory):
+    """The real app with the real embedded model, started once for the whole test session."""
+    server = LaunchedServer(log_dir=tmp_path_factory.mktemp("server"))
+    try:
+        server.wait_until(("ready",))
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def yuan_tokenizer_dir() -> Path:
+    assert (YUAN_TOKENIZER_DIR / "tokenizer.model").is_file(), f"missing {YUAN_TOKENIZER_DIR}"
+    return YUAN_TOKENIZER_DIR
