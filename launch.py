@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Yuan2.0-M32 Playground on http://{settings.host}:{settings.port}", flush=True)
     if settings.share:
         print("--share: a public link needs Gradio's share servers; see the README.", file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    # A short graceful shutdown: open UI event streams would otherwise hold a stop for a long time.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=3)
 
 
 if __name__ == "__main__":

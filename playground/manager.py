@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import os
 import queue
 import random
@@ -317,10 +318,7 @@ class ModelManager:
             if path.suffix == ".gguf":
                 return self._load_gguf(path, device, dtype, report)
             raise ModelFolderError(f"{path} is a file; give a model folder (or a .gguf file)")
-        from playground.models import yuan as _yuan_registration  # noqa: F401  (registers the Auto classes)
-        from playground.models.yuan.loading import is_yuan_folder
-
-        if is_yuan_folder(path):
+        if _model_type(path) == "yuan":
             return self._load_yuan_folder(path, device, dtype, report)
         return self._load_transformers_folder(path, device, dtype, report, name=path.name, kind="transformers")
 
@@ -472,7 +470,8 @@ class ModelManager:
         queued_at = time.perf_counter()
         try:
             last_position = None
-            while not gate.wait_turn(handle, timeout=0.2):
+            # Timeout 0 first: a caller that has to wait learns its place at once.
+            while not gate.wait_turn(handle, timeout=0.2 if last_position is not None else 0):
                 if handle.cancelled.is_set():
                     stats = GenerationStats(finish_reason="cancelled", queue_wait_s=time.perf_counter() - queued_at)
                     yield GenerationEvent("done", stats=stats)
@@ -520,7 +519,7 @@ class ModelManager:
             attention_mask=attention_mask,
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([CancelCriteria(handle.cancelled)]),
-            logits_processor=LogitsProcessorList([processed] if processed else []),
+            logits_processor=LogitsProcessorList([*params.logits_warpers(), *([processed] if processed else [])]),
             eos_token_id=sorted(eos_ids) or None,
             pad_token_id=tokenizer.pad_token_id,
             **kwargs,
@@ -652,6 +651,14 @@ class ModelManager:
             self._memory = MemorySampler()
             self._memory.start()
         return self._memory
+
+
+def _model_type(folder: Path) -> str | None:
+    """config.json's model_type, or None when there is no readable config (the loader then says what is wrong)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -11,6 +11,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from transformers import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
 from playground.errors import ParameterError
 
 MAX_STOP_STRINGS = 16
@@ -121,17 +130,30 @@ class SamplingParams(BaseModel):
             # Unset the sampling knobs so generate neither warns nor applies them.
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None, typical_p=None)
         else:
-            kwargs.update(
-                do_sample=True,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k or None,
-                min_p=self.min_p or None,
-                typical_p=self.typical_p,
-            )
+            # The warpers come from logits_warpers() so that they run before any recorder the caller appends
+            # (generate would otherwise add its own after every custom processor); its own are set neutral.
+            kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, min_p=None, typical_p=1.0)
         if self.stop:
             kwargs["stop_strings"] = list(self.stop)
         return kwargs
+
+
+    def logits_warpers(self) -> LogitsProcessorList:
+        """transformers' own warpers for these settings, in the order generate applies them (empty if greedy)."""
+        warpers = LogitsProcessorList()
+        if self.greedy:
+            return warpers
+        if self.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_k:
+            warpers.append(TopKLogitsWarper(top_k=self.top_k))
+        if self.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=self.top_p))
+        if self.min_p:
+            warpers.append(MinPLogitsWarper(min_p=self.min_p))
+        if self.typical_p < 1.0:
+            warpers.append(TypicalLogitsWarper(mass=self.typical_p))
+        return warpers
 
 
 def parameter_error(exc: ValidationError) -> ParameterError:

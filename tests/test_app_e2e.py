@@ -1,0 +1,145 @@
+"""The real app, launched as users launch it, driven through gradio_client with the real embedded model."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from playground.ui.lab_tab import SETTING_FIELDS
+
+pytestmark = pytest.mark.slow
+
+# chat endpoint inputs after the message and system prompt, in the UI's order
+GREEDY = dict(temperature=0.0, top_p=0.9, top_k=50, min_p=0.0, typical_p=1.0, repetition_penalty=1.0,
+              no_repeat_ngram_size=0, max_new_tokens=24, seed=1, stop="")
+
+
+def chat_args(message, system="", **overrides):
+    values = {**GREEDY, **overrides}
+    return [message, system, *values.values()]
+
+
+def reply_text(chat):
+    content = chat[-1]["content"]
+    return "".join(part["text"] for part in content) if isinstance(content, list) else content
+
+
+@pytest.fixture()
+def client(launched_server):
+    return Client(launched_server.url, verbose=False)
+
+
+def test_status_and_health(launched_server, client):
+    status = launched_server.status()
+    assert status["state"] == "ready" and status["name"] == "SmolLM2-135M-Instruct"
+    assert "SmolLM2-135M-Instruct" in client.predict(api_name="/status")
+    assert launched_server.args[:2] == ["--host", "127.0.0.1"]
+
+
+def test_chat_streams_a_reply_with_stats(client):
+    job = client.submit(*chat_args("What is the capital of France?"), api_name="/chat")
+    updates = list(job)
+    chat, status, box = job.outputs()[-1]
+    assert len(updates) >= 3  # streamed: several partial replies before the last
+    partial_lengths = [len(reply_text(u[0])) for u in updates if u[0] and u[0][-1]["role"] == "assistant"]
+    assert partial_lengths == sorted(partial_lengths) and partial_lengths[0] < partial_lengths[-1]
+    assert [m["role"] for m in chat] == ["user", "assistant"]
+    assert "Paris" in reply_text(chat)
+    assert "tokens" in reply_text(chat) and "tok/s" in reply_text(chat)  # the stats line under the reply
+    assert status.startswith("Done:") and box == ""
+
+
+def test_chat_keeps_turns_undo_and_clear(client):
+    client.predict(*chat_args("My name is Ada. Say hi.", max_new_tokens=12), api_name="/chat")
+    chat, _, _ = client.predict(*chat_args("Say goodbye.", max_new_tokens=12), api_name="/chat")
+    assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
+    chat, status = client.predict(api_name="/chat_undo")
+    assert [m["role"] for m in chat] == ["user", "assistant"]
+    chat, status = client.predict(*chat_args("", max_new_tokens=12)[1:], api_name="/chat_regenerate")
+    assert [m["role"] for m in chat] == ["user", "assistant"]
+    chat, status = client.predict(api_name="/chat_clear")
+    assert chat == []
+
+
+def test_bad_chat_input_shows_a_message_and_keeps_history(client):
+    client.predict(*chat_args("Hello!", max_new_tokens=8), api_name="/chat")
+    chat, status, box = client.predict(*chat_args("   "), api_name="/chat")
+    assert "empty" in status and len(chat) == 2
+    chat, status, box = client.predict(*chat_args("Hi again", seed=-1), api_name="/chat")
+    assert "seed" in status and "between 0 and" in status
+    assert len(chat) == 2 and box == "Hi again"  # history kept, message given back to edit
+    with pytest.raises(AppError, match="maximum value 2"):  # Gradio's own slider bounds
+        client.predict(*chat_args("Hi again", temperature=9.0), api_name="/chat")
+    chat, status, _ = client.predict(*chat_args("Still there?", max_new_tokens=6), api_name="/chat")
+    assert [m["role"] for m in chat] == ["user", "assistant"] * 2
+
+
+def test_stop_button_really_stops(client, launched_server):
+    long = chat_args("Write a very long story about a dragon and a knight.", temperature=0.8, seed=3,
+                     max_new_tokens=1500)
+    job = client.submit(*long, api_name="/chat")
+    seen = 0
+    for update in job:
+        if update[0] and update[0][-1]["role"] == "assistant":
+            seen += 1
+            if seen == 3:
+                break
+    pressed = time.perf_counter()
+    assert client.predict(api_name="/chat_stop") == "Stopping…"
+    while not job.done():
+        time.sleep(0.05)
+        assert time.perf_counter() - pressed < 10
+    chat, status, _ = job.outputs()[-1]
+    assert "cancelled" in status
+    tokens = int(status.split("Done: ")[1].split(" tokens")[0])
+    assert tokens < 1500
+    assert launched_server.status()["running"] == 0
+
+
+def settings_table(*rows):
+    return {"headers": SETTING_FIELDS, "data": [list(r) for r in rows]}
+
+
+def test_lab_two_settings_seeded_and_reproducible(client):
+    table = settings_table([0.0, 0.9, 50, 0, 1, 1, 0, 20, 1], [1.2, 0.95, 50, 0, 1, 1, 0, 20, 42])
+    first = client.predict("Write a haiku about rain.", table, api_name="/lab_run")
+    second = client.predict("Write a haiku about rain.", table, api_name="/lab_run")
+    texts, notes = first[:6], first[6:12]
+    results, csv_path, status = first[12], first[13], first[14]
+    assert status == "Done: 2 of 2 settings"
+    assert [t["visible"] for t in texts] == [True, True, False, False, False, False]
+    assert texts[0]["value"] and texts[1]["value"] and texts[0]["value"] != texts[1]["value"]
+    assert [t["value"] for t in second[:2]] == [t["value"] for t in texts[:2]]  # same seeds, same text
+    assert "tok/s" in notes[0]["value"] and "seed 42" in notes[1]["value"]
+    frame = pd.DataFrame(results["data"], columns=results["headers"])
+    assert list(frame["seed"]) == [1, 42] and list(frame["temperature"]) == [0.0, 1.2]
+    assert {"new_tokens", "time_to_first_token_s", "decode_tokens_per_s", "finish_reason"} <= set(frame.columns)
+    exported = pd.read_csv(csv_path)
+    assert list(exported["output"]) == [texts[0]["value"], texts[1]["value"]]
+
+
+def test_lab_sweep_and_invalid_settings(client):
+    table, status = client.predict(settings_table([0.7, 0.9, 50, 0, 1, 1, 0, 16, 5]), "temperature",
+                                   "0.1, 0.5, 0.9", api_name="/lab_sweep")
+    frame = pd.DataFrame(table["data"], columns=table["headers"])
+    assert list(frame["temperature"]) == [0.1, 0.5, 0.9] and set(frame["seed"]) == {5}
+    _, status = client.predict(settings_table([0.7, 0.9, 50, 0, 1, 1, 0, 16, 5]), "temperature", "7, 8",
+                               api_name="/lab_sweep")
+    assert "temperature" in status and "between 0 and 5" in status
+    out = client.predict("Hi", settings_table([0.7, 2.0, 50, 0, 1, 1, 0, 16, 5]), api_name="/lab_run")
+    assert "setting 1: top_p" in out[14]
+
+
+def test_memory_panel_gains_points(client):
+    frame1, report = client.predict(api_name="/memory_tick")
+    assert "No GPU readings" in report and "Process RSS" in report
+    time.sleep(2.5)
+    frame2, _ = client.predict(api_name="/memory_tick")
+    rows1, rows2 = len(frame1["data"]), len(frame2["data"])
+    assert rows2 > rows1 >= 2
+    series = {row[frame2["columns"].index("series")] for row in frame2["data"]}
+    assert series == {"process RSS", "system used"}
