@@ -350,12 +350,12 @@ class ModelManager:
         from playground.models.yuan.loading import check_yuan_folder, load_yuan
         from playground.models.yuan.prompt import YuanChatFormat
 
-        check_yuan_folder(path)
-        torch_dtype = None if dtype == "auto" else resolve_dtype(dtype, device)
-        model, tokenizer = load_yuan(path, device=device, dtype=torch_dtype, progress=report)
-        int4 = (path / "quantize_config.json").is_file()
+        folder = check_yuan_folder(path)  # names the missing or damaged file before anything is built
+        # "auto": the loader picks fp16 for INT4 on CUDA, the checkpoint's dtype for float on CUDA, fp32 on CPU.
+        torch_dtype = None if dtype in (None, "", "auto") else resolve_dtype(dtype, device)
+        model, tokenizer = load_yuan(folder, device=device, dtype=torch_dtype, progress=report)
         return self._finish(
-            model, tokenizer, path.name, "yuan-int4" if int4 else "yuan", str(path), device, report,
+            model, tokenizer, path.name, "yuan-int4" if folder.quantized else "yuan", str(path), device, report,
             chat_format=YuanChatFormat(tokenizer), has_experts=True,
         )
 
@@ -369,7 +369,10 @@ class ModelManager:
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
             tokenizer.pad_token = tokenizer.eos_token
         tensors = list(model.parameters()) + list(model.buffers())
-        parameters = sum(p.numel() for p in model.parameters())
+        # Packed INT4 layers hold their weights as buffers: count them as the weights they stand for.
+        parameters = sum(p.numel() for p in model.parameters()) + sum(
+            m.in_features * m.out_features for m in model.modules() if hasattr(m, "qweight")
+        )
         memory = sum(t.numel() * t.element_size() for t in tensors)
         dtype = next((str(p.dtype) for p in model.parameters() if p.is_floating_point()), "unknown")
         context = int(

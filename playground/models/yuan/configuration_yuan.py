@@ -33,7 +33,9 @@ class YuanConfig(PretrainedConfig):
 
     - `rotary_table_dtype`: `"bfloat16"` builds the cos/sin table in bf16 like the released code (positions above
       256 round to the nearest bf16 value); `"float32"` builds an exact table.
-    - `rotary_dim`: how many leading dims of each head rotate; `None` means half the head (128 of 256 in the release).
+    - `rotary_dim`: how many leading dims of each head rotate; `None` means `hidden_size // num_attention_heads`,
+      which is what the release sizes its rotary embedding by (128 of the 256 head dims in M32; the whole head
+      when attention_projection_size equals hidden_size).
     - `rotary_base`: RoPE base, 10000 as released.
     """
 
@@ -81,7 +83,7 @@ class YuanConfig(PretrainedConfig):
             raise ValueError(f"hidden_size ({self.hidden_size}) must be even: the LFA filter halves it")
         if self.rotary_table_dtype not in ROTARY_TABLE_DTYPES:
             raise ValueError(f"rotary_table_dtype must be one of {ROTARY_TABLE_DTYPES}, got {self.rotary_table_dtype!r}")
-        rotary_dim = self.rotary_dim if self.rotary_dim is not None else self.head_dim // 2
+        rotary_dim = self.rotary_dims
         if rotary_dim % 2 != 0 or not 0 < rotary_dim <= self.head_dim:
             raise ValueError(f"rotary_dim ({rotary_dim}) must be even and at most head_dim ({self.head_dim})")
         top_k, experts = self.moe_config["moe_top_k"], self.moe_config["moe_num_experts"]
@@ -96,7 +98,8 @@ class YuanConfig(PretrainedConfig):
 
     @property
     def rotary_dims(self) -> int:
-        return self.rotary_dim if self.rotary_dim is not None else self.head_dim // 2
+        # The release builds its rotary table for hidden_size // num_heads dims, whatever the head size.
+        return self.rotary_dim if self.rotary_dim is not None else self.hidden_size // self.num_attention_heads
 
     @property
     def num_experts(self) -> int:

@@ -1,0 +1,591 @@
+"""Checking and loading Yuan2 model folders: float safetensors (single or sharded) and the release's INT4 GPTQ
+checkpoint, whose weights come as byte-split parts (`gptq_model-4bit-128g.safetensors00`, `01`, `02`).
+
+The parts are read in place: the safetensors header (8-byte little-endian length, then JSON) and every tensor's byte
+range may straddle part boundaries, so a small virtual file maps offsets onto the parts; nothing is joined on disk.
+
+Loading builds the model on the meta device (INT4 folders with `QuantLinear` in the quantized places) and then
+materialises it tensor by tensor, reading each one's bytes straight into its final storage when the dtype matches.
+INT4 weights stay packed; peak memory stays close to the checkpoint's size.
+
+Compute dtypes: INT4 runs in float16 on CUDA and float32 on CPU (PyTorch's float16 matmuls on CPU are slow or
+missing); the packed weights and their fp16 scales are kept as they are and dequantised per call. Float folders
+use the checkpoint's dtype on CUDA and float32 on CPU. An explicit `dtype` overrides both.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from playground.errors import ModelFolderError
+
+from .configuration_yuan import YuanConfig
+from .gptq import GPTQSettings, QuantLinear, gptq_settings_from_dict, read_quantize_config
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+QUANTIZE_CONFIG_FILE = "quantize_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SPLIT_PART = re.compile(r"^(?P<stem>.+\.safetensors)(?P<number>\d{2,})$")
+
+# Linear layers the release quantised (embeddings, lm_head, norms and the LFA convolutions stay float).
+QUANTIZED_LINEAR = re.compile(
+    r"^model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.gate\.(query|key|value)|mlp\.experts\.\d+\.(w1|w2))$"
+)
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_COMPARE_CHUNK_BYTES = 64 * 1024 * 1024
+
+ProgressCallback = Callable[[float, str], None]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading safetensors, whole or split into byte parts
+
+
+class PartedFile:
+    """Read-only random access over files that, concatenated, form one file (or over a single file)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self.sizes = [path.stat().st_size for path in paths]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(paths))]
+        self.size = sum(self.sizes)
+        self._handles: list = [None] * len(paths)
+
+    @property
+    def name(self) -> str:
+        """How messages refer to this file: `a.safetensors` or `a.safetensors00..02`."""
+        if len(self.paths) == 1:
+            return self.paths[0].name
+        return f"{self.paths[0].name}..{SPLIT_PART.match(self.paths[-1].name).group('number')}"
+
+    def readinto(self, offset: int, buffer: memoryview) -> None:
+        """Fill `buffer` with the bytes at `offset`, crossing part boundaries as needed."""
+        wanted = len(buffer)
+        if offset + wanted > self.size:
+            raise ModelFolderError(
+                f"{self.paths[-1].name} is truncated: the weights need {offset + wanted} bytes but "
+                f"{self.name} holds {self.size}"
+            )
+        filled = 0
+        part = max(i for i, start in enumerate(self.starts) if start <= offset)
+        while filled < wanted:
+            local = offset + filled - self.starts[part]
+            count = min(wanted - filled, self.sizes[part] - local)
+            handle = self._handle(part)
+            handle.seek(local)
+            view = buffer[filled : filled + count]
+            got = 0
+            while got < count:
+                n = handle.readinto(view[got:])
+                if not n:
+                    raise ModelFolderError(f"{self.paths[part].name} is truncated (it shrank while being read)")
+                got += n
+            filled += count
+            part += 1
+
+    def read(self, offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        self.readinto(offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def _handle(self, part: int):
+        if self._handles[part] is None:
+            self._handles[part] = open(self.paths[part], "rb")  # noqa: SIM115 - closed in close()
+        return self._handles[part]
+
+    def close(self) -> None:
+        for i, handle in enumerate(self._handles):
+            if handle is not None:
+                handle.close()
+                self._handles[i] = None
+
+
+@dataclass
+class TensorEntry:
+    file: PartedFile
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the (virtual) file
+    nbytes: int
+
+
+def _read_safetensors_header(file: PartedFile) -> dict[str, TensorEntry]:
+    """Tensor entries of a safetensors file; every inconsistency raises `ModelFolderError` naming the file."""
+    if file.size < 8:
+        raise ModelFolderError(f"{file.name}: too short to be a safetensors file ({file.size} bytes)")
+    header_length = int.from_bytes(file.read(0, 8), "little")
+    if header_length <= 0 or header_length > _MAX_HEADER_BYTES:
+        raise ModelFolderError(f"{file.name}: safetensors header does not parse (header length {header_length})")
+    if 8 + header_length > file.size:
+        raise ModelFolderError(f"{file.name}: safetensors header does not parse (the file ends inside the header)")
+    try:
+        header = json.loads(file.read(8, header_length).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFolderError(f"{file.name}: safetensors header does not parse ({err})") from err
+    if not isinstance(header, dict):
+        raise ModelFolderError(f"{file.name}: safetensors header does not parse (not a JSON object)")
+
+    data_start = 8 + header_length
+    entries: dict[str, TensorEntry] = {}
+    needed = data_start
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelFolderError(f"{file.name}: safetensors header has a bad entry for {name!r}") from err
+        expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if end - begin != expected or begin < 0:
+            raise ModelFolderError(
+                f"{file.name}: safetensors header has a bad entry for {name!r} ({end - begin} bytes for shape {shape})"
+            )
+        entries[name] = TensorEntry(file, dtype, shape, data_start + begin, expected)
+        needed = max(needed, data_start + end)
+    if needed > file.size:
+        raise ModelFolderError(
+            f"{file.paths[-1].name} is truncated: {file.name} holds {file.size} bytes, its header needs {needed}"
+        )
+    return entries
+
+
+def read_tensor(entry: TensorEntry, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor's bytes read into `out` (a CPU tensor of the same dtype and size) or into a new tensor."""
+    if out is None:
+        out = torch.empty(entry.shape, dtype=entry.dtype)
+    if entry.nbytes:
+        entry.file.readinto(entry.offset, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+    return out
+
+
+def _entries_equal(a: TensorEntry, b: TensorEntry) -> bool:
+    """Whether two stored tensors hold the same bytes, compared in chunks (no full copies)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    for start in range(0, a.nbytes, _COMPARE_CHUNK_BYTES):
+        length = min(_COMPARE_CHUNK_BYTES, a.nbytes - start)
+        if a.file.read(a.offset + start, length) != b.file.read(b.offset + start, length):
+            return False
+    return True
+
+
+def _split_groups(folder: Path) -> dict[str, list[Path]]:
+    """Byte-split weight parts by file stem, checked to be numbered 00, 01, ... without gaps."""
+    groups: dict[str, list[tuple[int, Path]]] = {}
+    for path in folder.iterdir():
+        match = SPLIT_PART.match(path.name)
+        if match and path.is_file():
+            groups.setdefault(match.group("stem"), []).append((int(match.group("number")), path))
+    result = {}
+    for stem, numbered in groups.items():
+        numbered.sort()
+        width = len(SPLIT_PART.match(numbered[0][1].name).group("number"))
+        for expected, (number, _) in enumerate(numbered):
+            if number != expected:
+                raise ModelFolderError(f"missing weight part {stem}{expected:0{width}d}")
+        paths = [path for _, path in numbered]
+        # `split -b` makes every part but the last the same size; a shorter one was cut.
+        for path in paths[1:-1]:
+            if path.stat().st_size != paths[0].stat().st_size:
+                raise ModelFolderError(f"{path.name} is truncated: it is smaller than {paths[0].name}")
+        result[stem] = paths
+    return result
+
+
+@dataclass
+class WeightIndex:
+    """Where every stored tensor lives."""
+
+    files: list[PartedFile]
+    entries: dict[str, TensorEntry] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(file.size for file in self.files)
+
+    def close(self) -> None:
+        for file in self.files:
+            file.close()
+
+
+def _index_weights(folder: Path) -> WeightIndex:
+    index_path = folder / INDEX_FILE
+    split = _split_groups(folder)
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ModelFolderError(f"{INDEX_FILE}: cannot be read as a safetensors index ({err})") from err
+        names = sorted(set(weight_map.values()))
+        files = []
+        for name in names:
+            if (folder / name).is_file():
+                files.append(PartedFile([folder / name]))
+            elif name in split:
+                files.append(PartedFile(split[name]))
+            else:
+                raise ModelFolderError(f"missing weight file {name} (listed in {INDEX_FILE})")
+    else:
+        singles = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+        files = [PartedFile([p]) for p in singles] + [PartedFile(paths) for _, paths in sorted(split.items())]
+        if not files:
+            raise ModelFolderError(
+                "missing weights: expected model.safetensors, a sharded model.safetensors.index.json, or "
+                "byte-split parts such as gptq_model-4bit-128g.safetensors00"
+            )
+        weight_map = None
+
+    index = WeightIndex(files)
+    try:
+        for file in files:
+            for name, entry in _read_safetensors_header(file).items():
+                if name in index.entries:
+                    raise ModelFolderError(f"tensor {name} is stored twice ({index.entries[name].file.name}, {file.name})")
+                index.entries[name] = entry
+        if weight_map is not None:
+            misplaced = [name for name in weight_map if name not in index.entries]
+            if misplaced:
+                raise ModelFolderError(
+                    f"{weight_map[misplaced[0]]}: missing tensor {misplaced[0]} listed in {INDEX_FILE}"
+                    + (f" (and {len(misplaced) - 1} more)" if len(misplaced) > 1 else "")
+                )
+    finally:
+        index.close()  # handles reopen on demand; nothing stays open between checking and loading
+    return index
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Folder checks
+
+
+@dataclass
+class YuanFolder:
+    """What `check_yuan_folder` found: enough to load without reading anything twice."""
+
+    path: Path
+    config: YuanConfig
+    gptq: GPTQSettings | None
+    weights: WeightIndex
+    tie_lm_head: bool  # lm_head shares the embedding (config default; also when the stored copy is identical)
+
+    @property
+    def quantized(self) -> bool:
+        return self.gptq is not None
+
+    @property
+    def weights_bytes(self) -> int:
+        return self.weights.total_bytes
+
+
+def _read_config_dict(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise ModelFolderError(f"missing {CONFIG_FILE} in {folder}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFolderError(f"{CONFIG_FILE}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{CONFIG_FILE}: expected a JSON object")
+    return data
+
+
+def is_yuan_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder whose config.json says `model_type: "yuan"` (nothing else is checked)."""
+    folder = Path(path)
+    try:
+        return folder.is_dir() and _read_config_dict(folder).get("model_type") == "yuan"
+    except ModelFolderError:
+        return False
+
+
+def needs_native_loader(path) -> bool:
+    """Yuan folders transformers' own loader cannot read: INT4 GPTQ or byte-split weight parts."""
+    try:
+        folder = Path(path)
+    except TypeError:
+        return False
+    if not is_yuan_folder(folder):
+        return False
+    if (folder / QUANTIZE_CONFIG_FILE).is_file() or "quantization_config" in _read_config_dict(folder):
+        return True
+    return any(SPLIT_PART.match(p.name) for p in folder.iterdir())
+
+
+def _gptq_settings(folder: Path, config_dict: dict) -> GPTQSettings | None:
+    if (folder / QUANTIZE_CONFIG_FILE).is_file():
+        return read_quantize_config(folder / QUANTIZE_CONFIG_FILE)
+    if "quantization_config" in config_dict:
+        return gptq_settings_from_dict(config_dict["quantization_config"], f"{CONFIG_FILE} (quantization_config)")
+    return None
+
+
+def build_model_skeleton(config: YuanConfig, gptq: GPTQSettings | None) -> nn.Module:
+    """The model on the meta device, with `QuantLinear` where the release quantised (INT4)."""
+    from .modeling_yuan import YuanForCausalLM
+
+    with torch.device("meta"):
+        model = YuanForCausalLM(config)
+        if gptq is not None:
+            for name, module in list(model.named_modules()):
+                if isinstance(module, nn.Linear) and QUANTIZED_LINEAR.match(name):
+                    parent_name, _, child = name.rpartition(".")
+                    quantized = QuantLinear(module.in_features, module.out_features, gptq.group_size, bias=False)
+                    setattr(model.get_submodule(parent_name), child, quantized)
+    return model
+
+
+def _expected_tensors(model: nn.Module, tie_lm_head: bool) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    expected = {name: (t.shape, t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
+    if tie_lm_head:
+        expected.pop("lm_head.weight", None)
+    return expected
+
+
+def check_yuan_folder(path: str | Path) -> YuanFolder:
+    """Check that `path` holds a loadable Yuan2 model; raise `ModelFolderError` naming the file at fault.
+
+    Reads config.json, quantize_config.json (INT4), the safetensors headers (whole, sharded or byte-split) and checks
+    that every tensor the model needs is there with the right shape. Tensor data is not read, except to compare a
+    stored lm_head with the embedding.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelFolderError(f"model folder not found: {folder}")
+    config_dict = _read_config_dict(folder)
+    if config_dict.get("model_type") != "yuan":
+        raise ModelFolderError(f"{CONFIG_FILE}: model_type is {config_dict.get('model_type')!r}, not 'yuan'")
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise ModelFolderError(f"missing {TOKENIZER_FILE} in {folder}")
+    if (folder / TOKENIZER_FILE).stat().st_size == 0:
+        raise ModelFolderError(f"{TOKENIZER_FILE} is empty")
+    try:
+        config = YuanConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # strict validation errors name the field
+        raise ModelFolderError(f"{CONFIG_FILE}: {err}") from err
+    gptq = _gptq_settings(folder, config_dict)
+    weights = _index_weights(folder)
+    try:
+        tie = bool(config.tie_word_embeddings)
+        entries = weights.entries
+        if tie and "lm_head.weight" in entries and "model.embed_tokens.weight" in entries:
+            # The release stores both (equal). A different stored head wins over the config's default tying.
+            tie = _entries_equal(entries["lm_head.weight"], entries["model.embed_tokens.weight"])
+            if not tie:
+                logger.info("%s: lm_head.weight differs from the embedding; loading it untied", folder)
+        skeleton = build_model_skeleton(config, gptq)
+        _check_tensors(weights, _expected_tensors(skeleton, tie), quantized=gptq is not None)
+    finally:
+        weights.close()
+    return YuanFolder(folder, config, gptq, weights, tie)
+
+
+def _check_tensors(weights: WeightIndex, expected: dict, quantized: bool) -> None:
+    missing = [name for name in expected if name not in weights.entries]
+    if missing:
+        where = ", ".join(file.name for file in weights.files)
+        hint = " (is this a float checkpoint next to a quantize_config.json?)" if quantized else ""
+        raise ModelFolderError(
+            f"{where}: missing tensor {missing[0]}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            + hint
+        )
+    for name, (shape, dtype) in expected.items():
+        entry = weights.entries[name]
+        if entry.shape != tuple(shape):
+            raise ModelFolderError(
+                f"{entry.file.name}: tensor {name} has shape {list(entry.shape)}, config.json implies {list(shape)}"
+            )
+        # Packed GPTQ tensors must have their exact dtypes; float weights may come in any float dtype.
+        if entry.dtype != dtype and not (dtype.is_floating_point and entry.dtype.is_floating_point and
+                                         not name.endswith(".scales")):
+            raise ModelFolderError(f"{entry.file.name}: tensor {name} is {entry.dtype}, expected {dtype}")
+
+
+def untie_differing_lm_head(model: nn.Module, path: str | Path) -> bool:
+    """For models loaded by transformers' own loader, which ties lm_head to the embedding when the config says so:
+    if the folder stores a *different* `lm_head.weight`, use it (untied) instead. Returns whether it did."""
+    folder = Path(path)
+    if not (folder.is_dir() and getattr(model.config, "tie_word_embeddings", False)):
+        return False
+    try:
+        weights = _index_weights(folder)
+    except ModelFolderError:  # not safetensors (transformers read something else): nothing to compare
+        return False
+    try:
+        head = weights.entries.get("lm_head.weight")
+        embedding = weights.entries.get("model.embed_tokens.weight")
+        if head is None or embedding is None or _entries_equal(head, embedding):
+            return False
+        current = model.get_output_embeddings().weight
+        value = read_tensor(head).to(device=current.device, dtype=current.dtype)
+    finally:
+        weights.close()
+    model.config.tie_word_embeddings = False
+    model.get_output_embeddings().weight = nn.Parameter(value, requires_grad=False)
+    logger.info("%s: lm_head.weight differs from the embedding; loaded it untied", folder)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _resolve_dtype(dtype, device: torch.device, folder: YuanFolder) -> torch.dtype:
+    if dtype is not None and dtype != "auto":
+        resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise ValueError(f"dtype must be a floating point torch dtype, got {dtype!r}")
+        return resolved
+    if device.type == "cpu":
+        return torch.float32
+    if folder.quantized:
+        return torch.float16
+    return folder.config.dtype if isinstance(folder.config.dtype, torch.dtype) else torch.bfloat16
+
+
+def _materialise(
+    model: nn.Module, folder: YuanFolder, device: torch.device, dtype: torch.dtype, progress: ProgressCallback | None
+) -> None:
+    """Replace every meta tensor of `model` by its stored value on `device`."""
+    targets = []
+    for module_name, module in model.named_modules():
+        for kind in ("_parameters", "_buffers"):
+            for attr, tensor in getattr(module, kind).items():
+                if tensor is None:
+                    continue
+                full_name = f"{module_name}.{attr}" if module_name else attr
+                if full_name == "lm_head.weight" and folder.tie_lm_head:
+                    continue
+                targets.append((module, kind, attr, full_name))
+
+    total = sum(folder.weights.entries[name].nbytes for *_, name in targets) or 1
+    done = 0
+    reported = -1.0
+    for module, kind, attr, name in targets:
+        entry = folder.weights.entries[name]
+        meta = getattr(module, kind)[attr]
+        # Quantized buffers keep their stored dtypes (int32, fp16 scales); float weights take the compute dtype.
+        target_dtype = dtype if meta.dtype.is_floating_point and not isinstance(module, QuantLinear) else meta.dtype
+        if device.type == "cpu" and entry.dtype == target_dtype:
+            value = read_tensor(entry)  # straight into the final storage
+        else:
+            value = read_tensor(entry).to(device=device, dtype=target_dtype)
+        if kind == "_parameters":
+            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[attr] = value
+        done += entry.nbytes
+        fraction = done / total
+        if progress is not None and fraction - reported >= 0.01:
+            reported = fraction
+            progress(0.05 + 0.9 * fraction, f"Loading weights {fraction:.0%}")
+
+    if folder.tie_lm_head:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    leftover = [name for name, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if leftover:
+        raise ModelFolderError(f"weights did not provide {leftover[0]}")
+
+
+def load_yuan(
+    path: str | Path | YuanFolder,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    progress: ProgressCallback | None = None,
+    *,
+    with_tokenizer: bool = True,
+):
+    """Load a Yuan2 folder and return `(model, tokenizer)` (`tokenizer` is None with `with_tokenizer=False`).
+
+    `path` may be what `check_yuan_folder` returned, so a caller that checked first does not check twice.
+    `progress(fraction, message)` is called as loading advances (fraction from 0 to 1). See the module docstring for
+    the compute dtype chosen when `dtype` is None. Raises `ModelFolderError` for missing or damaged files.
+    """
+    from transformers import GenerationConfig
+
+    from .tokenization_yuan import load_yuan_tokenizer
+
+    def report(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(fraction, message)
+
+    report(0.0, "Checking model folder")
+    folder = path if isinstance(path, YuanFolder) else check_yuan_folder(path)
+    try:
+        device = torch.device(device)
+        compute_dtype = _resolve_dtype(dtype, device, folder)
+        config = copy.deepcopy(folder.config)  # the checked folder may be loaded again
+        config.tie_word_embeddings = folder.tie_lm_head
+        config.dtype = compute_dtype
+        report(0.03, "Building the model")
+        model = build_model_skeleton(config, folder.gptq)
+        _materialise(model, folder, device, compute_dtype, progress)
+    finally:
+        folder.weights.close()
+
+    model.eval()
+    model.requires_grad_(False)
+    model.name_or_path = str(folder.path)
+    if (folder.path / GENERATION_CONFIG_FILE).is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(folder.path), local_files_only=True)
+        except Exception as err:
+            raise ModelFolderError(f"{GENERATION_CONFIG_FILE}: {err}") from err
+    tokenizer = None
+    if with_tokenizer:
+        report(0.96, "Loading tokenizer")
+        try:
+            tokenizer = load_yuan_tokenizer(folder.path)
+        except Exception as err:
+            raise ModelFolderError(f"{TOKENIZER_FILE}: cannot be loaded ({err})") from err
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config.eos_token_id is None:
+        model.generation_config.eos_token_id = config.eos_token_id
+    report(1.0, "Ready")
+    return model, tokenizer
+
+
+__all__ = [
+    "PartedFile",
+    "TensorEntry",
+    "WeightIndex",
+    "YuanFolder",
+    "build_model_skeleton",
+    "check_yuan_folder",
+    "is_yuan_folder",
+    "load_yuan",
+    "needs_native_loader",
+    "read_tensor",
+    "untie_differing_lm_head",
+]
