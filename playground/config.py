@@ -15,6 +15,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 7860
     share: bool = False
+    api_key: str | None = None  # when set, the APIs need `Authorization: Bearer <api_key>`
 
 
 def _env_flag(name: str) -> bool:
@@ -39,5 +40,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--port", type=int, default=int(env.get("PLAYGROUND_PORT", "7860")), help="[PLAYGROUND_PORT]")
     parser.add_argument("--share", action="store_true", default=_env_flag("PLAYGROUND_SHARE"),
                         help="also open a public Gradio share link (off by default) [PLAYGROUND_SHARE]")
+    parser.add_argument("--api-key", default=env.get("PLAYGROUND_API_KEY") or None,
+                        help="require 'Authorization: Bearer KEY' on the APIs (POST / and /v1/*); "
+                             "off by default [PLAYGROUND_API_KEY]")
     args = parser.parse_args(argv)
     return Settings(**vars(args))

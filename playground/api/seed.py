@@ -1,0 +1,106 @@
+"""`POST /`: the Yuan2.0-M32 FastAPI tutorial's endpoint, kept for clients written against it.
+
+Request `{"prompt": str, "history": [...], <sampling fields>}`; answer
+`{"response": str, "history": [...], "status": 200, "time": "YYYY-mm-dd HH:MM:SS"}`. Like the tutorial it
+decodes greedily with at most 256 new tokens unless told otherwise. `history` may be chat messages
+(`[{"role", "content"}]`), the tutorial's strings alternating user and assistant, or [user, assistant]
+pairs; the answer's history extends it in the same style, so a client can send it straight back.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from playground.api.errors import ApiError, ApiRoute
+from playground.api.events import collect, generation_events, unless_disconnected
+from playground.params import SamplingParams
+
+router = APIRouter(route_class=ApiRoute, tags=["tutorial endpoint"])
+
+
+class Turn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+History = list[Turn] | list[str] | list[tuple[str, str]]
+
+
+class SeedRequest(BaseModel):
+    # Strict on names: a misspelt sampling field should be an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    history: History = Field(default_factory=list)
+    temperature: float = Field(0.0, description="0 (the default) is greedy, as in the tutorial")
+    max_new_tokens: int = 256
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+    @field_validator("history")
+    @classmethod
+    def _whole_exchanges(cls, value: History) -> History:
+        if value and isinstance(value[0], str) and len(value) % 2:
+            raise ValueError(
+                f"a history of strings alternates user and assistant turns, so it needs an even number of "
+                f"entries, got {len(value)}"
+            )
+        return value
+
+    def sampling_params(self) -> SamplingParams:
+        values = self.model_dump(exclude={"prompt", "history"}, exclude_none=True)
+        return SamplingParams.parse(values)
+
+    def messages(self) -> list[dict[str, str]]:
+        return [*history_messages(self.history), {"role": "user", "content": self.prompt}]
+
+
+def history_messages(history: History) -> list[dict[str, str]]:
+    """Any accepted history style as chat messages."""
+    messages: list[dict[str, str]] = []
+    for index, turn in enumerate(history):
+        if isinstance(turn, Turn):
+            messages.append({"role": turn.role, "content": turn.content})
+        elif isinstance(turn, str):
+            messages.append({"role": "user" if index % 2 == 0 else "assistant", "content": turn})
+        else:
+            messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    return messages
+
+
+def extended_history(history: History, prompt: str, response: str) -> list[Any]:
+    """The history with this exchange appended, in the style the client used (messages when empty)."""
+    if history and isinstance(history[0], str):
+        return [*history, prompt, response]
+    if history and isinstance(history[0], tuple):
+        return [*(list(pair) for pair in history), [prompt, response]]
+    previous = [turn.model_dump() for turn in history]
+    return [*previous, {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+@router.post("/")
+async def seed_chat(body: SeedRequest, request: Request) -> dict[str, Any]:
+    """One reply to `prompt` after `history`, formatted with the model's chat format."""
+    params = body.sampling_params()
+    events = generation_events(messages=body.messages(), params=params)
+    done, _ = await unless_disconnected(request, collect(events))
+    if done.stats.finish_reason == "error":
+        raise ApiError(500, f"the generation failed: {done.stats.error}", type="server_error")
+    return {
+        "response": done.text,
+        "history": extended_history(body.history, body.prompt, done.text),
+        "status": 200,
+        "time": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+    }

@@ -1,0 +1,1 @@
+"""Integrations with other libraries (imported on demand, so the app does not need them installed)."""

@@ -1,0 +1,201 @@
+"""A LangChain chat model for the playground: in-process through the model manager, or over HTTP.
+
+    from playground.integrations.langchain import PlaygroundChatModel
+
+    chat = PlaygroundChatModel(temperature=0, max_tokens=64)           # this process's manager
+    chat = PlaygroundChatModel(base_url="http://127.0.0.1:7860",        # a running playground server
+                               api_key="...", temperature=0)
+    chat.invoke("Hello"); chat.stream("Hello"); chat.batch(["Hi", "Bye"])
+
+In-process, the manager must have a model loaded (`get_manager().load()`); generations queue with every
+other caller of the manager. Over HTTP it speaks the server's /v1/chat/completions with server-sent events.
+Sampling fields left unset keep the playground's defaults (SamplingParams).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import closing
+from typing import Any, Iterator
+
+import httpx
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models.chat_models import BaseChatModel, generate_from_stream
+from langchain_core.messages import AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from pydantic import ConfigDict, Field, SecretStr
+
+from playground.errors import PlaygroundError
+
+# LangChain message types -> chat roles.
+ROLES = {"system": "system", "human": "user", "ai": "assistant"}
+
+
+class PlaygroundAPIError(PlaygroundError):
+    """The server answered with an error (its OpenAI-shaped message is kept)."""
+
+    def __init__(self, status_code: int, message: str):
+        super().__init__(f"{status_code}: {message}")
+        self.status_code = status_code
+
+
+class PlaygroundChatModel(BaseChatModel):
+    """The playground's loaded model as a LangChain chat model (invoke, stream, batch and their async forms)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    model_name: str | None = Field(None, alias="model", description="None: whichever model is loaded")
+    base_url: str | None = Field(None, description="a playground server, e.g. http://127.0.0.1:7860; "
+                                                    "None: this process's model manager")
+    api_key: SecretStr | None = Field(None, description="the server's --api-key, if it has one")
+    timeout: float = Field(300.0, description="seconds to wait for a server (HTTP mode)")
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+
+    @property
+    def _llm_type(self) -> str:
+        return "yuan-playground"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "base_url": self.base_url, **self._sampling()}
+
+    def _sampling(self, stop: list[str] | None = None) -> dict[str, Any]:
+        """The sampling fields that are set, in the OpenAI API's names; `stop` adds to the model's own."""
+        values = {
+            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty, "max_tokens": self.max_tokens, "seed": self.seed,
+            "stop": [*(self.stop or []), *(stop or [])] or None,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
+    # ------------------------------------------------------------------------------------ LangChain hooks
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return generate_from_stream(self._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        chat = [chat_message(message) for message in messages]
+        sampling = {**self._sampling(stop), **kwargs}
+        chunks = self._remote_chunks(chat, sampling) if self.base_url else self._local_chunks(chat, sampling)
+        with closing(chunks):  # stopping early (a caller breaking out) cancels the generation
+            for chunk in chunks:
+                if run_manager and chunk.text:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+
+    # ------------------------------------------------------------------------------------------ backends
+
+    def _local_chunks(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Iterator[ChatGenerationChunk]:
+        from playground.manager import get_manager
+        from playground.params import SamplingParams
+
+        manager = get_manager()
+        name = manager.require_model().name
+        if self.model_name and self.model_name != name:
+            raise PlaygroundError(f"the model {self.model_name!r} is not loaded; the manager has {name!r}")
+        if "max_tokens" in sampling:
+            sampling["max_new_tokens"] = sampling.pop("max_tokens")
+        params = SamplingParams.parse(sampling)
+        with closing(manager.stream(messages=messages, params=params, owner="langchain")) as events:
+            for event in events:
+                if event.kind == "delta" and event.text:
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
+                elif event.kind == "done":
+                    stats = event.stats
+                    if stats.finish_reason == "error":
+                        raise PlaygroundError(f"the generation failed: {stats.error}")
+                    reason = "length" if stats.finish_reason == "length" else "stop"
+                    yield last_chunk(name, reason, stats.prompt_tokens, stats.new_tokens)
+
+    def _remote_chunks(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Iterator[ChatGenerationChunk]:
+        payload = {
+            **({"model": self.model_name} if self.model_name else {}),
+            "messages": messages, **sampling,
+            "stream": True, "stream_options": {"include_usage": True},
+        }
+        headers = {"Authorization": f"Bearer {self.api_key.get_secret_value()}"} if self.api_key else {}
+        model, reason, usage = self.model_name or "", "stop", {}
+        with httpx.Client(base_url=server_root(self.base_url), headers=headers, timeout=self.timeout) as client:
+            with client.stream("POST", "/v1/chat/completions", json=payload) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise PlaygroundAPIError(response.status_code, error_message(response))
+                for data in sse_data(response.iter_lines()):
+                    if "error" in data:
+                        raise PlaygroundAPIError(500, data["error"].get("message", "the stream failed"))
+                    model = data.get("model", model)
+                    usage = data.get("usage") or usage
+                    for choice in data.get("choices", []):
+                        reason = choice.get("finish_reason") or reason
+                        text = choice.get("delta", {}).get("content")
+                        if text:
+                            yield ChatGenerationChunk(message=AIMessageChunk(content=text))
+        yield last_chunk(model, reason, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def chat_message(message: BaseMessage) -> dict[str, str]:
+    role = message.role if isinstance(message, ChatMessage) else ROLES.get(message.type)
+    if role not in ("system", "user", "assistant"):
+        raise PlaygroundError(
+            f"{type(message).__name__} is not supported: the playground takes system, human and AI messages"
+        )
+    return {"role": role, "content": message.text}
+
+
+def last_chunk(model: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> ChatGenerationChunk:
+    """The closing chunk: no text, but the finish reason, the model and the token counts."""
+    usage = UsageMetadata(
+        input_tokens=prompt_tokens, output_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+    metadata = {"finish_reason": finish_reason, "model_name": model}
+    return ChatGenerationChunk(
+        message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=metadata, chunk_position="last"),
+        generation_info={"finish_reason": finish_reason},
+    )
+
+
+def server_root(base_url: str) -> str:
+    """The server's root URL; OpenAI-style base URLs ending in /v1 are accepted too."""
+    return base_url.rstrip("/").removesuffix("/v1")
+
+
+def sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """The JSON payloads of a server-sent event stream, up to `data: [DONE]` (comments are skipped)."""
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[len("data:"):].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
+def error_message(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text or response.reason_phrase

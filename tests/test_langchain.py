@@ -1,0 +1,102 @@
+"""The LangChain chat model: in-process through this process's manager, and over HTTP to the launched server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+
+from playground.errors import ParameterError, PlaygroundError
+from playground.integrations.langchain import PlaygroundAPIError, PlaygroundChatModel
+from playground.manager import get_manager
+
+COLOURS = [SystemMessage("You are terse."), HumanMessage("Name three colours.")]
+
+
+@pytest.fixture(scope="module")
+def local_model():
+    """This test process's own manager with the embedded model loaded (once)."""
+    manager = get_manager()
+    if manager.loaded is None:
+        manager.load()
+    return manager.status()["name"]
+
+
+@pytest.fixture(params=["in-process", "http"])
+def chat(request) -> PlaygroundChatModel:
+    """The same greedy model in both modes."""
+    if request.param == "in-process":
+        request.getfixturevalue("local_model")
+        return PlaygroundChatModel(temperature=0, max_tokens=12)
+    server = request.getfixturevalue("launched_server")
+    return PlaygroundChatModel(base_url=server.url, temperature=0, max_tokens=12)
+
+
+def test_invoke_and_stream_give_the_same_greedy_reply(chat):
+    reply = chat.invoke(COLOURS)
+    assert isinstance(reply, AIMessage) and reply.content.strip()
+    usage = reply.usage_metadata
+    assert 0 < usage["output_tokens"] <= 12 and usage["input_tokens"] > 0
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert reply.response_metadata["finish_reason"] in ("stop", "length")
+    assert reply.response_metadata["model_name"] == "SmolLM2-135M-Instruct"
+
+    chunks = list(chat.stream(COLOURS))
+    assert len(chunks) > 2  # token by token, not one block
+    assert "".join(chunk.content for chunk in chunks) == reply.content
+    assert chunks[-1].usage_metadata == usage
+
+
+def test_batch_answers_each_prompt(chat):
+    replies = chat.batch(["Say hello.", "What is 2 + 2?"])
+    assert len(replies) == 2 and all(reply.content.strip() for reply in replies)
+    assert replies[0].content != replies[1].content
+    assert replies[1].content == chat.invoke("What is 2 + 2?").content  # batch is the same generation
+
+
+def test_stop_strings_are_honoured(chat):
+    counting = [HumanMessage("Count from 1 to 10, separated by commas.")]
+    free = chat.invoke(counting).content
+    assert "," in free
+    stopped = chat.invoke(counting, stop=[","])
+    assert stopped.content == free.split(",")[0]
+    assert stopped.response_metadata["finish_reason"] == "stop"
+
+
+def test_sampling_fields_are_model_attributes(local_model):
+    seeded = PlaygroundChatModel(temperature=1.0, top_p=1.0, top_k=0, seed=11, max_tokens=8)
+    assert seeded.invoke("Tell me a word.").content == seeded.invoke("Tell me a word.").content
+    assert PlaygroundChatModel(max_tokens=3).invoke("Hi").usage_metadata["output_tokens"] <= 3
+    with pytest.raises(ParameterError, match="temperature"):
+        PlaygroundChatModel(temperature=11).invoke("Hi")
+
+
+def test_async_stream_in_process(local_model):
+    async def collect() -> str:
+        chat = PlaygroundChatModel(temperature=0, max_tokens=6)
+        return "".join([chunk.content async for chunk in chat.astream("Hi")])
+
+    assert asyncio.run(collect()).strip()
+
+
+def test_unsupported_messages_and_models_are_clear_errors(local_model, launched_server):
+    with pytest.raises(PlaygroundError, match="ToolMessage"):
+        PlaygroundChatModel().invoke([ToolMessage("42", tool_call_id="x")])
+    with pytest.raises(PlaygroundError, match="not loaded"):
+        PlaygroundChatModel(model="gpt-4o").invoke("Hi")
+    with pytest.raises(PlaygroundAPIError, match="gpt-4o") as raised:
+        PlaygroundChatModel(base_url=f"{launched_server.url}/v1", model="gpt-4o").invoke("Hi")
+    assert raised.value.status_code == 404
+    with pytest.raises(PlaygroundAPIError, match="n=1|max_tokens") as raised:
+        PlaygroundChatModel(base_url=launched_server.url, max_tokens=0).invoke("Hi")
+    assert raised.value.status_code == 400
+
+
+def test_breaking_out_of_a_stream_frees_the_manager(local_model):
+    manager = get_manager()
+    for chunk in PlaygroundChatModel(temperature=0, max_tokens=200).stream("Write a long story."):
+        if chunk.content:
+            break
+    status = manager.status()
+    assert (status["running"], status["queued"]) == (0, 0)
