@@ -199,25 +199,39 @@ class CancelCriteria(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-class ProcessedScoreRecorder(LogitsProcessor):
+class DistributionRecorder:
+    """Per step: the next-token log-probabilities and their top-n, computed on the generation thread.
+
+    Everything with more than a few elements is computed here, on the device worker, so the consuming thread only
+    indexes: a second thread running parallel torch kernels would slow every later generation (see DeviceWorker).
+    """
+
+    def __init__(self, top_n: int):
+        self.top_n = top_n
+        self.steps: list[tuple[torch.Tensor, list[tuple[int, float]]]] = []
+
+    def record(self, logits: torch.Tensor) -> None:
+        logprobs = logits.detach().float().log_softmax(-1).cpu()
+        top = []
+        if self.top_n:
+            values, ids = logprobs.topk(self.top_n)
+            top = [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v > float("-inf")]
+        self.steps.append((logprobs, top))
+
+
+class ProcessedScoreRecorder(DistributionRecorder, LogitsProcessor):
     """Last in generate's processor list: sees the scores after temperature/top-k/top-p/min-p etc."""
 
-    def __init__(self):
-        self.steps: list[torch.Tensor] = []
-
     def __call__(self, input_ids, scores):
-        self.steps.append(scores[0].detach().float().log_softmax(-1).cpu())
+        self.record(scores[0])
         return scores
 
 
-class RawLogitsRecorder:
+class RawLogitsRecorder(DistributionRecorder):
     """A forward hook on the output head: the model's raw next-token logits for each step."""
 
-    def __init__(self):
-        self.steps: list[torch.Tensor] = []
-
     def __call__(self, module, inputs, output):
-        self.steps.append(output[0, -1].detach().float().log_softmax(-1).cpu())
+        self.record(output[0, -1])
 
 
 class TokenStreamer(BaseStreamer):
@@ -238,6 +252,35 @@ class TokenStreamer(BaseStreamer):
         self.queue.put(None)
 
 
+class DeviceWorker:
+    """One long-lived thread per device that runs every `generate` call for that device.
+
+    PyTorch's CPU backend (OpenMP) runs fastest when one live thread does all the heavy tensor work: each thread
+    that runs parallel kernels keeps its own OpenMP team, and once there are more team threads than cores they
+    stop spinning between kernels, which made decoding about a third slower on two cores (bench/stream_overhead.py).
+    So generation always runs on this one thread, and the consuming threads only read what it produced.
+    """
+
+    def __init__(self, device: str):
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=f"generate-{device}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job, done = self._jobs.get()
+            try:
+                job()
+            finally:
+                done.set()
+
+    def submit(self, job: Callable[[], None]) -> threading.Event:
+        """Run `job` on the worker thread; the returned event is set when it has finished."""
+        done = threading.Event()
+        self._jobs.put((job, done))
+        return done
+
+
 def _free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -254,6 +297,7 @@ class ModelManager:
         self._loading: dict[str, Any] | None = None
         self._last_error: str | None = None
         self._gates: dict[str, FifoGate] = {}
+        self._workers: dict[str, DeviceWorker] = {}
         self._gates_lock = threading.Lock()
         self._handles: dict[int, GenerationHandle] = {}
         self._handles_lock = threading.Lock()
@@ -426,6 +470,12 @@ class ModelManager:
         with self._gates_lock:
             return self._gates.setdefault(device, FifoGate())
 
+    def _worker(self, device: str) -> DeviceWorker:
+        with self._gates_lock:
+            if device not in self._workers:
+                self._workers[device] = DeviceWorker(device)
+            return self._workers[device]
+
     def build_prompt(self, messages: list[dict[str, Any]]) -> str:
         loaded = self.require_model()
         return loaded.chat_format.build_prompt(normalise_messages(messages))
@@ -512,8 +562,8 @@ class ModelManager:
         seed = params.seed if params.seed is not None else random.randrange(2**32)
         eos_ids = _eos_ids(model, tokenizer) | set(chat_format.stop_token_ids)
         streamer = TokenStreamer()
-        processed = ProcessedScoreRecorder() if logprobs is not None else None
-        raw = RawLogitsRecorder() if logprobs is not None else None
+        processed = ProcessedScoreRecorder(logprobs) if logprobs is not None else None
+        raw = RawLogitsRecorder(logprobs) if logprobs is not None else None
         kwargs = params.generate_kwargs()
         if params.stop:
             kwargs["tokenizer"] = tokenizer
@@ -541,8 +591,7 @@ class ModelManager:
                 streamer.end()
 
         started = time.perf_counter()
-        thread = threading.Thread(target=worker, name=f"generate-{handle.id}", daemon=True)
-        thread.start()
+        finished_event = self._worker(loaded.device).submit(worker)
         new_ids: list[int] = []
         emitted = ""
         first_token_at = last_token_at = None
@@ -557,7 +606,7 @@ class ModelManager:
                 new_ids.append(token_id)
                 infos = []
                 if logprobs is not None:
-                    infos.append(self._token_info(tokenizer, token_id, len(new_ids) - 1, raw, processed, logprobs))
+                    infos.append(self._token_info(tokenizer, token_id, len(new_ids) - 1, raw, processed))
                 clean = _trim_at_stop(
                     chat_format.clean_output(tokenizer.decode(new_ids, skip_special_tokens=chat_format.skip_special_tokens)),
                     params.stop,
@@ -574,7 +623,7 @@ class ModelManager:
             handle.cancel()
             raise
         finally:
-            thread.join()
+            finished_event.wait()
             if hook:
                 hook.remove()
         finished = time.perf_counter()
@@ -630,20 +679,14 @@ class ModelManager:
         return input_ids
 
     @staticmethod
-    def _token_info(tokenizer, token_id, step, raw, processed, top_n) -> TokenInfo:
+    def _token_info(tokenizer, token_id, step, raw, processed) -> TokenInfo:
         info = TokenInfo(id=token_id, text=tokenizer.decode([token_id]))
         for recorder, value_attr, top_attr in ((raw, "logprob", "top"), (processed, "sampled_logprob", "sampled_top")):
             if recorder is None or step >= len(recorder.steps):
                 continue
-            dist = recorder.steps[step]
-            setattr(info, value_attr, float(dist[token_id]))
-            if top_n:
-                values, ids = dist.topk(top_n)
-                setattr(
-                    info,
-                    top_attr,
-                    [(int(i), tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids) if v > float("-inf")],
-                )
+            logprobs, top = recorder.steps[step]
+            setattr(info, value_attr, float(logprobs[token_id]))
+            setattr(info, top_attr, [(i, tokenizer.decode([i]), v) for i, v in top])
         return info
 
     # ----------------------------------------------------------------------------------------- memory
