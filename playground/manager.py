@@ -16,6 +16,7 @@ import random
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -101,6 +102,21 @@ class TokenInfo:
 
 
 @dataclass
+class ExpertRouting:
+    """Which experts each token went to, per layer (Mixture-of-Experts models, when asked for).
+
+    `experts` and `weights` are [layers, tokens, top_k] over the prompt's tokens then the reply's; `token_ids`
+    names those tokens.
+    """
+
+    experts: torch.Tensor
+    weights: torch.Tensor
+    token_ids: list[int]
+    prompt_tokens: int
+    num_experts: int
+
+
+@dataclass
 class GenerationEvent:
     """What a stream yields: `queued` (position), `delta` (text, tokens) and finally `done` (stats)."""
 
@@ -109,6 +125,7 @@ class GenerationEvent:
     position: int | None = None
     tokens: list[TokenInfo] = field(default_factory=list)
     stats: GenerationStats | None = None
+    routing: ExpertRouting | None = None  # on "done", when the stream was asked to capture routing
 
 
 @dataclass
@@ -500,12 +517,14 @@ class ModelManager:
         owner: str | None = None,
         handle: GenerationHandle | None = None,
         logprobs: int | None = None,
+        capture_routing: bool = False,
     ) -> Iterator[GenerationEvent]:
         """Stream one reply: `queued` events while waiting, `delta` events, then one `done` event.
 
         Give chat `messages` (formatted by the model's chat format) or a raw `prompt`. Closing the iterator
         early (a client going away) cancels the generation. `logprobs`: how many top alternatives to attach
-        to each token (0 for only the chosen token's logprob, None for none).
+        to each token (0 for only the chosen token's logprob, None for none). `capture_routing`: attach the
+        experts every token went to (models with experts only) to the `done` event.
         """
         params = SamplingParams.parse(params)
         if (messages is None) == (prompt is None):
@@ -538,7 +557,9 @@ class ModelManager:
                 loaded = self.require_model()
                 if messages is not None:
                     text = loaded.chat_format.build_prompt(normalise_messages(messages))
-            yield from self._generate(loaded, text, params, handle, time.perf_counter() - queued_at, logprobs)
+            yield from self._generate(
+                loaded, text, params, handle, time.perf_counter() - queued_at, logprobs, capture_routing
+            )
         finally:
             handle.cancel()  # no-op after a normal end; stops a generation whose consumer went away
             gate.leave(handle)
@@ -554,7 +575,7 @@ class ModelManager:
                 return GenerationResult(text=event.text, stats=event.stats, tokens=tokens)
         raise PlaygroundError("generation ended without a result")  # pragma: no cover
 
-    def _generate(self, loaded, text, params, handle, queue_wait, logprobs) -> Iterator[GenerationEvent]:
+    def _generate(self, loaded, text, params, handle, queue_wait, logprobs, capture_routing) -> Iterator[GenerationEvent]:
         model, tokenizer, chat_format = loaded.model, loaded.tokenizer, loaded.chat_format
         input_ids = self._encode(loaded, text, params).to(loaded.device)
         attention_mask = torch.ones_like(input_ids)
@@ -579,12 +600,16 @@ class ModelManager:
         )
         failure: list[BaseException] = []
         hook = model.get_output_embeddings().register_forward_hook(raw) if raw else None
+        traces: list[Any] = []
+        record_routing = capture_routing and loaded.has_experts and hasattr(model, "record_routing")
 
         def worker():
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), (model.record_routing() if record_routing else nullcontext()) as trace:
                     torch.manual_seed(seed)  # serialised by the gate, so the global RNG is ours
                     model.generate(**generate_kwargs)
+                if trace is not None:
+                    traces.append(trace.stacked())  # stacked here, on the generation thread
             except BaseException as exc:  # reported to the consumer, never lost in the thread
                 failure.append(exc)
             finally:
@@ -661,7 +686,75 @@ class ModelManager:
         self.generations_done += 1
         if final != emitted and final.startswith(emitted):
             yield GenerationEvent("delta", text=final[len(emitted):])
-        yield GenerationEvent("done", text=final, stats=stats)
+        routing = None
+        if traces:
+            experts, weights = traces[0]
+            # The last sampled token never went through the model; the trace covers prompt + all but the last.
+            token_ids = input_ids[0].tolist() + new_ids[: experts.shape[2] - prompt_tokens]
+            routing = ExpertRouting(
+                experts=experts[:, 0], weights=weights[:, 0], token_ids=token_ids, prompt_tokens=prompt_tokens,
+                num_experts=int(getattr(model.config, "num_experts", experts.max().item() + 1)),
+            )
+        yield GenerationEvent("done", text=final, stats=stats, routing=routing)
+
+    # ------------------------------------------------------------------------------------- insight views
+
+    def next_token_logits(self, messages=None, prompt=None, owner: str | None = None) -> tuple[list[int], torch.Tensor]:
+        """One forward pass, through the queue: (prompt token ids, raw next-token logits [vocab] float32 on CPU).
+
+        The sampling lab's next-token explorer redraws its distribution from this without running the model again.
+        """
+        if (messages is None) == (prompt is None):
+            raise ParameterError("give either messages or a prompt")
+        loaded = self.require_model()
+        text = loaded.chat_format.build_prompt(normalise_messages(messages)) if messages is not None else prompt
+        input_ids = self._encode(loaded, text, SamplingParams(max_new_tokens=1))
+        handle = GenerationHandle(owner)
+        gate = self._gate(loaded.device)
+        gate.join(handle)
+        try:
+            while not gate.wait_turn(handle, timeout=0.2):
+                pass
+            result: list[Any] = []
+
+            def forward():
+                try:
+                    with torch.inference_mode():
+                        ids = input_ids.to(loaded.device)
+                        logits = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+                        result.append(logits[0, -1].float().cpu())
+                except BaseException as exc:
+                    result.append(exc)
+
+            self._worker(loaded.device).submit(forward).wait()
+        finally:
+            gate.leave(handle)
+        if isinstance(result[0], BaseException):
+            raise PlaygroundError(f"the forward pass failed: {result[0]}") from result[0]
+        return input_ids[0].tolist(), result[0]
+
+    @staticmethod
+    def compute(fn: Callable[[], Any]) -> Any:
+        """Run a small torch computation off the generation thread, on a thread that ends with it.
+
+        A long-lived thread that runs parallel torch kernels keeps an OpenMP team alive and slows every
+        generation (see DeviceWorker); a short-lived one takes its team with it.
+        """
+        outcome: list[Any] = []
+
+        def run():
+            try:
+                outcome.append((True, fn()))
+            except BaseException as exc:
+                outcome.append((False, exc))
+
+        thread = threading.Thread(target=run, name="compute")
+        thread.start()
+        thread.join()
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
     @staticmethod
     def _encode(loaded: LoadedModel, text: str, params: SamplingParams) -> torch.Tensor:
