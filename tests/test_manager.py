@@ -250,3 +250,18 @@ def test_chat_messages_use_the_chat_template(manager):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
     prompt = manager.build_prompt(messages)
     assert "<|im_start|>system\nBe brief.<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_routing_is_not_captured_for_models_without_experts(manager):
+    done = [e for e in manager.stream(prompt="Hi", params={"temperature": 0, "max_new_tokens": 3},
+                                      capture_routing=True) if e.kind == "done"][0]
+    assert manager.status()["has_experts"] is False and done.routing is None and done.stats.new_tokens == 3
+
+
+def test_compute_runs_on_a_short_lived_thread_and_raises():
+    import threading as _threading
+
+    names = ModelManager.compute(lambda: _threading.current_thread().name)
+    assert names == "compute" and _threading.current_thread().name != "compute"
+    with pytest.raises(ZeroDivisionError):
+        ModelManager.compute(lambda: 1 / 0)

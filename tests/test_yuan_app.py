@@ -88,3 +88,23 @@ def test_launch_with_corrupt_yuan_folder_stays_up_with_the_error(tiny_int4, tmp_
         assert "safetensors" in note and chat == [] and box == "Hello"
     finally:
         server.stop()
+
+
+def test_routing_capture_and_next_token_logits(tiny_int4):
+    manager = ModelManager()
+    manager.load(tiny_int4)
+    messages = [{"role": "user", "content": "你好"}]
+    done = [e for e in manager.stream(messages=messages, params={"temperature": 0, "max_new_tokens": 6},
+                                      capture_routing=True, logprobs=0) if e.kind == "done"][0]
+    routing, new = done.routing, done.stats.new_tokens
+    layers = manager.loaded.model.config.num_hidden_layers
+    assert routing.experts.shape == routing.weights.shape == (layers, done.stats.prompt_tokens + new - 1, 2)
+    assert routing.prompt_tokens == done.stats.prompt_tokens and len(routing.token_ids) == routing.experts.shape[1]
+    assert bool((routing.experts < routing.num_experts).all()) and bool((routing.experts[..., 0] != routing.experts[..., 1]).all())
+    assert abs(float(routing.weights.sum(-1).min()) - 1) < 1e-5
+
+    prompt_ids, logits = manager.next_token_logits(messages=messages)
+    assert prompt_ids == routing.token_ids[: routing.prompt_tokens]
+    first = manager.generate(messages=messages, params={"temperature": 0, "max_new_tokens": 1}, logprobs=0).tokens[0]
+    assert first.id == int(logits.argmax())
+    assert abs(float(logits.log_softmax(-1)[first.id]) - first.logprob) < 1e-4
