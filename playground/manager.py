@@ -35,6 +35,7 @@ from playground.errors import (
 )
 from playground.memory import MemorySampler
 from playground.params import SamplingParams
+from playground.spaces_support import run_on_gpu
 
 Progress = Callable[[float, str], None]
 EMBEDDED = "embedded"
@@ -607,7 +608,8 @@ class ModelManager:
             try:
                 with torch.inference_mode(), (model.record_routing() if record_routing else nullcontext()) as trace:
                     torch.manual_seed(seed)  # serialised by the gate, so the global RNG is ours
-                    model.generate(**generate_kwargs)
+                    # On a ZeroGPU Space the GPU exists only inside spaces.GPU; elsewhere this just calls.
+                    run_on_gpu(lambda: model.generate(**generate_kwargs))
                 if trace is not None:
                     traces.append(trace.stacked())  # stacked here, on the generation thread
             except BaseException as exc:  # reported to the consumer, never lost in the thread
@@ -719,10 +721,13 @@ class ModelManager:
 
             def forward():
                 try:
-                    with torch.inference_mode():
-                        ids = input_ids.to(loaded.device)
-                        logits = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-                        result.append(logits[0, -1].float().cpu())
+                    def last_logits():
+                        with torch.inference_mode():
+                            ids = input_ids.to(loaded.device)
+                            logits = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+                            return logits[0, -1].float().cpu()
+
+                    result.append(run_on_gpu(last_logits))
                 except BaseException as exc:
                     result.append(exc)
 

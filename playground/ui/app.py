@@ -6,6 +6,7 @@ import gradio as gr
 
 from playground.manager import get_manager
 from playground.ui.chat_tab import build_chat_tab
+from playground.ui.insight_tab import build_insight_tab
 from playground.ui.lab_tab import build_lab_tab
 from playground.ui.memory_tab import build_memory_tab
 
@@ -32,8 +33,9 @@ def build_app() -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}")
         status = gr.Markdown(status_line, elem_id="model-status")
-        build_chat_tab()
-        build_lab_tab()
+        chat_details = build_chat_tab()
+        lab_details = build_lab_tab()
+        build_insight_tab(chat_details, lab_details)
         build_memory_tab()
         status_timer = gr.Timer(2.0)
         status_timer.tick(status_line, None, status, api_name="status", show_progress="hidden", queue=False)

@@ -6,7 +6,9 @@ from typing import Any
 
 import gradio as gr
 
+from playground.errors import ParameterError
 from playground.params import RANGES, SamplingParams
+from playground.presets import load_presets, save_user_preset
 
 # The order the controls are created and passed to event functions.
 PARAM_FIELDS = [
@@ -49,3 +51,69 @@ def params_from_controls(values: list[Any] | tuple[Any, ...]) -> SamplingParams:
         if isinstance(value, float) and value.is_integer():
             raw[name] = int(value)  # sliders and number boxes send floats
     return SamplingParams.parse(raw)
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+
+def preset_names() -> list[str]:
+    presets, _ = load_presets()
+    return list(presets)
+
+
+def preset_problems_note(problems: list[str]) -> str:
+    return ("\n\n⚠️ Skipped preset files: " + "; ".join(problems)) if problems else ""
+
+
+def control_values(params: SamplingParams) -> list[Any]:
+    """SamplingParams -> control values in PARAM_FIELDS order (stop strings one per line, newlines as \\n)."""
+    values = [getattr(params, name) for name in PARAM_FIELDS[:-1]]
+    return [*values, "\n".join(s.replace("\n", "\\n") for s in params.stop)]
+
+
+def out_of_range(controls: list[gr.components.Component], values: list[Any]) -> list[str]:
+    """Fields whose value a slider cannot show (a hand-edited preset may be valid but beyond a slider's range)."""
+    bad = []
+    for name, control, value in zip(PARAM_FIELDS, controls, values):
+        low, high = getattr(control, "minimum", None), getattr(control, "maximum", None)
+        if isinstance(value, (int, float)) and low is not None and not low <= value <= high:
+            bad.append(f"{name} {value} (this control takes {low}–{high})")
+    return bad
+
+
+def preset_controls(controls: list[gr.components.Component], api_prefix: str) -> gr.Dropdown:
+    """A preset dropdown that fills `controls`, and a box + button that save them as a user preset."""
+    with gr.Row():
+        chooser = gr.Dropdown(preset_names(), value=None, label="Preset", scale=2,
+                              info="fills the sampling controls below")
+        name = gr.Textbox(label="Save these settings as", placeholder="my preset", scale=2)
+        save = gr.Button("Save preset", size="sm", scale=1)
+    note = gr.Markdown("")
+
+    def fill(chosen):
+        presets, problems = load_presets()
+        if chosen not in presets:
+            return [gr.update()] * len(controls) + [f"⚠️ No preset named {chosen!r}.{preset_problems_note(problems)}"]
+        preset = presets[chosen]
+        values = control_values(preset.params)
+        bad = out_of_range(controls, values)
+        if bad:
+            return [gr.update()] * len(controls) + [f"⚠️ Preset {chosen!r} was not applied: {', '.join(bad)}."]
+        where = "your preset" if preset.user else "shipped preset"
+        text = f"Applied {where} **{preset.name}**: {preset.description}".rstrip(": ")
+        return [*values, text + preset_problems_note(problems)]
+
+    def save_preset(preset_name, *values):
+        try:
+            path = save_user_preset(preset_name, params_from_controls(values))
+        except ParameterError as exc:
+            return gr.update(), f"⚠️ {exc}"
+        return gr.update(choices=preset_names(), value=preset_name.strip()), f"Saved preset **{preset_name.strip()}** to `{path}`."
+
+    def refresh(current):
+        return gr.update(choices=preset_names(), value=current)
+
+    chooser.input(fill, chooser, [*controls, note], api_name=f"{api_prefix}_preset")
+    chooser.focus(refresh, chooser, chooser, api_name=False, show_progress="hidden", queue=False)
+    save.click(save_preset, [name, *controls], [chooser, note], api_name=f"{api_prefix}_preset_save")
+    return chooser

@@ -12,8 +12,18 @@ import gradio as gr
 import pandas as pd
 
 from playground.errors import ParameterError, PlaygroundError
+from playground.insight import (
+    INSPECT_TOP,
+    MAX_EXPLORER_TOP,
+    explore_distribution,
+    explorer_summary,
+    routing_to_state,
+    tokens_to_state,
+)
 from playground.manager import get_manager
 from playground.params import SamplingParams
+from playground.presets import load_presets
+from playground.ui.controls import preset_names
 
 MAX_COLUMNS = 6
 SETTING_FIELDS = [
@@ -84,6 +94,27 @@ def sweep_table(base_table: Any, parameter: str, values_text: str) -> pd.DataFra
     return pd.DataFrame(rows, columns=SETTING_FIELDS)
 
 
+def preset_in_row(table: Any, preset_name: str, row: Any) -> pd.DataFrame:
+    """The settings table with row `row` (1-based; one past the end adds a row) set to a preset's settings."""
+    presets, problems = load_presets()
+    if preset_name not in presets:
+        extra = f" ({'; '.join(problems)})" if problems else ""
+        raise ParameterError(f"no preset named {preset_name!r}{extra}")
+    current = settings_from_table(table)
+    if row in (None, "") or not float(row).is_integer():
+        raise ParameterError("choose a row number", field="row")
+    number = int(row)
+    if not 1 <= number <= min(len(current) + 1, MAX_COLUMNS):
+        raise ParameterError(f"choose a row between 1 and {min(len(current) + 1, MAX_COLUMNS)}", field="row")
+    rows = [p.model_dump(include=set(SETTING_FIELDS)) for p in current]
+    values = presets[preset_name].params.model_dump(include=set(SETTING_FIELDS))
+    if number > len(rows):
+        rows.append(values)
+    else:
+        rows[number - 1] = values
+    return pd.DataFrame(rows, columns=SETTING_FIELDS)
+
+
 def results_frame(prompt: str, settings: list[SamplingParams], outputs: list[str], stats: list[Any]) -> pd.DataFrame:
     rows = []
     for number, (params, text, result) in enumerate(zip(settings, outputs, stats), start=1):
@@ -113,7 +144,11 @@ def write_csv(frame: pd.DataFrame) -> str:
 
 
 def run_lab(prompt: str, table: Any, request: gr.Request | None = None):
-    """Run the prompt under each setting in turn (through the manager's queue), streaming into the cells."""
+    """Run the prompt under each setting in turn (through the manager's queue), streaming into the cells.
+
+    The last output is the cells' details (tokens, routing) for the Insight tab; it goes to a State, which
+    API clients do not see.
+    """
     owner = getattr(request, "session_hash", None)
     empty_cells = [gr.update(value="", visible=False)] * MAX_COLUMNS + [gr.update(value="", visible=False)] * MAX_COLUMNS
     try:
@@ -122,11 +157,12 @@ def run_lab(prompt: str, table: Any, request: gr.Request | None = None):
         settings = settings_from_table(table)
     except PlaygroundError as exc:
         gr.Warning(str(exc))
-        yield (*empty_cells, None, None, f"⚠️ {exc}")
+        yield (*empty_cells, None, None, f"⚠️ {exc}", [])
         return
     outputs = [""] * len(settings)
     stats: list[Any] = [None] * len(settings)
     lines = ["waiting"] * len(settings)
+    details: list[dict[str, Any] | None] = [None] * len(settings)
 
     def cells():
         texts = [gr.update(value=outputs[i], visible=True, label=f"Setting {i + 1}") if i < len(settings)
@@ -137,8 +173,12 @@ def run_lab(prompt: str, table: Any, request: gr.Request | None = None):
 
     manager = get_manager()
     for index, params in enumerate(settings):
+        tokens: list[Any] = []
         try:
-            for event in manager.stream(prompt=None, messages=[{"role": "user", "content": prompt}], params=params, owner=owner):
+            loaded = manager.require_model()
+            for event in manager.stream(prompt=None, messages=[{"role": "user", "content": prompt}], params=params,
+                                        owner=owner, logprobs=INSPECT_TOP, capture_routing=loaded.has_experts):
+                tokens.extend(event.tokens)
                 if event.kind == "queued":
                     lines[index] = f"waiting: place {event.position}"
                 elif event.kind == "delta":
@@ -148,15 +188,20 @@ def run_lab(prompt: str, table: Any, request: gr.Request | None = None):
                     outputs[index] = event.text
                     stats[index] = event.stats
                     lines[index] = event.stats.summary() if event.stats.finish_reason != "error" else f"⚠️ {event.stats.error}"
-                yield (*cells(), None, None, f"Running setting {index + 1} of {len(settings)}")
+                    details[index] = {"tokens": tokens_to_state(tokens),
+                                      "routing": routing_to_state(event.routing, loaded.tokenizer)}
+                # the details state is written once per finished cell, not copied on every token
+                yield (*cells(), None, None, f"Running setting {index + 1} of {len(settings)}",
+                       details if event.kind == "done" else gr.skip())
         except PlaygroundError as exc:
             lines[index] = f"⚠️ {exc}"
-            yield (*cells(), None, None, f"⚠️ {exc}")
+            yield (*cells(), None, None, f"⚠️ {exc}", details)
             return
         if stats[index] is not None and stats[index].finish_reason == "cancelled":
             break
     frame = results_frame(prompt, settings, outputs, stats)
-    yield (*cells(), frame, write_csv(frame), f"Done: {sum(s is not None for s in stats)} of {len(settings)} settings")
+    yield (*cells(), frame, write_csv(frame), f"Done: {sum(s is not None for s in stats)} of {len(settings)} settings",
+           details)
 
 
 def build_lab_tab():
@@ -171,6 +216,10 @@ def build_lab_tab():
             interactive=True, row_count=(2, "dynamic"), column_count=(len(SETTING_FIELDS), "fixed"),
             elem_id="lab-settings",
         )
+        with gr.Row():
+            preset = gr.Dropdown(preset_names(), value=None, label="Preset", info="put a preset's settings in a row")
+            preset_row = gr.Number(value=1, precision=0, minimum=1, maximum=MAX_COLUMNS, label="Row")
+            preset_button = gr.Button("Put preset in row")
         with gr.Row():
             sweep_parameter = gr.Dropdown(SWEEPABLE, value="temperature", label="Sweep parameter")
             sweep_values = gr.Textbox(value="0.2, 0.7, 1.2", label="Values (comma separated)")
@@ -187,6 +236,7 @@ def build_lab_tab():
                     notes.append(gr.Markdown("", visible=i < 2))
         results = gr.Dataframe(label="Results", interactive=False, wrap=True, elem_id="lab-results")
         csv_file = gr.File(label="Results as CSV", elem_id="lab-csv")
+        details = gr.State([])  # per cell: tokens and routing for the Insight tab
 
         def fill_sweep(table, parameter, values):
             try:
@@ -199,7 +249,132 @@ def build_lab_tab():
             owner = getattr(request, "session_hash", None)
             return "Stopping…" if owner and get_manager().cancel(owner) else "Nothing is running."
 
+        def put_preset(table, chosen, row):
+            try:
+                return preset_in_row(table, chosen, row), f"Row {int(row)}: preset {chosen}"
+            except PlaygroundError as exc:
+                gr.Warning(str(exc))
+                return table, f"⚠️ {exc}"
+
+        preset_button.click(put_preset, [table, preset, preset_row], [table, status], api_name="lab_preset_row")
+        preset.focus(lambda current: gr.update(choices=preset_names(), value=current), preset, preset,
+                     api_name=False, show_progress="hidden", queue=False)
         sweep_button.click(fill_sweep, [table, sweep_parameter, sweep_values], [table, status], api_name="lab_sweep")
-        run.click(run_lab, [prompt, table], [*texts, *notes, results, csv_file, status], api_name="lab_run",
+        run.click(run_lab, [prompt, table], [*texts, *notes, results, csv_file, status, details], api_name="lab_run",
                   concurrency_limit=None)
         stop.click(stop_lab, None, status, api_name="lab_stop", queue=False)
+        build_next_token_explorer(prompt)
+    return details
+
+
+# ------------------------------------------------------------------------------------- next-token explorer
+
+EXPLORER_COLOURS = {"kept": "#3b82f6", "cut": "#d1d5db"}
+
+
+def explorer_params(temperature, top_k, top_p, min_p, repetition_penalty) -> SamplingParams:
+    top_k = int(top_k) if isinstance(top_k, float) and top_k.is_integer() else top_k
+    return SamplingParams.parse(dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                     repetition_penalty=repetition_penalty))
+
+
+def draw_distribution(forward: dict | None, temperature, top_k, top_p, min_p, repetition_penalty, top_n):
+    """(bar chart frame, table, token choices, summary) for the stored forward pass under these settings.
+
+    No model run: the distribution is redrawn from the stored logits, on a short-lived thread (manager.compute).
+    """
+    if not forward:
+        return None, None, gr.update(choices=[], value=None), "Enter text and press **Next tokens** first."
+    try:
+        params = explorer_params(temperature, top_k, top_p, min_p, repetition_penalty)
+        tokenizer = get_manager().require_model().tokenizer
+    except PlaygroundError as exc:
+        return None, None, gr.update(choices=[], value=None), f"⚠️ {exc}"
+    frame = get_manager().compute(
+        lambda: explore_distribution(forward["logits"], forward["prompt_ids"], params, tokenizer, int(top_n))
+    )
+    chart = gr.BarPlot(value=frame[["label", "bar", "status", "token", "model p", "sampled p"]], sort=list(frame["label"]))
+    table = frame[["rank", "token", "id", "model p", "sampled p", "status"]]
+    choices = [(label, int(token_id)) for label, token_id in zip(frame["label"], frame["id"])]
+    return chart, table, gr.update(choices=choices, value=None), explorer_summary(frame, params)
+
+
+def next_tokens(text, temperature, top_k, top_p, min_p, repetition_penalty, top_n, request: gr.Request = None):
+    """One forward pass for `text` (queued like any generation), then the distribution under the settings."""
+    if not text or not str(text).strip():
+        return None, None, gr.update(choices=[], value=None), "⚠️ The text is empty.", None
+    try:
+        prompt_ids, logits = get_manager().next_token_logits(prompt=str(text), owner=getattr(request, "session_hash", None))
+    except PlaygroundError as exc:
+        return None, None, gr.update(choices=[], value=None), f"⚠️ {exc}", None
+    forward = {"text": str(text), "prompt_ids": prompt_ids, "logits": logits}
+    return (*draw_distribution(forward, temperature, top_k, top_p, min_p, repetition_penalty, top_n), forward)
+
+
+def append_token(forward: dict | None, token_id) -> str | gr.update:
+    """The explored text with the chosen token's text appended (the caller then explores again)."""
+    if not forward or token_id in (None, ""):
+        return gr.update()
+    return forward["text"] + get_manager().require_model().tokenizer.decode([int(token_id)])
+
+
+def build_next_token_explorer(lab_prompt: gr.Textbox) -> None:
+    with gr.Accordion("Next-token explorer", open=False):
+        gr.Markdown(
+            "The model's most likely next tokens for a text, from one forward pass. Moving a setting redraws the "
+            "chart at once: blue bars are what the settings keep (their probability after the settings), grey bars "
+            "are tokens the settings cut (drawn at the model's own probability). Pick a token (list or table row) "
+            "to append it and see the next distribution. The text is fed to the model as is: use the button to "
+            "wrap the lab prompt in the model's chat format."
+        )
+        text = gr.Textbox(label="Text the model continues", lines=3, elem_id="explorer-text")
+        with gr.Row():
+            use_prompt = gr.Button("Use the lab prompt (chat format)", size="sm")
+            go = gr.Button("Next tokens", variant="primary", elem_id="explorer-go")
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature", info="0 means greedy")
+            top_k = gr.Slider(0, 200, value=50, step=1, label="top_k", info="0 turns it off")
+            top_p = gr.Slider(0.01, 1, value=0.9, step=0.01, label="top_p")
+            min_p = gr.Slider(0, 1, value=0.0, step=0.01, label="min_p")
+            repetition_penalty = gr.Slider(0.5, 2, value=1.0, step=0.01, label="repetition_penalty")
+            top_n = gr.Slider(5, MAX_EXPLORER_TOP, value=20, step=1, label="tokens shown")
+        summary = gr.Markdown("", elem_id="explorer-summary")
+        chart = gr.BarPlot(x="label", y="bar", color="status", color_map=EXPLORER_COLOURS, x_title="next token",
+                           y_title="probability", tooltip=["token", "model p", "sampled p", "status"],
+                           x_label_angle=-45, height=360, elem_id="explorer-chart")
+        with gr.Row():
+            choice = gr.Dropdown([], label="Append a token", scale=3)
+            append = gr.Button("Append", scale=1)
+        table = gr.Dataframe(label="Top tokens (click a row to append it)", interactive=False, elem_id="explorer-table")
+        forward = gr.State(None)  # the last forward pass: text, prompt ids, logits [vocab]
+
+        settings = [temperature, top_k, top_p, min_p, repetition_penalty, top_n]
+        drawn = [chart, table, choice, summary]
+
+        def prompt_in_chat_format(prompt):
+            try:
+                return get_manager().build_prompt([{"role": "user", "content": prompt or ""}])
+            except PlaygroundError as exc:
+                gr.Warning(str(exc))
+                return gr.update()
+
+        def append_row(state, shown, event: gr.SelectData):
+            row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
+            frame = shown if isinstance(shown, pd.DataFrame) else pd.DataFrame(shown)
+            if state is None or frame.empty or "id" not in frame or not 0 <= row < len(frame):
+                return gr.update()
+            return append_token(state, int(frame.iloc[row]["id"]))
+
+        use_prompt.click(prompt_in_chat_format, lab_prompt, text, api_name="explore_chat_prompt")
+        go.click(next_tokens, [text, *settings], [*drawn, forward], api_name="explore")
+        text.submit(next_tokens, [text, *settings], [*drawn, forward], api_name=False)
+        for control in settings:
+            control.change(draw_distribution, [forward, *settings], drawn, api_name=False, show_progress="hidden",
+                           trigger_mode="always_last")
+        # A visible endpoint for the same redraw (the e2e test and API users change settings through it).
+        redraw = gr.Button(visible=False)
+        redraw.click(draw_distribution, [forward, *settings], drawn, api_name="explore_redraw")
+        append.click(append_token, [forward, choice], text, api_name="explore_append").then(
+            next_tokens, [text, *settings], [*drawn, forward], api_name=False)
+        table.select(append_row, [forward, table], text, api_name=False).then(
+            next_tokens, [text, *settings], [*drawn, forward], api_name=False)

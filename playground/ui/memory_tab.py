@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from playground import spaces_support
 from playground.manager import get_manager
 
 
@@ -31,6 +32,13 @@ def memory_report() -> str:
         f"Process RSS **{reading.process_rss_mib:.0f} MiB** · system memory "
         f"**{reading.system_used_mib:.0f} / {reading.system_total_mib:.0f} MiB**"
     )
+    inside = spaces_support.last_call_memory()
+    if inside is not None:
+        where = "ZeroGPU call" if inside.zero_gpu else "generation"
+        lines.append(
+            f"At the end of the last {where}: torch allocated **{inside.allocated_mib:.0f} MiB** "
+            f"(peak {inside.peak_allocated_mib:.0f} MiB), reserved **{inside.reserved_mib:.0f} MiB**"
+        )
     status = manager.status()
     if status.get("name"):
         lines.append(

@@ -1,0 +1,147 @@
+"""Hugging Face Spaces: README front matter, environment-variable configuration, hub-id resolution, ZeroGPU shim."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+import yaml
+
+from playground import spaces_support
+from playground.config import parse_args, resolve_hub_model
+from tests.conftest import REPO
+
+ENV_VARS = ["PLAYGROUND_MODEL", "PLAYGROUND_DEVICE", "PLAYGROUND_DTYPE", "PLAYGROUND_HOST", "PLAYGROUND_PORT",
+            "PLAYGROUND_SHARE", "PLAYGROUND_API_KEY", "SPACE_ID"]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def front_matter() -> dict:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n"), "the front matter must be the very first thing in README.md"
+    block = text[4:text.index("\n---\n", 4)]
+    return yaml.safe_load(block)
+
+
+def test_readme_front_matter_describes_the_space():
+    meta = front_matter()
+    assert meta["sdk"] == "gradio" and meta["sdk_version"] == "6.31.0" and meta["app_file"] == "launch.py"
+    assert meta["python_version"] == "3.11" and meta["title"] and meta["emoji"]
+    assert meta["suggested_hardware"] in {"a10g-large", "l4x1", "a10g-small", "l40sx1", "a100-large"}
+    import gradio
+
+    assert gradio.__version__ == meta["sdk_version"]  # the Space runs what the tests run
+    assert (REPO / meta["app_file"]).is_file()
+
+
+def test_environment_variables_configure_the_launch(monkeypatch, tmp_path):
+    assert parse_args([]).host == "127.0.0.1"
+    monkeypatch.setenv("PLAYGROUND_MODEL", str(tmp_path))
+    monkeypatch.setenv("PLAYGROUND_DEVICE", "cpu")
+    monkeypatch.setenv("PLAYGROUND_DTYPE", "bfloat16")
+    monkeypatch.setenv("PLAYGROUND_PORT", "8123")
+    monkeypatch.setenv("PLAYGROUND_SHARE", "yes")
+    monkeypatch.setenv("PLAYGROUND_API_KEY", "k3y")
+    settings = parse_args([])
+    assert (settings.model, settings.device, settings.dtype, settings.port, settings.share, settings.api_key) == (
+        str(tmp_path), "cpu", "bfloat16", 8123, True, "k3y")
+    assert parse_args(["--port", "9000"]).port == 9000  # options win over the environment
+
+
+def test_spaces_binds_all_interfaces_unless_told_otherwise(monkeypatch):
+    monkeypatch.setenv("SPACE_ID", "someone/yuan-playground")
+    assert parse_args([]).host == "0.0.0.0" and parse_args([]).port == 7860
+    assert parse_args(["--host", "127.0.0.1"]).host == "127.0.0.1"
+    monkeypatch.setenv("PLAYGROUND_HOST", "10.0.0.5")
+    assert parse_args([]).host == "10.0.0.5"
+
+
+def test_a_cached_hub_repo_id_resolves_to_its_snapshot(tmp_path, monkeypatch):
+    commit = "a" * 40
+    repo = tmp_path / "models--IEITYuan--Yuan2-M32-hf-int4"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert resolve_hub_model("IEITYuan/Yuan2-M32-hf-int4", cache_dir=tmp_path) == str(snapshot)
+    # not cached: left as given (nothing is downloaded), and the loader names it
+    assert resolve_hub_model("someone/not-cached", cache_dir=tmp_path) == "someone/not-cached"
+    local = tmp_path / "some" / "folder"
+    local.mkdir(parents=True)
+    assert resolve_hub_model(str(local), cache_dir=tmp_path) == str(local)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_hub_model(None) is None
+
+
+@pytest.fixture()
+def fake_spaces(monkeypatch):
+    """A stand-in for the `spaces` package: GPU(fn) returns a wrapper that counts its calls."""
+    calls = []
+    module = types.ModuleType("spaces")
+
+    def GPU(fn=None, **kwargs):  # noqa: N802 - the real package's name
+        def wrapped(*args, **kw):
+            calls.append(fn.__name__)
+            return fn(*args, **kw)
+
+        return wrapped
+
+    module.GPU = GPU
+    monkeypatch.setitem(sys.modules, "spaces", module)
+    spaces_support.reset()
+    yield calls
+    spaces_support.reset()
+
+
+def test_without_spaces_jobs_run_directly(monkeypatch):
+    monkeypatch.setitem(sys.modules, "spaces", None)  # import spaces -> ImportError
+    spaces_support.reset()
+    assert spaces_support.run_on_gpu(lambda: 41 + 1) == 42
+    assert not spaces_support.zero_gpu_active()
+    spaces_support.reset()
+
+
+def test_spaces_gpu_wraps_the_generation_and_records_memory(fake_spaces, monkeypatch):
+    # CUDA figures are read at the end of the wrapped call; fake them so the test runs on CPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 3 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 5 * 2**20)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 8 * 2**20)
+    assert spaces_support.run_on_gpu(lambda: "generated") == "generated"
+    assert fake_spaces == ["_call_and_record"] and spaces_support.zero_gpu_active()
+    figures = spaces_support.last_call_memory()
+    assert (figures.allocated_mib, figures.peak_allocated_mib, figures.reserved_mib) == (3, 5, 8) and figures.zero_gpu
+    monkeypatch.setattr("playground.memory.MemorySampler.record", lambda self: self.sample())
+    from playground.ui.memory_tab import memory_report
+
+    assert "ZeroGPU call" in memory_report() and "peak 5 MiB" in memory_report()
+
+
+def test_the_manager_runs_generate_through_the_shim(fake_spaces, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from playground.manager import ModelManager
+
+    vocab = {f"w{i}": i for i in range(64)} | {"[UNK]": 64}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="w0")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=65, n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    manager = ModelManager()
+    manager.load(tmp_path)
+    result = manager.generate(prompt="w1 w2 w3", params={"temperature": 0, "max_new_tokens": 3})
+    assert result.stats.finish_reason in ("stop", "length") and fake_spaces == ["_call_and_record"]
+    manager.next_token_logits(prompt="w1 w2")
+    assert fake_spaces == ["_call_and_record"] * 2
