@@ -24,7 +24,13 @@ install: $(STAMP)
 run: install
 	$(PY) launch.py --host $(HOST) --port $(PORT) $(ARGS)
 
-test: install
+# The browser tests (tests/test_browser.py) drive Debian's Chromium; CI runs as root and installs it here.
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update && apt-get install -y chromium
+
+test: install $(CHROMIUM)
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 bench: install

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from playground.storage import default_data_dir
+
 # A Hugging Face model repo id: "owner/name" (letters, digits, "-", "_", "."), not an existing path.
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -21,6 +23,9 @@ class Settings:
     port: int = 7860
     share: bool = False
     api_key: str | None = None  # when set, the APIs need `Authorization: Bearer <api_key>`
+    data_dir: str | None = None  # where chats and lab runs are saved; None: nothing is saved
+    auth: list[tuple[str, str]] | None = None  # when set, the browser UI asks for one of these logins
+    models_root: str | None = None  # the UI may load models only from folders under this one
 
 
 def _env_flag(name: str) -> bool:
@@ -52,6 +57,25 @@ def resolve_hub_model(model: str | None, cache_dir: str | os.PathLike | None = N
         return model
 
 
+def parse_login(text: str, where: str) -> tuple[str, str]:
+    """'user:password' -> (user, password); the password may itself contain ':'."""
+    user, sep, password = text.strip().partition(":")
+    if not sep or not user.strip() or not password:
+        raise ValueError(f"{where}: expected 'user:password', got {text.strip()!r}")
+    return user.strip(), password
+
+
+def read_auth_file(path: str) -> list[tuple[str, str]]:
+    """One 'user:password' per line; blank lines and lines starting with '#' are skipped."""
+    logins = []
+    for number, line in enumerate(Path(path).expanduser().read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            logins.append(parse_login(line, f"{path} line {number}"))
+    if not logins:
+        raise ValueError(f"{path}: no 'user:password' lines")
+    return logins
+
+
 def parse_args(argv: list[str] | None = None) -> Settings:
     env = os.environ
     parser = argparse.ArgumentParser(
@@ -75,6 +99,26 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--api-key", default=env.get("PLAYGROUND_API_KEY") or None,
                         help="require 'Authorization: Bearer KEY' on the APIs (POST / and /v1/*); "
                              "off by default [PLAYGROUND_API_KEY]")
+    parser.add_argument("--auth", default=env.get("PLAYGROUND_AUTH") or None, metavar="USER:PASSWORD",
+                        help="ask for this login before showing the browser UI; off by default [PLAYGROUND_AUTH]")
+    parser.add_argument("--auth-file", default=env.get("PLAYGROUND_AUTH_FILE") or None, metavar="FILE",
+                        help="like --auth, with one 'user:password' per line of FILE [PLAYGROUND_AUTH_FILE]")
+    parser.add_argument("--models-root", default=env.get("PLAYGROUND_MODELS_ROOT") or None, metavar="DIR",
+                        help="the UI's model panel may load the folders under DIR (and nothing outside it); "
+                             "without it the panel offers only the embedded model [PLAYGROUND_MODELS_ROOT]")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        default=env.get("PLAYGROUND_DATA_DIR") or str(default_data_dir()),
+                        help="folder where chats and sampling-lab runs are saved (SQLite); "
+                             f"default: {default_data_dir()} [PLAYGROUND_DATA_DIR]")
     args = parser.parse_args(argv)
     args.model = resolve_hub_model(args.model)
+    try:
+        logins = ([parse_login(args.auth, "--auth")] if args.auth else []) + (
+            read_auth_file(args.auth_file) if args.auth_file else [])
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    args.auth = logins or None
+    del args.auth_file
+    if args.models_root and not Path(args.models_root).expanduser().is_dir():
+        parser.error(f"--models-root: {args.models_root} is not a folder")
     return Settings(**vars(args))

@@ -321,6 +321,8 @@ class ModelManager:
         self._handles_lock = threading.Lock()
         self._memory: MemorySampler | None = None
         self.generations_done = 0
+        # The saved chats and lab runs (playground.storage.Storage), opened by server.create_app; None: not saved.
+        self.storage = None
 
     # --------------------------------------------------------------------------------------- loading
 
@@ -766,6 +768,13 @@ class ModelManager:
         """The prompt's ids [1, n]; rejects an empty prompt or one that leaves no room for the reply."""
         if not text or not text.strip():
             raise ParameterError("the prompt is empty", field="prompt")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone UTF-16 surrogate (e.g. "\ud800" in JSON) makes tokenizers fail
+            raise ParameterError(
+                f"the prompt contains {exc.object[exc.start]!r}, half of a UTF-16 surrogate pair, which is not a "
+                "character; send valid Unicode text", field="prompt",
+            ) from None
         input_ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         prompt_tokens = int(input_ids.shape[1])
         if prompt_tokens + params.max_new_tokens > loaded.context_length:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import gradio as gr
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 
 from playground import __version__
 from playground.api import include_api
+from playground.api.auth import api_key_check
+from playground.api.errors import ApiRoute
 from playground.config import Settings
 from playground.errors import PlaygroundError
 from playground.manager import get_manager
+from playground.storage import Storage, StorageError
 from playground.ui.app import TITLE, build_app
 
 
@@ -43,17 +47,35 @@ def calm_gradio_queue(demo: gr.Blocks) -> None:
         queue.progress_update_sleep_when_free = GRADIO_PROGRESS_POLL_S
 
 
-def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title=TITLE, version=__version__)
+def open_storage(settings: Settings) -> None:
+    """Open the data folder's chat and lab store for the UI; a folder that cannot be used leaves saving off."""
+    if not settings.data_dir:
+        return
+    try:
+        get_manager().storage = Storage(settings.data_dir)
+    except StorageError as exc:
+        # The playground still works without it; the History tab says nothing is being saved.
+        print(f"--data-dir: {exc}; chats and lab runs will not be saved", file=sys.stderr, flush=True)
 
-    @app.get("/healthz")
+
+def create_app(settings: Settings) -> FastAPI:
+    # With an API key every route of this app needs it, so the schema pages go too (a browser cannot send it).
+    docs = {} if settings.api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title=TITLE, version=__version__, **docs)
+    health = APIRouter(route_class=ApiRoute, dependencies=[Depends(api_key_check(settings.api_key))])
+
+    @health.get("/healthz")
     def healthz() -> dict:
         """The model manager's status: state (loading, ready, error, empty), model facts, queue."""
         return get_manager().status()
 
+    app.include_router(health)
     include_api(app, api_key=settings.api_key)  # before the mount, so POST / is the API's, GET / the UI's
     get_manager().memory()  # start sampling now so the panel has history when first opened
-    demo = build_app()
-    app = gr.mount_gradio_app(app, demo, path="/")
+    open_storage(settings)  # before the UI is built: the History tab lists what is already saved
+    demo = build_app(settings)
+    # The browser UI cannot send a bearer key; --auth / --auth-file put Gradio's login page in front of it.
+    app = gr.mount_gradio_app(app, demo, path="/", auth=settings.auth,
+                              auth_message="Yuan2.0-M32 Playground: log in with a user from --auth or --auth-file.")
     calm_gradio_queue(demo)  # after mounting, which sets up the queue it starts
     return app

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ SHARED = REPO.parent / "shared"
 YUAN_TOKENIZER_DIR = SHARED / "yuan2-tokenizer"
 # Converted models are cached inside the repo (ignored by git) so reruns skip the GGUF conversion.
 os.environ.setdefault("PLAYGROUND_CACHE_DIR", str(REPO / ".cache"))
+# Chats and lab runs the tests make go to a throw-away folder, never the user's data directory.
+os.environ.setdefault("PLAYGROUND_DATA_DIR", tempfile.mkdtemp(prefix="playground-test-data-"))
 
 
 def free_port() -> int:
@@ -29,10 +32,15 @@ def free_port() -> int:
 class LaunchedServer:
     """`python launch.py ...` in a subprocess, as a user starts it."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log_dir: Path | None = None):
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log_dir: Path | None = None,
+                 host: str | None = "127.0.0.1"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = ["--host", "127.0.0.1", "--port", str(self.port), *args]
+        # host=None leaves --host out, to see where the server binds by default.
+        self.args = [*(["--host", host] if host else []), "--port", str(self.port), *args]
+        # With --api-key even /healthz needs the key; the harness sends it.
+        key = args[args.index("--api-key") + 1] if "--api-key" in args else (env or {}).get("PLAYGROUND_API_KEY")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.log_path = (log_dir or Path("/tmp")) / f"server-{self.port}.log"
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
@@ -43,7 +51,7 @@ class LaunchedServer:
         )
 
     def status(self) -> dict:
-        return httpx.get(f"{self.url}/healthz", timeout=5).json()
+        return httpx.get(f"{self.url}/healthz", timeout=5, headers=self.headers).json()
 
     def wait_until(self, states=("ready",), timeout: float = 240) -> dict:
         deadline = time.monotonic() + timeout

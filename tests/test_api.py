@@ -330,8 +330,9 @@ def test_api_key_is_required_when_set(side_servers):
         assert_error(post(keyed, path, body, headers={"Authorization": "Bearer wrong"}), 401)
         assert post(keyed, path, body, headers=good).status_code == 200
     assert_error(httpx.get(f"{keyed.url}/v1/models", timeout=30), 401)
-    # The UI and the health check stay open.
-    assert httpx.get(f"{keyed.url}/healthz", timeout=30).status_code == 200
+    # The key covers the health check too; the browser UI stays open (--auth protects it).
+    assert_error(httpx.get(f"{keyed.url}/healthz", timeout=30), 401)
+    assert httpx.get(f"{keyed.url}/healthz", timeout=30, headers=good).json()["state"] == "ready"
     assert httpx.get(f"{keyed.url}/", timeout=30).status_code == 200
 
     with pytest.raises(openai.AuthenticationError):

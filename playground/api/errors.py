@@ -13,6 +13,7 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 from playground.errors import LoadInProgressError, ModelNotLoadedError, ParameterError, PlaygroundError
 
@@ -93,6 +94,10 @@ def to_api_error(exc: Exception) -> ApiError | None:
     """The API answer for an exception a handler raised; None for ones to let through."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, HTTPException) and exc.status_code == 400:
+        # FastAPI's own answer to a body it cannot decode at all (bytes that are not UTF-8, say).
+        return ApiError(400, f"the request body could not be read: {exc.detail}; send UTF-8 JSON "
+                             "with Content-Type: application/json", code="invalid_json")
     if isinstance(exc, RequestValidationError):
         return from_validation_error(exc)
     if isinstance(exc, ParameterError):

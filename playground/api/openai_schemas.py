@@ -47,6 +47,15 @@ class SamplingRequest(BaseModel):
     min_p: float | None = Field(None, description="extension: 0 turns it off")
     repetition_penalty: float | None = Field(None, description="extension: 1 turns it off")
 
+    @field_validator("max_tokens", "temperature", "top_p", "seed", "n", "presence_penalty", "frequency_penalty",
+                     "top_k", "min_p", "repetition_penalty", mode="before")
+    @classmethod
+    def _no_bools(cls, value: Any) -> Any:
+        # pydantic would read true as 1; a boolean in a number field is a client bug.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true/false")
+        return value
+
     @field_validator("n")
     @classmethod
     def _one_choice(cls, value: int | None) -> int | None:
@@ -137,6 +146,14 @@ class ChatCompletionRequest(SamplingRequest):
     def _with_logprobs(cls, value: int | None, info) -> int | None:
         if value is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs set to true")
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _something_to_answer(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        # The chat template would wrap blank turns into a non-empty prompt; there is still nothing to answer.
+        if all(not message.as_dict()["content"].strip() for message in value):
+            raise ValueError("every message is empty or only whitespace")
         return value
 
     @model_validator(mode="after")

@@ -49,6 +49,22 @@ class SeedRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
 
+    @field_validator("temperature", "max_new_tokens", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty",
+                     "no_repeat_ngram_size", "seed", mode="before")
+    @classmethod
+    def _no_bools(cls, value: Any) -> Any:
+        # pydantic would read true as 1; a boolean in a number field is a client bug.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true/false")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the prompt is only whitespace")
+        return value
+
     @field_validator("history")
     @classmethod
     def _whole_exchanges(cls, value: History) -> History:

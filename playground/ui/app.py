@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gradio as gr
 
+from playground.config import Settings
 from playground.manager import get_manager
 from playground.ui.chat_tab import build_chat_tab
+from playground.ui.history_tab import build_history_tab
 from playground.ui.insight_tab import build_insight_tab
 from playground.ui.lab_tab import build_lab_tab
 from playground.ui.memory_tab import build_memory_tab
+from playground.ui.model_panel import build_model_panel
 
 TITLE = "Yuan2.0-M32 Playground"
 
@@ -29,14 +32,18 @@ def status_line() -> str:
     return "⚪ No model loaded."
 
 
-def build_app() -> gr.Blocks:
+def build_app(settings: Settings | None = None) -> gr.Blocks:
+    settings = settings or Settings()
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}")
         status = gr.Markdown(status_line, elem_id="model-status")
-        chat_details = build_chat_tab()
-        lab_details = build_lab_tab()
-        build_insight_tab(chat_details, lab_details)
-        build_memory_tab()
+        build_model_panel(settings.models_root, device=settings.device, dtype=settings.dtype)
+        with gr.Tabs(elem_id="tabs"):  # explicit, so the History tab can switch to the Chat tab
+            chat = build_chat_tab()
+            lab_details = build_lab_tab()
+            build_insight_tab(chat.details, lab_details)
+            build_memory_tab()
+            build_history_tab(chat)
         status_timer = gr.Timer(2.0)
         status_timer.tick(status_line, None, status, api_name="status", show_progress="hidden", queue=False)
     return demo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -9,7 +10,8 @@ import gradio as gr
 from playground.chat_format import message_text
 from playground.errors import PlaygroundError
 from playground.insight import INSPECT_TOP, routing_to_state, tokens_to_state
-from playground.manager import get_manager
+from playground.manager import GenerationStats, get_manager
+from playground.storage import StorageError
 from playground.ui.controls import params_from_controls, preset_controls, sampling_controls
 
 MAX_MESSAGE_CHARS = 100_000
@@ -33,16 +35,80 @@ def _owner(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None)
 
 
+@dataclass
+class ChatTab:
+    """The chat tab's parts that other tabs use: Insight reads `details`, History opens saved chats into it."""
+
+    chatbot: gr.Chatbot
+    history: gr.State
+    stats: gr.State
+    details: gr.State
+    chat_id: gr.State  # the saved chat this conversation continues; None until its first message is saved
+    system_prompt: gr.Textbox
+    status: gr.Markdown
+
+
+# ----------------------------------------------------------------------------- saving turns as they happen
+
+
+def reply_stats(result: GenerationStats) -> dict[str, Any]:
+    """What is saved with a reply: its stats, the line shown under it, and the model that wrote it."""
+    loaded = get_manager().loaded
+    return {**result.as_dict(), "summary": result.summary(), "model": loaded.name if loaded else None}
+
+
+def save_turn(chat_id: str | None, earlier: list[dict], role: str, content: str, stats: dict | None = None,
+              system_prompt: str | None = None) -> str | None:
+    """Save one turn after the `earlier` ones; returns the chat's id (a chat is created by its first save).
+
+    Saving never breaks the chat: a storage problem is shown as a warning and the conversation goes on.
+    """
+    storage = get_manager().storage
+    if storage is None:
+        return chat_id
+    try:
+        if chat_id is None:
+            loaded = get_manager().loaded
+            chat_id = storage.create_chat(model=loaded.name if loaded else None, system_prompt=system_prompt or "")
+            for position, message in enumerate(earlier):  # turns from before saving worked, if any
+                storage.put_message(chat_id, position, message["role"], message_text(message["content"]))
+        storage.put_message(chat_id, len(earlier), role, content, stats=stats,
+                            model=(stats or {}).get("model"), system_prompt=system_prompt)
+    except StorageError as exc:
+        gr.Warning(f"This turn was not saved: {exc}")
+    return chat_id
+
+
+def forget_turns(chat_id: str | None, keep: int) -> str | None:
+    """Drop the saved turns after the first `keep` (undo, a reply that failed); returns the chat id to go on with.
+
+    A chat left with no turns is deleted (the History tab would only list it as empty); the next message then
+    starts a new one.
+    """
+    storage = get_manager().storage
+    if storage is None or chat_id is None:
+        return chat_id
+    try:
+        if keep == 0:
+            storage.delete_chat(chat_id)
+            return None
+        storage.truncate_chat(chat_id, keep)
+    except StorageError as exc:
+        gr.Warning(f"The saved chat could not be updated: {exc}")
+    return chat_id
+
+
 def _messages(history: list[dict], system_prompt: str) -> list[dict]:
     messages = [{"role": "system", "content": system_prompt.strip()}] if system_prompt and system_prompt.strip() else []
     return messages + [{"role": m["role"], "content": message_text(m["content"])} for m in history]
 
 
-def stream_reply(history, stats, details, system_prompt, params_values, request):
+def stream_reply(history, stats, details, system_prompt, params_values, request, chat_id=None):
     """Generate the assistant turn after `history` (which ends with the user's turn); yields UI updates.
 
     `details` runs alongside `stats`: per reply, its tokens with their probabilities and (models with experts)
-    the experts each token went to, for the Insight tab.
+    the experts each token went to, for the Insight tab. A finished reply is saved to chat `chat_id` (when
+    saving is on) before it is shown as done; a reply still streaming is never saved.
     """
     manager = get_manager()
     try:
@@ -65,6 +131,7 @@ def stream_reply(history, stats, details, system_prompt, params_values, request)
                 if result.finish_reason == "error":
                     yield display(history, stats), history, stats, f"⚠️ {result.error}", details
                     return
+                save_turn(chat_id, history, "assistant", event.text, stats=reply_stats(result))
                 history = history + [{"role": "assistant", "content": event.text}]
                 stats = stats + [result.summary()]
                 details = details + [{"tokens": tokens_to_state(tokens),
@@ -75,11 +142,12 @@ def stream_reply(history, stats, details, system_prompt, params_values, request)
         yield display(history, stats), history, stats, f"⚠️ {exc}", details
 
 
-def build_chat_tab():
+def build_chat_tab() -> ChatTab:
     with gr.Tab("Chat", id="chat"):
         history = gr.State([])
         stats = gr.State([])
         details = gr.State([])  # per reply: tokens and routing for the Insight tab (not sent to API clients)
+        chat_id = gr.State(None)
         system_prompt = gr.Textbox(label="System prompt", lines=2, placeholder="Optional instructions for the model")
         chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot", buttons=["copy", "copy_all"])
         with gr.Row():
@@ -97,46 +165,61 @@ def build_chat_tab():
         preset_controls(controls, api_prefix="chat")
 
         def send_message(text, history, stats, details, system_prompt, temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed, stop,
-                         request: gr.Request = None):
+                         chat_id, request: gr.Request = None):
             params_values = [temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed, stop]
             text = message_text(text)
             if not text.strip():
                 gr.Warning("Type a message first.")
-                yield display(history, stats), history, stats, "⚠️ The message is empty.", details, text
+                yield display(history, stats), history, stats, "⚠️ The message is empty.", details, chat_id, text
                 return
             if len(text) > MAX_MESSAGE_CHARS:
                 gr.Warning("The message is too long.")
                 yield (display(history, stats), history, stats,
-                       f"⚠️ The message is {len(text)} characters; the limit is {MAX_MESSAGE_CHARS}.", details, text)
+                       f"⚠️ The message is {len(text)} characters; the limit is {MAX_MESSAGE_CHARS}.", details,
+                       chat_id, text)
                 return
             turn = history + [{"role": "user", "content": text}]
+            # Saved as soon as it is sent, so a crash during the reply keeps the question.
+            chat_id = save_turn(chat_id, history, "user", text, system_prompt=system_prompt)
             final = None
-            for update in stream_reply(turn, stats, details, system_prompt, params_values, request):
+            for update in stream_reply(turn, stats, details, system_prompt, params_values, request, chat_id):
                 final = update
-                yield (*update, "")
+                yield (*update, chat_id, "")
             if final is not None and final[1] is turn:
                 # The reply failed: keep the history as it was and give the message back to edit.
-                yield display(history, stats), history, stats, final[3], details, text
+                chat_id = forget_turns(chat_id, len(history))
+                yield display(history, stats), history, stats, final[3], details, chat_id, text
 
         def regenerate_reply(history, stats, details, system_prompt, temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed, stop,
-                             request: gr.Request = None):
+                             chat_id, request: gr.Request = None):
             params_values = [temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed, stop]
-            if not history or history[-1]["role"] != "assistant":
-                yield display(history, stats), history, stats, "Nothing to regenerate yet.", details
+            if not history:
+                yield display(history, stats), history, stats, "Nothing to regenerate yet.", details, chat_id
                 return
-            yield from stream_reply(history[:-1], stats[:-1], details[: len(stats) - 1], system_prompt,
-                                    params_values, request)
+            if history[-1]["role"] == "assistant":
+                history, stats, details = history[:-1], stats[:-1], details[: len(stats) - 1]
+            # else: a reopened chat whose last reply was cut off (a crash): answer its last message now
+            final = None
+            for update in stream_reply(history, stats, details[: len(stats)], system_prompt, params_values,
+                                       request, chat_id):
+                final = update
+                yield (*update, chat_id)
+            if final is not None and final[1] is history:
+                # The reply failed and the UI has dropped the old one too: so does the saved chat.
+                yield (*final, forget_turns(chat_id, len(history)))
 
-        def undo_turn(history, stats, details):
+        def undo_turn(history, stats, details, chat_id):
             if history and history[-1]["role"] == "assistant":
                 history, stats, details = history[:-1], stats[:-1], details[: len(stats) - 1]
             if history and history[-1]["role"] == "user":
                 history = history[:-1]
-            return display(history, stats), history, stats, "Removed the last turn.", details
+            chat_id = forget_turns(chat_id, len(history))
+            return display(history, stats), history, stats, "Removed the last turn.", details, chat_id
 
         def clear_chat(request: gr.Request = None):
             get_manager().cancel(_owner(request)) if _owner(request) else None
-            return [], [], [], "Cleared.", []
+            # The next message starts a new saved chat; this one stays in the History tab.
+            return [], [], [], "Cleared.", [], None
 
         def stop_generation(request: gr.Request = None):
             owner = _owner(request)
@@ -144,13 +227,14 @@ def build_chat_tab():
             return "Stopping…" if count else "Nothing is running."
 
         # State outputs are not part of the API, so the endpoints' visible outputs stay as they were.
-        outputs = [chatbot, history, stats, status, details]
-        inputs = [history, stats, details, system_prompt, *controls]
+        outputs = [chatbot, history, stats, status, details, chat_id]
+        inputs = [history, stats, details, system_prompt, *controls, chat_id]
         # concurrency_limit=None: the manager's own queue orders generations and reports places in it.
         message.submit(send_message, [message, *inputs], [*outputs, message], api_name="chat", concurrency_limit=None)
         send.click(send_message, [message, *inputs], [*outputs, message], api_name=False, concurrency_limit=None)
         regenerate.click(regenerate_reply, inputs, outputs, api_name="chat_regenerate", concurrency_limit=None)
-        undo.click(undo_turn, [history, stats, details], outputs, api_name="chat_undo")
+        undo.click(undo_turn, [history, stats, details, chat_id], outputs, api_name="chat_undo")
         clear.click(clear_chat, None, outputs, api_name="chat_clear")
         stop.click(stop_generation, None, status, api_name="chat_stop", queue=False)
-    return details
+    return ChatTab(chatbot=chatbot, history=history, stats=stats, details=details, chat_id=chat_id,
+                   system_prompt=system_prompt, status=status)

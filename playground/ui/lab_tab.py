@@ -23,6 +23,7 @@ from playground.insight import (
 from playground.manager import get_manager
 from playground.params import SamplingParams
 from playground.presets import load_presets
+from playground.storage import LabCell, StorageError
 from playground.ui.controls import preset_names
 
 MAX_COLUMNS = 6
@@ -143,6 +144,26 @@ def write_csv(frame: pd.DataFrame) -> str:
     return str(path)
 
 
+def save_run(prompt: str, settings: list[SamplingParams], outputs: list[str], stats: list[Any]) -> str | None:
+    """Store a finished run with the cells that finished (when saving is on); returns its id.
+
+    A storage problem is a warning: the results on screen and their CSV are still there.
+    """
+    storage = get_manager().storage
+    if storage is None:
+        return None
+    loaded = get_manager().loaded
+    cells = [LabCell(index, params.model_dump(include=set(SETTING_FIELDS)), outputs[index],
+                     {**stats[index].as_dict(), "summary": stats[index].summary()})
+             for index, params in enumerate(settings) if stats[index] is not None]
+    try:
+        return storage.save_lab_run(prompt, cells, model=loaded.name if loaded else None,
+                                    settings=[params.model_dump(include=set(SETTING_FIELDS)) for params in settings])
+    except StorageError as exc:
+        gr.Warning(f"This run was not saved: {exc}")
+        return None
+
+
 def run_lab(prompt: str, table: Any, request: gr.Request | None = None):
     """Run the prompt under each setting in turn (through the manager's queue), streaming into the cells.
 
@@ -199,6 +220,7 @@ def run_lab(prompt: str, table: Any, request: gr.Request | None = None):
             return
         if stats[index] is not None and stats[index].finish_reason == "cancelled":
             break
+    save_run(prompt, settings, outputs, stats)
     frame = results_frame(prompt, settings, outputs, stats)
     yield (*cells(), frame, write_csv(frame), f"Done: {sum(s is not None for s in stats)} of {len(settings)} settings",
            details)

@@ -1,0 +1,133 @@
+"""Model panel: load another model from the UI, only from the folders under `--models-root`.
+
+A browser user must never name an arbitrary path on the server, so the panel takes the name of one entry directly
+under the models root (a model folder or a .gguf file) and refuses anything that resolves outside it: absolute
+paths, `..`, and symlinks pointing elsewhere. Without a models root it offers only the embedded model.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import gradio as gr
+
+from playground.errors import ModelFolderError, PlaygroundError
+from playground.manager import EMBEDDED, get_manager
+
+ENABLE_HINT = ("Loading model folders from the UI is off: start the server with `--models-root DIR` "
+               "(or `PLAYGROUND_MODELS_ROOT=DIR`) to offer the folders under DIR here.")
+POLL_S = 0.5
+
+
+class ModelChoiceError(PlaygroundError):
+    """A model the panel will not load; the message says why."""
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def model_choices(models_root: str | None) -> list[str]:
+    """The embedded model, then the folders and .gguf files directly under the models root that stay inside it."""
+    choices = [EMBEDDED]
+    if not models_root:
+        return choices
+    root = Path(models_root).expanduser()
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return choices
+    for entry in entries:
+        if entry.name.startswith(".") or not _inside(entry, root):
+            continue
+        if entry.is_dir() or (entry.is_file() and entry.suffix == ".gguf"):
+            choices.append(entry.name)
+    return choices
+
+
+def resolve_choice(choice: str | None, models_root: str | None) -> str | None:
+    """The path the manager should load for a panel choice (None: the embedded model); refuses anything else."""
+    name = (choice or "").strip()
+    if not name:
+        raise ModelChoiceError("choose a model first")
+    if name == EMBEDDED:
+        return None
+    if not models_root:
+        raise ModelChoiceError(f"{name!r} cannot be loaded: {ENABLE_HINT}")
+    if "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+        raise ModelChoiceError(f"{name!r} is refused: give the name of a folder under the models root, not a path")
+    root = Path(models_root).expanduser()
+    candidate = root / name
+    if not candidate.exists():
+        raise ModelChoiceError(f"there is no {name!r} under the models root")
+    if not _inside(candidate, root):
+        raise ModelChoiceError(f"{name!r} is refused: it points outside the models root")
+    if candidate.is_file():
+        if candidate.suffix != ".gguf":
+            raise ModelChoiceError(f"{name!r} is a file; the panel loads model folders and .gguf files")
+        return str(candidate)
+    # A folder whose files link outside the root would let the loader read them: refuse it as a whole.
+    escaping = sorted(entry.name for entry in candidate.iterdir() if not _inside(entry, root))
+    if escaping:
+        raise ModelChoiceError(f"{name!r} is refused: {', '.join(escaping)} point(s) outside the models root")
+    return str(candidate)
+
+
+def load_choice(choice: str | None, models_root: str | None, device: str = "auto", dtype: str = "auto") -> Iterator[str]:
+    """Load a panel choice, yielding progress lines and then the outcome.
+
+    The load runs on a thread of its own that ends with it: a long-lived thread that runs torch kernels (such as
+    Gradio's worker) would keep an OpenMP team alive and slow every later generation (see DeviceWorker).
+    """
+    try:
+        target = resolve_choice(choice, models_root)
+    except PlaygroundError as exc:
+        gr.Warning(str(exc))
+        yield f"⚠️ {exc}"
+        return
+    manager = get_manager()
+    outcome: list[dict | Exception] = []
+
+    def load() -> None:
+        try:
+            outcome.append(manager.load(target, device=device, dtype=dtype))
+        except PlaygroundError as exc:
+            outcome.append(exc)
+        except Exception as exc:  # never lost in the thread: the user sees it
+            outcome.append(ModelFolderError(f"loading {choice} failed: {type(exc).__name__}: {exc}"))
+
+    thread = threading.Thread(target=load, name="model-load-ui", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        loading = manager.status().get("loading")
+        if loading:
+            yield f"⏳ Loading **{choice}**: {loading['message']} ({loading['fraction']:.0%})"
+        thread.join(POLL_S)
+    result = outcome[0]
+    if isinstance(result, Exception):
+        gr.Warning(str(result))
+        yield f"⚠️ {result}"
+        return
+    yield f"✅ Loaded **{result['name']}** ({result['kind']}, {result['dtype']} on {result['device']}) in {result['load_time_s']:.1f} s"
+
+
+def build_model_panel(models_root: str | None, device: str = "auto", dtype: str = "auto") -> None:
+    with gr.Accordion("Model", open=False, elem_id="model-panel"):
+        where = f"Folders under `{models_root}` and the embedded model." if models_root else ENABLE_HINT
+        gr.Markdown(where)
+        with gr.Row():
+            chooser = gr.Dropdown(model_choices(models_root), value=EMBEDDED, label="Model", scale=4,
+                                  allow_custom_value=True, elem_id="model-choice")
+            load = gr.Button("Load", variant="primary", scale=1, elem_id="model-load")
+        outcome = gr.Markdown("", elem_id="model-load-status")
+
+        def refresh(current):
+            return gr.update(choices=model_choices(models_root), value=current)
+
+        def load_model(choice):
+            yield from load_choice(choice, models_root, device=device, dtype=dtype)
+
+        chooser.focus(refresh, chooser, chooser, api_name="model_choices", show_progress="hidden", queue=False)
+        load.click(load_model, chooser, outcome, api_name="model_load", concurrency_limit=None)

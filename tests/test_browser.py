@@ -1,0 +1,160 @@
+"""A real browser (Debian's Chromium through Playwright) on the launched app: tabs, a streamed chat reply, stop,
+a lab run and its CSV download, the memory plot growing, and an invalid input's message.
+
+Screenshots of each step are kept in a temporary folder, printed at the start (run with -s to see it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import time
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+# No sandbox (CI runs as root in a container), no GPU, and nothing that would reach out to the network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TABS = ["Chat", "Sampling lab", "Insight", "GPU memory"]
+
+
+@pytest.fixture(scope="module")
+def screens(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("browser-screenshots")
+    print(f"\nbrowser screenshots: {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def page(launched_server, screens):
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 1100}, accept_downloads=True)
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(launched_server.url)
+        try:
+            yield page
+        finally:
+            page.screenshot(path=screens / "last.png", full_page=True)
+            browser.close()
+
+
+def shot(page: Page, screens, name: str) -> None:
+    page.screenshot(path=screens / f"{name}.png", full_page=True)
+
+
+def open_tab(page: Page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def chat_status(page: Page) -> str:
+    return page.locator("#chat-status").inner_text()
+
+
+def last_reply(page: Page) -> str:
+    replies = page.locator("#chatbot .message.bot")
+    return replies.last.inner_text() if replies.count() else ""
+
+
+def set_max_new_tokens(page: Page, value: int) -> None:
+    """Through the chat's Sampling accordion (the first on the page), as a user would."""
+    accordion = page.get_by_text("Sampling", exact=True).first
+    field = page.get_by_label("number input for max_new_tokens").first
+    if not field.is_visible():
+        accordion.click()
+    field.fill(str(value))
+    field.press("Tab")
+
+
+def send(page: Page, text: str) -> None:
+    box = page.locator("#chat-input textarea")
+    box.fill(text)
+    box.press("Enter")
+
+
+def test_1_app_loads_with_all_tabs(page, screens):
+    expect(page.get_by_role("tab", name="Chat", exact=True)).to_be_visible()
+    names = [tab.inner_text().strip() for tab in page.get_by_role("tab").all()]
+    assert set(TABS) <= set(names), names
+    expect(page.locator("#model-status")).to_contain_text("SmolLM2-135M-Instruct", timeout=30_000)
+    shot(page, screens, "1-loaded")
+
+
+def test_2_chat_reply_streams_in(page, screens):
+    open_tab(page, "Chat")
+    set_max_new_tokens(page, 40)
+    send(page, "Write three sentences about the sea.")
+    lengths = []
+    deadline = time.monotonic() + 60
+    while not chat_status(page).startswith("Done:"):
+        assert time.monotonic() < deadline, chat_status(page)
+        text = last_reply(page)
+        if text and (not lengths or len(text) != lengths[-1]):
+            lengths.append(len(text))
+        time.sleep(0.2)  # gentle polling: the browser and the model share the CPU
+    assert len(lengths) >= 3 and lengths == sorted(lengths), lengths  # it grew in steps: streamed
+    assert "tok/s" in last_reply(page)  # the stats line under the finished reply
+    shot(page, screens, "2-chat-streamed")
+
+
+def test_3_stop_stops_the_reply(page, screens):
+    set_max_new_tokens(page, 1000)
+    send(page, "Write a very long story about a dragon and a knight, with many chapters.")
+    deadline = time.monotonic() + 60
+    while len(last_reply(page)) < 40 or "Generating" not in chat_status(page):
+        assert time.monotonic() < deadline, chat_status(page)
+        time.sleep(0.2)  # gentle polling: the browser and the model share the CPU
+    page.locator("#chat-stop").click()
+    expect(page.locator("#chat-status")).to_contain_text("cancelled", timeout=10_000)
+    shot(page, screens, "3-chat-stopped")
+
+
+def test_4_lab_run_and_csv_download(page, screens):
+    open_tab(page, "Sampling lab")
+    page.locator("#lab-prompt textarea").fill("Name a colour.")
+    page.locator("#lab-run").click()
+    expect(page.locator("#lab-status")).to_contain_text("Done: 2 of 2 settings", timeout=120_000)
+    link = page.locator("#lab-csv a").first
+    expect(link).to_be_visible()
+    with page.expect_download() as download_info:
+        link.click()
+    path = download_info.value.path()
+    rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+    assert len(rows) == 2 and {"temperature", "seed", "output"} <= set(rows[0])
+    assert all(row["output"] for row in rows)
+    shot(page, screens, "4-lab-done")
+
+
+def plotted_points(page: Page) -> int:
+    """Vertices of the memory plot's lines (Vega draws each as an SVG path: M x,y L x,y ...)."""
+    paths = page.locator("#memory-plot g.mark-line path")
+    return sum(len(re.findall(r"[ML]", path.get_attribute("d") or "")) for path in paths.all())
+
+
+def test_5_memory_plot_gains_points(page, screens):
+    open_tab(page, "GPU memory")
+    expect(page.locator("#memory-report")).to_contain_text("Process RSS")
+    deadline = time.monotonic() + 20
+    while plotted_points(page) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    before = plotted_points(page)
+    shot(page, screens, "5a-memory")
+    time.sleep(3.5)
+    after = plotted_points(page)
+    assert after > before, (before, after)
+    shot(page, screens, "5b-memory-later")
+
+
+def test_6_invalid_input_shows_its_message(page, screens):
+    open_tab(page, "Chat")
+    send(page, "   ")
+    expect(page.locator("#chat-status")).to_contain_text("The message is empty")
+    expect(page.get_by_text("Type a message first.")).to_be_visible()  # the warning toast
+    shot(page, screens, "6-invalid-input")

@@ -1,0 +1,236 @@
+"""The chat and lab store (playground/storage.py): schema, saving, undo/regenerate, export/import, threads."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+import threading
+
+import pytest
+
+from playground.storage import (
+    EXPORT_FORMAT,
+    MAX_IMPORT_BYTES,
+    ImportFileError,
+    LabCell,
+    Storage,
+    StorageError,
+    default_data_dir,
+    parse_chat_export,
+    read_chat_file,
+)
+
+
+@pytest.fixture()
+def store(tmp_path):
+    storage = Storage(tmp_path / "data")
+    yield storage
+    storage.close()
+
+
+def roles_and_texts(store, chat_id):
+    return [(m.role, m.content) for m in store.load_chat(chat_id).messages]
+
+
+def test_schema_and_wal(store):
+    db = sqlite3.connect(store.path)
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"chats", "messages", "lab_runs", "lab_cells"} <= tables
+    columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+    assert columns == {"chat_id", "position", "role", "content", "stats", "created"}
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+
+
+def test_default_data_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_data_dir() == tmp_path / "yuan-playground"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert default_data_dir().parts[-3:] == (".local", "share", "yuan-playground")
+
+
+def test_unusable_data_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StorageError, match="cannot open the data folder"):
+        Storage(blocker / "data")
+
+
+def test_chat_save_load_and_title(store, tmp_path):
+    chat_id = store.create_chat(model="tiny", system_prompt="Be brief.")
+    store.put_message(chat_id, 0, "user", "What is\nthe capital of France?")
+    store.put_message(chat_id, 1, "assistant", "Paris.", stats={"new_tokens": 2, "summary": "2 tokens"})
+    # a second Storage on the same folder (a restarted server) sees everything
+    again = Storage(tmp_path / "data")
+    chat = again.load_chat(chat_id)
+    assert chat.title == "What is the capital of France?" and chat.model == "tiny"
+    assert chat.system_prompt == "Be brief."
+    assert [(m.role, m.content) for m in chat.messages] == [("user", "What is\nthe capital of France?"),
+                                                            ("assistant", "Paris.")]
+    assert chat.messages[1].stats == {"new_tokens": 2, "summary": "2 tokens"} and chat.messages[0].stats is None
+    assert again.load_chat("missing") is None
+    again.close()
+
+
+def test_chats_listed_most_recent_first(store):
+    first = store.create_chat()
+    second = store.create_chat()
+    store.put_message(first, 0, "user", "older chat, newer turn")
+    listed = store.list_chats()
+    assert [row["id"] for row in listed] == [first, second]
+    assert listed[0]["messages"] == 1 and listed[1]["messages"] == 0
+
+
+def test_undo_and_regenerate_semantics(store):
+    chat_id = store.create_chat()
+    for position, (role, text) in enumerate([("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")]):
+        store.put_message(chat_id, position, role, text)
+    store.truncate_chat(chat_id, 2)  # undo: the last user turn and its reply go
+    assert roles_and_texts(store, chat_id) == [("user", "a"), ("assistant", "b")]
+    store.put_message(chat_id, 1, "assistant", "b2")  # regenerate: the reply is replaced
+    assert roles_and_texts(store, chat_id) == [("user", "a"), ("assistant", "b2")]
+    store.put_message(chat_id, 2, "user", "e")
+    store.put_message(chat_id, 1, "assistant", "b3")  # writing at a position drops what came after it
+    assert roles_and_texts(store, chat_id) == [("user", "a"), ("assistant", "b3")]
+
+
+def test_bad_role_or_unknown_chat_is_refused(store):
+    chat_id = store.create_chat()
+    with pytest.raises(StorageError, match="role"):
+        store.put_message(chat_id, 0, "system", "x")
+    with pytest.raises(StorageError, match="no chat"):
+        store.put_message("nope", 0, "user", "x")
+    assert store.load_chat(chat_id).messages == []
+
+
+def test_lab_run_with_cells_and_csv(store):
+    cells = [LabCell(0, {"temperature": 0.0, "seed": 1}, "one", {"seed": 1, "new_tokens": 3, "finish_reason": "length",
+                                                                 "total_s": 0.5}),
+             LabCell(1, {"temperature": 1.2, "seed": 42}, "two, with \"quotes\"\nand a newline", None)]
+    run_id = store.save_lab_run("Write a haiku.", cells, model="tiny")
+    run = store.load_run(run_id)
+    assert run.prompt == "Write a haiku." and run.model == "tiny" and len(run.settings) == 2
+    assert [(c.setting_index, c.output) for c in run.cells] == [(0, "one"), (1, "two, with \"quotes\"\nand a newline")]
+    assert store.list_runs()[0] | {"created": None} == {"id": run_id, "created": None, "model": "tiny",
+                                                          "prompt": "Write a haiku.", "cells": 2}
+    rows = list(csv.DictReader(io.StringIO(store.export_runs_csv())))
+    assert [r["run_id"] for r in rows] == [run_id, run_id]
+    assert rows[0]["setting"] == "1" and rows[0]["new_tokens"] == "3" and rows[0]["temperature"] == "0.0"
+    assert rows[1]["output"] == "two, with \"quotes\"\nand a newline" and rows[1]["prompt"] == "Write a haiku."
+    with pytest.raises(StorageError, match="no lab run"):
+        store.export_runs_csv(["missing"])
+
+
+def test_export_import_round_trip(store, tmp_path):
+    chat_id = store.create_chat(model="tiny", system_prompt="sys")
+    store.put_message(chat_id, 0, "user", "héllo ✓")
+    store.put_message(chat_id, 1, "assistant", "hi", stats={"summary": "1 tokens"})
+    document = store.export_chats()
+    assert document["format"] == EXPORT_FORMAT and document["version"] == 1
+    text = json.dumps(document, ensure_ascii=False).encode("utf-8")
+
+    other = Storage(tmp_path / "other")
+    imported = other.import_chats(parse_chat_export(text))
+    assert imported == [chat_id]  # a free id is kept
+    chat = other.load_chat(chat_id)
+    assert [(m.role, m.content, m.stats) for m in chat.messages] == [("user", "héllo ✓", None),
+                                                                     ("assistant", "hi", {"summary": "1 tokens"})]
+    assert chat.system_prompt == "sys" and chat.title == "héllo ✓"
+    assert abs(chat.created - store.load_chat(chat_id).created) < 1
+    # importing the same file again gives a copy under a new id, never overwrites
+    again = other.import_chats(parse_chat_export(text))
+    assert again != [chat_id] and len(other.list_chats()) == 2
+    other.close()
+
+
+def test_minimal_import_needs_only_roles_and_content():
+    data = json.dumps({"format": EXPORT_FORMAT, "version": 1,
+                       "chats": [{"messages": [{"role": "user", "content": "Hi"}]},
+                                 {"id": "../../etc/passwd", "messages": []}]}).encode()
+    first, second = parse_chat_export(data)
+    assert first.title == "Hi" and first.messages[0].content == "Hi" and first.id == ""
+    assert second.id == ""  # an id that is not plain letters/digits gets a new one on import
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe\x00bad", "not UTF-8"),
+    (json.dumps({"chats": []}).encode(), "not a chat export"),
+    (json.dumps([1, 2]).encode(), "not a chat export"),
+    (json.dumps({"format": EXPORT_FORMAT, "version": 2, "chats": []}).encode(), "version 2 is not supported"),
+    (json.dumps({"format": EXPORT_FORMAT, "version": 1, "chats": {}}).encode(), "must be a list"),
+    (json.dumps({"format": EXPORT_FORMAT, "version": 1, "chats": []}).encode(), "holds no chats"),
+    (json.dumps({"format": EXPORT_FORMAT, "version": 1, "chats": [{"messages": [
+        {"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}]}).encode(),
+     "chat 1, message 2: \"role\" must be \"user\" or \"assistant\""),
+    (json.dumps({"format": EXPORT_FORMAT, "version": 1, "chats": [{"messages": [
+        {"role": "user", "content": 5}]}]}).encode(), "'content' must be text"),
+    (json.dumps({"format": EXPORT_FORMAT, "version": 1, "chats": [{"created": "yesterday", "messages": []}]}).encode(),
+     "ISO 8601"),
+    (b"[" * 100_000, "not valid JSON"),
+])
+def test_invalid_import_files_give_clear_messages(data, message):
+    with pytest.raises(ImportFileError, match=message.replace("(", r"\(")):
+        parse_chat_export(data)
+
+
+def test_oversize_file_refused_before_reading(tmp_path):
+    big = tmp_path / "big.json"
+    with open(big, "wb") as handle:
+        handle.truncate(MAX_IMPORT_BYTES + 1)
+    with pytest.raises(ImportFileError, match="up to 10 MB"):
+        read_chat_file(big)
+    with pytest.raises(ImportFileError, match="up to 10 MB"):
+        parse_chat_export(b" " * (MAX_IMPORT_BYTES + 1))
+
+
+def test_failed_import_stores_nothing(store):
+    good = {"messages": [{"role": "user", "content": "fine"}]}
+    bad = {"messages": [{"role": "robot", "content": "no"}]}
+    with pytest.raises(ImportFileError):
+        store.import_chats(parse_chat_export(json.dumps(
+            {"format": EXPORT_FORMAT, "version": 1, "chats": [good, bad]}).encode()))
+    assert store.list_chats() == []
+
+
+def test_two_threads_writing_at_once(store):
+    chats = [store.create_chat(), store.create_chat()]
+    errors = []
+
+    def write(chat_id, label):
+        try:
+            for position in range(60):
+                store.put_message(chat_id, position, "user" if position % 2 == 0 else "assistant", f"{label}{position}")
+                if position % 10 == 0:
+                    store.save_lab_run(label, [LabCell(0, {"seed": position}, "out")])
+        except Exception as exc:  # collected so the test names it instead of a thread dying quietly
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(chat_id, label)) for chat_id, label in zip(chats, "ab")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for chat_id, label in zip(chats, "ab"):
+        assert [m.content for m in store.load_chat(chat_id).messages] == [f"{label}{i}" for i in range(60)]
+    assert len(store.list_runs()) == 12
+
+
+def test_chat_tab_saves_turns_and_drops_emptied_chats(store, monkeypatch):
+    from playground.manager import get_manager
+    from playground.ui.chat_tab import forget_turns, save_turn
+
+    monkeypatch.setattr(get_manager(), "storage", store)
+    chat_id = save_turn(None, [], "user", "first", system_prompt="sys")
+    assert save_turn(chat_id, [{"role": "user", "content": "first"}], "assistant", "reply",
+                     stats={"summary": "1 tokens", "model": "tiny"}) == chat_id
+    chat = store.load_chat(chat_id)
+    assert chat.model == "tiny" and chat.system_prompt == "sys" and len(chat.messages) == 2
+    assert forget_turns(chat_id, 1) == chat_id and roles_and_texts(store, chat_id) == [("user", "first")]
+    assert forget_turns(chat_id, 0) is None and store.list_chats() == []  # an emptied chat is not kept
+    db = sqlite3.connect(store.path)
+    assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0  # its messages went with it
+    db.close()
