@@ -28,7 +28,7 @@ run: install
 CHROMIUM := /usr/bin/chromium
 
 $(CHROMIUM):
-	apt-get update && apt-get install -y chromium
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
 test: install $(CHROMIUM)
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
