@@ -26,6 +26,10 @@ class Settings:
     data_dir: str | None = None  # where chats and lab runs are saved; None: nothing is saved
     auth: list[tuple[str, str]] | None = None  # when set, the browser UI asks for one of these logins
     models_root: str | None = None  # the UI may load models only from folders under this one
+    backend: str = "local"  # "openai": serve a remote OpenAI-compatible engine at base_url instead
+    base_url: str | None = None
+    remote_api_key: str | None = None  # the remote engine's key (api_key protects this server's own API)
+    remote_model: str | None = None  # None: the first model the remote engine lists
 
 
 def _env_flag(name: str) -> bool:
@@ -110,7 +114,19 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         default=env.get("PLAYGROUND_DATA_DIR") or str(default_data_dir()),
                         help="folder where chats and sampling-lab runs are saved (SQLite); "
                              f"default: {default_data_dir()} [PLAYGROUND_DATA_DIR]")
+    parser.add_argument("--backend", default=env.get("PLAYGROUND_BACKEND", "local"), choices=["local", "openai"],
+                        help="local: load the model here; openai: put the playground in front of a remote "
+                             "OpenAI-compatible engine (vLLM, ...) at --base-url [PLAYGROUND_BACKEND]")
+    parser.add_argument("--base-url", default=env.get("PLAYGROUND_BASE_URL") or None, metavar="URL",
+                        help="the remote engine's API root, e.g. http://127.0.0.1:8000/v1 [PLAYGROUND_BASE_URL]")
+    parser.add_argument("--remote-api-key", default=env.get("PLAYGROUND_REMOTE_API_KEY") or None, metavar="KEY",
+                        help="the key the remote engine asks for (not --api-key, which protects this server) "
+                             "[PLAYGROUND_REMOTE_API_KEY]")
+    parser.add_argument("--remote-model", default=env.get("PLAYGROUND_REMOTE_MODEL") or None, metavar="NAME",
+                        help="the remote engine's model to use; default: the first it lists [PLAYGROUND_REMOTE_MODEL]")
     args = parser.parse_args(argv)
+    if args.backend == "openai" and not args.base_url:
+        parser.error("--backend openai needs --base-url (or PLAYGROUND_BASE_URL)")
     args.model = resolve_hub_model(args.model)
     try:
         logins = ([parse_login(args.auth, "--auth")] if args.auth else []) + (

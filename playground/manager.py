@@ -450,6 +450,52 @@ class ModelManager:
             load_time_s=0.0, context_length=context, has_experts=has_experts,
         )
 
+    def load_remote(self, base_url: str, api_key: str | None = None, model: str | None = None) -> dict[str, Any]:
+        """Serve a remote OpenAI-compatible engine instead of a local model; nothing is loaded here.
+
+        On failure (engine down, key refused, no such model) the error is kept in the status, naming the URL.
+        """
+        from playground.remote import RemoteEngine
+
+        if not self._load_lock.acquire(blocking=False):
+            raise LoadInProgressError("another model is loading; wait for it to finish")
+        started = time.perf_counter()
+        self._loading = {"model": base_url, "fraction": 0.0, "message": f"connecting to {base_url}"}
+        engine = RemoteEngine(base_url, api_key=api_key, model=model)
+        try:
+            engine.connect()
+            self._loaded = LoadedModel(
+                model=engine, tokenizer=None, chat_format=PlainChatFormat(), name=engine.model, kind="remote",
+                path=engine.base_url, device="remote", dtype="remote", parameters=0, memory_bytes=0,
+                load_time_s=time.perf_counter() - started, context_length=0,
+            )
+            self._last_error = None
+        except PlaygroundError as exc:
+            engine.close()
+            self._last_error = f"the remote engine at {base_url} is not usable: {exc}"
+            raise PlaygroundError(self._last_error) from None
+        finally:
+            self._loading = None
+            self._load_lock.release()
+        return self.status()
+
+    def remote_engine(self):
+        """The RemoteEngine when a remote engine is being served, else None."""
+        loaded = self._loaded
+        return loaded.model if loaded is not None and loaded.kind == "remote" else None
+
+    def unavailable_params(self) -> list[str]:
+        """Sampling fields the current engine cannot take (always none for a local model)."""
+        engine = self.remote_engine()
+        return engine.unavailable_params() if engine else []
+
+    def require_local(self, what: str) -> LoadedModel:
+        """The loaded model, when it is local; `what` needs its tokenizer or weights."""
+        loaded = self.require_model()
+        if loaded.kind == "remote":
+            raise PlaygroundError(f"{what} needs a local model; the model {loaded.name} is remote ({loaded.path})")
+        return loaded
+
     def unload(self) -> None:
         self._loaded = None
         _free_device_memory()
@@ -482,6 +528,9 @@ class ModelManager:
                 load_time_s=round(loaded.load_time_s, 2), context_length=loaded.context_length,
                 chat_format=loaded.chat_format.name, has_experts=loaded.has_experts,
             )
+            if loaded.kind == "remote":
+                info.update(base_url=loaded.path, remote_owner=loaded.model.owner,
+                            unavailable_params=loaded.model.unavailable_params())
         return info
 
     # ------------------------------------------------------------------------------------- generation
@@ -497,11 +546,11 @@ class ModelManager:
             return self._workers[device]
 
     def build_prompt(self, messages: list[dict[str, Any]]) -> str:
-        loaded = self.require_model()
+        loaded = self.require_local("building the prompt in the model's chat format")
         return loaded.chat_format.build_prompt(normalise_messages(messages))
 
     def count_tokens(self, text: str) -> int:
-        loaded = self.require_model()
+        loaded = self.require_local("counting tokens")
         return len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def cancel(self, owner: str) -> int:
@@ -535,8 +584,15 @@ class ModelManager:
         if logprobs is not None and not 0 <= int(logprobs) <= 20:
             raise ParameterError("logprobs must be between 0 and 20", field="logprobs")
         loaded = self.require_model()
-        text = loaded.chat_format.build_prompt(normalise_messages(messages)) if messages is not None else prompt
-        self._encode(loaded, text, params)  # bad input fails here, before it takes a place in the queue
+        if loaded.kind == "remote":
+            messages = normalise_messages(messages) if messages is not None else None
+            if messages is None and (not prompt or not prompt.strip()):
+                raise ParameterError("the prompt is empty", field="prompt")
+            loaded.model.request_fields(params)  # a field the engine cannot take fails here, before the queue
+            text = None
+        else:
+            text = loaded.chat_format.build_prompt(normalise_messages(messages)) if messages is not None else prompt
+            self._encode(loaded, text, params)  # bad input fails here, before it takes a place in the queue
         handle = handle or GenerationHandle(owner)
         with self._handles_lock:
             self._handles[handle.id] = handle
@@ -555,6 +611,11 @@ class ModelManager:
                 if position != last_position:
                     last_position = position
                     yield GenerationEvent("queued", position=position)
+            if loaded.kind == "remote":  # the queue still orders this playground's callers
+                yield from self._generate_remote(
+                    loaded, messages, prompt, params, handle, time.perf_counter() - queued_at, logprobs
+                )
+                return
             # The model may have been swapped while this caller waited: use the current one.
             if self.require_model() is not loaded:
                 loaded = self.require_model()
@@ -577,6 +638,55 @@ class ModelManager:
             if event.kind == "done":
                 return GenerationResult(text=event.text, stats=event.stats, tokens=tokens)
         raise PlaygroundError("generation ended without a result")  # pragma: no cover
+
+    def _generate_remote(self, loaded, messages, prompt, params, handle, queue_wait, logprobs) -> Iterator[GenerationEvent]:
+        """One reply from the remote engine, as the same events a local generation yields."""
+        from playground.remote import RemoteError
+
+        engine = loaded.model
+        stats = GenerationStats(queue_wait_s=queue_wait, seed=params.seed)
+        started = time.perf_counter()
+        first_at = last_at = None
+        text, deltas, reason = "", 0, None
+        items = engine.stream(messages, prompt, params, logprobs, handle.cancelled)
+        try:
+            for kind, value in items:
+                if kind == "delta":
+                    delta, token_dicts = value
+                    last_at = time.perf_counter()
+                    first_at = first_at or last_at
+                    deltas += max(1, len(token_dicts))
+                    text += delta
+                    tokens = [TokenInfo(id=-1, text=t["text"], logprob=t["logprob"],
+                                        top=[(-1, alt, lp) for alt, lp in t["top"]]) for t in token_dicts]
+                    yield GenerationEvent("delta", text=delta, tokens=tokens)
+                elif kind == "finish":
+                    reason = value
+                elif kind == "usage":
+                    stats.prompt_tokens = int(value.get("prompt_tokens") or 0)
+                    stats.new_tokens = int(value.get("completion_tokens") or 0)
+        except RemoteError as exc:
+            stats.finish_reason, stats.error = "error", str(exc)
+        except BaseException:  # the consumer went away: closing the generator closes the HTTP stream
+            handle.cancel()
+            items.close()
+            raise
+        finally:
+            items.close()
+        stats.total_s = time.perf_counter() - started
+        stats.new_tokens = stats.new_tokens or deltas
+        stats.time_to_first_token_s = (first_at - started) if first_at else None
+        if first_at and last_at and last_at > first_at and stats.new_tokens > 1:
+            stats.decode_tokens_per_s = (stats.new_tokens - 1) / (last_at - first_at)
+        if stats.finish_reason != "error":
+            if handle.cancelled.is_set():
+                stats.finish_reason = "cancelled"
+            elif reason is None:
+                stats.finish_reason, stats.error = "error", "the remote engine went away mid-reply"
+            else:
+                stats.finish_reason = "length" if reason == "length" else "stop"
+        self.generations_done += 1
+        yield GenerationEvent("done", text=text, stats=stats)
 
     def _generate(self, loaded, text, params, handle, queue_wait, logprobs, capture_routing) -> Iterator[GenerationEvent]:
         model, tokenizer, chat_format = loaded.model, loaded.tokenizer, loaded.chat_format
@@ -710,7 +820,7 @@ class ModelManager:
         """
         if (messages is None) == (prompt is None):
             raise ParameterError("give either messages or a prompt")
-        loaded = self.require_model()
+        loaded = self.require_local("the next-token explorer")
         text = loaded.chat_format.build_prompt(normalise_messages(messages)) if messages is not None else prompt
         input_ids = self._encode(loaded, text, SamplingParams(max_new_tokens=1))
         handle = GenerationHandle(owner)

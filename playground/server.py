@@ -24,7 +24,10 @@ def load_in_background(settings: Settings) -> threading.Thread:
 
     def load():
         try:
-            get_manager().load(settings.model, device=settings.device, dtype=settings.dtype)
+            if settings.backend == "openai":
+                get_manager().load_remote(settings.base_url, settings.remote_api_key, settings.remote_model)
+            else:
+                get_manager().load(settings.model, device=settings.device, dtype=settings.dtype)
         except PlaygroundError:
             pass  # the status line and /healthz show the error; the server stays up
 

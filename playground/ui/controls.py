@@ -35,7 +35,29 @@ def sampling_controls(defaults: SamplingParams | None = None, open: bool = False
             max_new_tokens = gr.Slider(1, 2048, value=d.max_new_tokens, step=1, label="max_new_tokens")
             seed = gr.Number(value=d.seed, precision=0, label="seed", info="empty: a new random seed each time")
         stop = gr.Textbox(value="\n".join(d.stop), lines=2, label="stop strings", info="one per line; \\n means a newline")
-    return [temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat, max_new_tokens, seed, stop]
+    controls = [temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat, max_new_tokens, seed, stop]
+    mark_unavailable_controls(controls)
+    return controls
+
+
+def mark_unavailable_controls(controls: list[gr.components.Component]) -> None:
+    """Once the model is ready, grey out the fields its engine cannot take (a remote engine may lack some)."""
+    from playground.manager import get_manager
+
+    check = gr.Timer(1.0)
+
+    def mark():
+        manager = get_manager()
+        if manager.status()["state"] != "ready":
+            return [gr.update() for _ in controls] + [gr.Timer(active=True)]
+        missing = set(manager.unavailable_params())
+        updates = [
+            gr.update(interactive=False, info="not available on the remote engine") if name in missing else gr.update()
+            for name in PARAM_FIELDS
+        ]
+        return updates + [gr.Timer(active=False)]  # checked once per page
+
+    check.tick(mark, None, [*controls, check], api_name=False, queue=False, show_progress="hidden")
 
 
 def params_from_controls(values: list[Any] | tuple[Any, ...]) -> SamplingParams:

@@ -40,12 +40,40 @@ def memory_report() -> str:
             f"(peak {inside.peak_allocated_mib:.0f} MiB), reserved **{inside.reserved_mib:.0f} MiB**"
         )
     status = manager.status()
-    if status.get("name"):
+    engine = manager.remote_engine()
+    if engine is not None:
+        lines.append(remote_report(status, engine.metrics()))
+    elif status.get("name"):
         lines.append(
             f"Model **{status['name']}** ({status['kind']}, {status['dtype']} on {status['device']}): "
             f"{status['memory_mib']:.0f} MiB of weights"
         )
     return "\n".join(lines)
+
+
+# vLLM's metric names (older releases say gpu_cache, newer kv_cache) and how they read.
+REMOTE_METRICS = [
+    ("vllm:kv_cache_usage_perc", "KV cache used", "percent"),
+    ("vllm:gpu_cache_usage_perc", "KV cache used", "percent"),
+    ("vllm:num_requests_running", "requests running", "count"),
+    ("vllm:num_requests_waiting", "requests waiting", "count"),
+]
+
+
+def remote_report(status: dict, metrics: dict[str, float] | None) -> str:
+    """The remote engine's own figures when it serves Prometheus metrics; the figures above are this process's."""
+    head = (f"Model **{status['name']}** is remote ({status['base_url']}); "
+            "the figures above are this playground's process only.")
+    if not metrics:
+        return head + " The remote engine serves no metrics."
+    parts, shown = [], set()
+    for name, words, unit in REMOTE_METRICS:
+        if name in metrics and words not in shown:
+            shown.add(words)
+            value = metrics[name]
+            parts.append(f"{words} **{value * 100:.1f}%**" if unit == "percent" else f"{words} **{value:.0f}**")
+    return head + (" Remote engine: " + " · ".join(parts) if parts else " The remote engine's metrics name no "
+                   "KV cache or request figures.")
 
 
 def memory_tick():
