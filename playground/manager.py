@@ -589,10 +589,10 @@ class ModelManager:
             if messages is None and (not prompt or not prompt.strip()):
                 raise ParameterError("the prompt is empty", field="prompt")
             loaded.model.request_fields(params)  # a field the engine cannot take fails here, before the queue
-            text = None
+            input_ids = None
         else:
             text = loaded.chat_format.build_prompt(normalise_messages(messages)) if messages is not None else prompt
-            self._encode(loaded, text, params)  # bad input fails here, before it takes a place in the queue
+            input_ids = self._encode(loaded, text, params)  # bad input fails here, before it takes a place in the queue
         handle = handle or GenerationHandle(owner)
         with self._handles_lock:
             self._handles[handle.id] = handle
@@ -621,8 +621,9 @@ class ModelManager:
                 loaded = self.require_model()
                 if messages is not None:
                     text = loaded.chat_format.build_prompt(normalise_messages(messages))
+                input_ids = self._encode(loaded, text, params)
             yield from self._generate(
-                loaded, text, params, handle, time.perf_counter() - queued_at, logprobs, capture_routing
+                loaded, input_ids, params, handle, time.perf_counter() - queued_at, logprobs, capture_routing
             )
         finally:
             handle.cancel()  # no-op after a normal end; stops a generation whose consumer went away
@@ -688,9 +689,9 @@ class ModelManager:
         self.generations_done += 1
         yield GenerationEvent("done", text=text, stats=stats)
 
-    def _generate(self, loaded, text, params, handle, queue_wait, logprobs, capture_routing) -> Iterator[GenerationEvent]:
+    def _generate(self, loaded, input_ids, params, handle, queue_wait, logprobs, capture_routing) -> Iterator[GenerationEvent]:
         model, tokenizer, chat_format = loaded.model, loaded.tokenizer, loaded.chat_format
-        input_ids = self._encode(loaded, text, params).to(loaded.device)
+        input_ids = input_ids.to(loaded.device)  # encoded (and checked) before the caller joined the queue
         attention_mask = torch.ones_like(input_ids)
         prompt_tokens = int(input_ids.shape[1])
         seed = params.seed if params.seed is not None else random.randrange(2**32)
