@@ -30,6 +30,23 @@ class Settings:
     base_url: str | None = None
     remote_api_key: str | None = None  # the remote engine's key (api_key protects this server's own API)
     remote_model: str | None = None  # None: the first model the remote engine lists
+    remote_timeout: float = 120.0  # seconds the remote may stay silent before a reply fails
+    remote_concurrency: int = 16  # this playground's requests the remote gets at once (it batches them)
+    remote_chat_format: str = "auto"  # server: its chat template; yuan: the prompt is built here (auto: by model)
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _env_flag(name: str) -> bool:
@@ -124,6 +141,19 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                              "[PLAYGROUND_REMOTE_API_KEY]")
     parser.add_argument("--remote-model", default=env.get("PLAYGROUND_REMOTE_MODEL") or None, metavar="NAME",
                         help="the remote engine's model to use; default: the first it lists [PLAYGROUND_REMOTE_MODEL]")
+    parser.add_argument("--remote-timeout", type=_positive(float), metavar="SECONDS",
+                        default=env.get("PLAYGROUND_REMOTE_TIMEOUT", "120"),
+                        help="how long the remote may stay silent (first token included) before a reply fails "
+                             "[PLAYGROUND_REMOTE_TIMEOUT]")
+    parser.add_argument("--remote-concurrency", type=_positive(int), metavar="N",
+                        default=env.get("PLAYGROUND_REMOTE_CONCURRENCY", "16"),
+                        help="how many requests the remote gets at once (it batches them); the rest wait in this "
+                             "playground's queue in order [PLAYGROUND_REMOTE_CONCURRENCY]")
+    parser.add_argument("--remote-chat-format", choices=["auto", "server", "yuan"],
+                        default=env.get("PLAYGROUND_REMOTE_CHAT_FORMAT", "auto"),
+                        help="server: the remote's chat endpoint and template; yuan: build Yuan2's prompt here and "
+                             "use /v1/completions (the release's vLLM fork has no chat template); auto: yuan for a "
+                             "Yuan model on vLLM, else server [PLAYGROUND_REMOTE_CHAT_FORMAT]")
     args = parser.parse_args(argv)
     if args.backend == "openai" and not args.base_url:
         parser.error("--backend openai needs --base-url (or PLAYGROUND_BASE_URL)")

@@ -72,6 +72,8 @@ class GenerationStats:
     finish_reason: str = "stop"  # stop, length, cancelled, error
     seed: int | None = None
     error: str | None = None
+    # Who failed: None (this process), "remote" (the remote engine) or "remote-timeout" (it stayed silent).
+    error_source: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,12 +157,28 @@ class GenerationHandle:
 
 
 class FifoGate:
-    """One generation at a time, served strictly in arrival order."""
+    """`slots` generations at a time (one for a local model), served strictly in arrival order."""
 
-    def __init__(self):
+    def __init__(self, slots: int = 1):
         self._cond = threading.Condition()
         self._waiting: deque[GenerationHandle] = deque()
-        self.running: GenerationHandle | None = None
+        self._running: list[GenerationHandle] = []
+        self.slots = slots
+
+    @property
+    def running(self) -> GenerationHandle | None:
+        """The earliest of the running generations, or None."""
+        with self._cond:
+            return self._running[0] if self._running else None
+
+    def running_count(self) -> int:
+        with self._cond:
+            return len(self._running)
+
+    def set_slots(self, slots: int) -> None:
+        with self._cond:
+            self.slots = max(1, int(slots))
+            self._cond.notify_all()
 
     def join(self, handle: GenerationHandle) -> None:
         with self._cond:
@@ -169,7 +187,7 @@ class FifoGate:
     def position(self, handle: GenerationHandle) -> int:
         """0 while running; 1 when next in line, 2 when one caller waits ahead, ...; -1 when gone."""
         with self._cond:
-            if self.running is handle:
+            if handle in self._running:
                 return 0
             try:
                 return self._waiting.index(handle) + 1
@@ -180,17 +198,18 @@ class FifoGate:
         """Block until it is this handle's turn (True) or `timeout` passes (False)."""
         with self._cond:
             ok = self._cond.wait_for(
-                lambda: self.running is None and self._waiting and self._waiting[0] is handle, timeout
+                lambda: len(self._running) < self.slots and self._waiting and self._waiting[0] is handle, timeout
             )
             if ok:
                 self._waiting.popleft()
-                self.running = handle
+                self._running.append(handle)
+                self._cond.notify_all()  # the next in line may have a free slot too
             return ok
 
     def leave(self, handle: GenerationHandle) -> None:
         with self._cond:
-            if self.running is handle:
-                self.running = None
+            if handle in self._running:
+                self._running.remove(handle)
             else:
                 try:
                     self._waiting.remove(handle)
@@ -299,6 +318,12 @@ class DeviceWorker:
         return done
 
 
+def _close_remote(loaded: "LoadedModel | None") -> None:
+    """Close a remote engine's connections once it is no longer the current model."""
+    if loaded is not None and loaded.kind == "remote":
+        loaded.model.close()
+
+
 def _free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -356,6 +381,7 @@ class ModelManager:
             report(1.0, "ready")
             previous, self._loaded = self._loaded, loaded
             self._last_error = None
+            _close_remote(previous)
             del previous  # a running generation keeps its own reference until it ends
             _free_device_memory()
         except Exception as exc:
@@ -450,34 +476,67 @@ class ModelManager:
             load_time_s=0.0, context_length=context, has_experts=has_experts,
         )
 
-    def load_remote(self, base_url: str, api_key: str | None = None, model: str | None = None) -> dict[str, Any]:
+    def load_remote(self, base_url: str, api_key: str | None = None, model: str | None = None,
+                    timeout_s: float | None = None, concurrency: int | None = None,
+                    chat_format: str = "auto") -> dict[str, Any]:
         """Serve a remote OpenAI-compatible engine instead of a local model; nothing is loaded here.
 
-        On failure (engine down, key refused, no such model) the error is kept in the status, naming the URL.
+        `concurrency`: how many of this playground's requests the engine gets at once (it batches them); the rest
+        wait in this playground's queue, in order. On failure (engine down, key refused, no such model) the error
+        is kept in the status, naming the URL, and raised: RemoteUnreachable when trying again later may work.
         """
-        from playground.remote import RemoteEngine
+        from playground.remote import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, RemoteEngine, RemoteUnreachable
 
         if not self._load_lock.acquire(blocking=False):
             raise LoadInProgressError("another model is loading; wait for it to finish")
         started = time.perf_counter()
         self._loading = {"model": base_url, "fraction": 0.0, "message": f"connecting to {base_url}"}
-        engine = RemoteEngine(base_url, api_key=api_key, model=model)
         try:
-            engine.connect()
+            engine = RemoteEngine(base_url, api_key=api_key, model=model,
+                                  timeout_s=timeout_s or DEFAULT_TIMEOUT_S,
+                                  concurrency=concurrency or DEFAULT_CONCURRENCY, chat_format=chat_format)
+            try:
+                engine.connect()
+            except PlaygroundError as exc:
+                engine.close()
+                self._last_error = f"the remote engine at {base_url} is not usable: {exc}"
+                kind = RemoteUnreachable if isinstance(exc, RemoteUnreachable) else PlaygroundError
+                raise kind(self._last_error) from None
+            previous = self._loaded
+            self._gate("remote").set_slots(engine.concurrency)
             self._loaded = LoadedModel(
-                model=engine, tokenizer=None, chat_format=PlainChatFormat(), name=engine.model, kind="remote",
-                path=engine.base_url, device="remote", dtype="remote", parameters=0, memory_bytes=0,
-                load_time_s=time.perf_counter() - started, context_length=0,
+                model=engine, tokenizer=None, chat_format=engine.local_format or PlainChatFormat(),
+                name=engine.model, kind="remote", path=engine.base_url, device="remote", dtype="remote",
+                parameters=0, memory_bytes=0, load_time_s=time.perf_counter() - started, context_length=0,
             )
             self._last_error = None
-        except PlaygroundError as exc:
-            engine.close()
-            self._last_error = f"the remote engine at {base_url} is not usable: {exc}"
-            raise PlaygroundError(self._last_error) from None
+            _close_remote(previous)
         finally:
             self._loading = None
             self._load_lock.release()
         return self.status()
+
+    def keep_connecting_remote(self, base_url: str, *, first_delay_s: float = 1.0, max_delay_s: float = 30.0,
+                               **kwargs) -> bool:
+        """`load_remote` until it works, waiting longer after each unreachable try (an engine still starting up:
+        vLLM takes minutes to load a model). Stops on an error that waiting cannot fix (a refused key, no such
+        model) or once some model has been loaded another way. Returns whether the engine is now served."""
+        from playground.remote import RemoteUnreachable
+
+        delay = first_delay_s
+        while self._loaded is None:
+            try:
+                self.load_remote(base_url, **kwargs)
+                return True
+            except RemoteUnreachable:
+                self._last_error = f"{self._last_error}; trying again in {delay:.0f} s"
+            except LoadInProgressError:
+                pass  # a load from the model panel; check again after it
+            except PlaygroundError:
+                return False
+            time.sleep(delay)
+            delay = min(max_delay_s, delay * 2)
+        return False
 
     def remote_engine(self):
         """The RemoteEngine when a remote engine is being served, else None."""
@@ -497,7 +556,8 @@ class ModelManager:
         return loaded
 
     def unload(self) -> None:
-        self._loaded = None
+        previous, self._loaded = self._loaded, None
+        _close_remote(previous)
         _free_device_memory()
 
     @property
@@ -519,7 +579,7 @@ class ModelManager:
             "loading": dict(self._loading) if self._loading else None,
             "last_error": self._last_error,
             "queued": sum(g.queued() for g in self._gates.values()),
-            "running": sum(1 for g in self._gates.values() if g.running is not None),
+            "running": sum(g.running_count() for g in self._gates.values()),
         }
         if loaded:
             info.update(
@@ -642,13 +702,13 @@ class ModelManager:
 
     def _generate_remote(self, loaded, messages, prompt, params, handle, queue_wait, logprobs) -> Iterator[GenerationEvent]:
         """One reply from the remote engine, as the same events a local generation yields."""
-        from playground.remote import RemoteError
+        from playground.remote import RemoteError, RemoteTimeout
 
-        engine = loaded.model
+        engine, chat_format = loaded.model, loaded.chat_format
         stats = GenerationStats(queue_wait_s=queue_wait, seed=params.seed)
         started = time.perf_counter()
         first_at = last_at = None
-        text, deltas, reason = "", 0, None
+        raw, emitted, deltas, reason = "", "", 0, None
         items = engine.stream(messages, prompt, params, logprobs, handle.cancelled)
         try:
             for kind, value in items:
@@ -657,10 +717,17 @@ class ModelManager:
                     last_at = time.perf_counter()
                     first_at = first_at or last_at
                     deltas += max(1, len(token_dicts))
-                    text += delta
+                    raw += delta
                     tokens = [TokenInfo(id=-1, text=t["text"], logprob=t["logprob"],
                                         top=[(-1, alt, lp) for alt, lp in t["top"]]) for t in token_dicts]
-                    yield GenerationEvent("delta", text=delta, tokens=tokens)
+                    # A prompt format built here (Yuan's) comes back with its special tokens: clean as locally,
+                    # holding back a special token that is only half received.
+                    clean = chat_format.clean_output(raw)
+                    if _partial_special_token(raw, chat_format) or not clean.startswith(emitted):
+                        clean = emitted
+                    text, emitted = clean[len(emitted):], clean
+                    if text or tokens:
+                        yield GenerationEvent("delta", text=text, tokens=tokens)
                 elif kind == "finish":
                     reason = value
                 elif kind == "usage":
@@ -668,6 +735,7 @@ class ModelManager:
                     stats.new_tokens = int(value.get("completion_tokens") or 0)
         except RemoteError as exc:
             stats.finish_reason, stats.error = "error", str(exc)
+            stats.error_source = "remote-timeout" if isinstance(exc, RemoteTimeout) else "remote"
         except BaseException:  # the consumer went away: closing the generator closes the HTTP stream
             handle.cancel()
             items.close()
@@ -684,10 +752,15 @@ class ModelManager:
                 stats.finish_reason = "cancelled"
             elif reason is None:
                 stats.finish_reason, stats.error = "error", "the remote engine went away mid-reply"
+                stats.error_source = "remote"
             else:
                 stats.finish_reason = "length" if reason == "length" else "stop"
+        final = chat_format.clean_output(raw)
+        if final.startswith(emitted) and len(final) > len(emitted):  # what was held back, so deltas add up
+            yield GenerationEvent("delta", text=final[len(emitted):], tokens=[])
+            emitted = final
         self.generations_done += 1
-        yield GenerationEvent("done", text=text, stats=stats)
+        yield GenerationEvent("done", text=emitted, stats=stats)
 
     def _generate(self, loaded, input_ids, params, handle, queue_wait, logprobs, capture_routing) -> Iterator[GenerationEvent]:
         model, tokenizer, chat_format = loaded.model, loaded.tokenizer, loaded.chat_format
@@ -912,9 +985,14 @@ class ModelManager:
     def memory(self) -> MemorySampler:
         """The process's memory sampler (started on first use)."""
         if self._memory is None:
-            self._memory = MemorySampler()
+            self._memory = MemorySampler(remote_source=self._remote_metrics)
             self._memory.start()
         return self._memory
+
+    def _remote_metrics(self) -> dict[str, float] | None:
+        """The remote engine's Prometheus figures for the memory sampler; None for a local model."""
+        engine = self.remote_engine()
+        return engine.metrics() if engine is not None else None
 
 
 def _model_type(folder: Path) -> str | None:
@@ -933,6 +1011,14 @@ def _eos_ids(model, tokenizer) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
+
+
+def _partial_special_token(text: str, chat_format) -> bool:
+    """Whether the text ends inside a `<...>` special token of a format that writes them as text."""
+    if chat_format.skip_special_tokens:
+        return False
+    opening = text.rfind("<", max(0, len(text) - 16))
+    return opening >= 0 and ">" not in text[opening:]
 
 
 def _trim_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

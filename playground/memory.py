@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
@@ -40,6 +40,7 @@ class MemorySample:
     system_used_mib: float
     system_total_mib: float
     gpus: list[GpuReading] = field(default_factory=list)
+    remote: dict[str, float] | None = None  # a remote engine's Prometheus metrics, when it serves some
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,8 +115,10 @@ def torch_allocator(index: int) -> tuple[float | None, float | None]:
 class MemorySampler:
     """Samples memory every `interval` seconds into a ring buffer of the last `window` seconds."""
 
-    def __init__(self, interval: float = 1.0, window: float = 300.0, nvml_factory=NvmlReader):
+    def __init__(self, interval: float = 1.0, window: float = 300.0, nvml_factory=NvmlReader,
+                 remote_source: Callable[[], dict[str, float] | None] | None = None):
         self.interval = interval
+        self.remote_source = remote_source
         self.window = window
         self.pid = os.getpid()
         self._process = psutil.Process(self.pid)
@@ -170,6 +173,11 @@ class MemorySampler:
                         torch_reserved_mib=reserved,
                     )
                 )
+        if self.remote_source is not None:
+            try:
+                reading.remote = self.remote_source()
+            except Exception:  # an engine that cannot be read leaves this sample without its figures
+                reading.remote = None
         return reading
 
     def record(self) -> MemorySample:
@@ -235,3 +243,36 @@ class MemorySampler:
                 rows.append({"seconds": ago, "series": "process RSS", "MiB": s.process_rss_mib})
                 rows.append({"seconds": ago, "series": "system used", "MiB": s.system_used_mib})
         return pd.DataFrame(rows, columns=["seconds", "series", "MiB"])
+
+    def remote_frame(self):
+        """The remote engine's figures over time as a long DataFrame: seconds, series, value, unit.
+
+        vLLM names (older releases say gpu_cache, newer kv_cache); token rates come from the counters' growth
+        between samples.
+        """
+        import pandas as pd
+
+        samples = [s for s in self.history() if s.remote]
+        rows = []
+        now = time.time()
+        previous: MemorySample | None = None
+        for s in samples:
+            ago = round(s.time - now, 1)
+            metrics = s.remote
+            kv = metrics.get("vllm:kv_cache_usage_perc", metrics.get("vllm:gpu_cache_usage_perc"))
+            if kv is not None:
+                rows.append({"seconds": ago, "series": "KV cache used", "value": kv * 100, "unit": "%"})
+            for name, words in REMOTE_COUNTS:
+                if name in metrics:
+                    rows.append({"seconds": ago, "series": words, "value": metrics[name], "unit": "requests"})
+            if previous is not None and s.time > previous.time:
+                for name, words in REMOTE_RATES:
+                    if name in metrics and name in previous.remote and metrics[name] >= previous.remote[name]:
+                        rate = (metrics[name] - previous.remote[name]) / (s.time - previous.time)
+                        rows.append({"seconds": ago, "series": words, "value": rate, "unit": "tokens/s"})
+            previous = s
+        return pd.DataFrame(rows, columns=["seconds", "series", "value", "unit"])
+
+
+REMOTE_COUNTS = [("vllm:num_requests_running", "requests running"), ("vllm:num_requests_waiting", "requests waiting")]
+REMOTE_RATES = [("vllm:generation_tokens_total", "generated tokens/s"), ("vllm:prompt_tokens_total", "prompt tokens/s")]

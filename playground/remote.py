@@ -1,12 +1,16 @@
 """A remote OpenAI-compatible engine (vLLM, another playground, ...) behind the model manager.
 
-The manager keeps its queue and its events; only the tokens come from elsewhere, over HTTP streaming.
+The manager keeps its queue and its events; only the tokens come from elsewhere, over HTTP streaming. Streams run
+on one asyncio loop per engine so that a stop can cancel a request while it waits for the remote's next byte (a
+blocking read could not be interrupted), which also closes the connection and lets the engine drop the request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import time
+import queue
+import threading
 from typing import Any, Iterator
 
 import httpx
@@ -20,13 +24,28 @@ EXTENSIONS_BY_OWNER = {
     "yuan-playground": {"top_k", "min_p", "repetition_penalty"},  # what its /v1 request schema accepts
 }
 EXTENSION_FIELDS = ["top_k", "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size"]
-CONNECT_TRIES = 3  # connection errors before any token: retried with back-off, a few times only
+# Before any token arrives a request can be sent again safely: a refused connection, or an engine that says it
+# is overloaded or restarting. A few tries only, with back-off; Retry-After is honoured up to a cap.
+RETRIES = 2
 BACKOFF_S = 0.5
-TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=10.0)
+RETRY_AFTER_CAP_S = 10.0
+RETRY_STATUSES = {429, 502, 503, 504}
+DEFAULT_TIMEOUT_S = 120.0  # the longest the remote may stay silent (first token included) before giving up
+DEFAULT_CONCURRENCY = 16
+CANCEL_POLL_S = 0.1
+CHAT_FORMATS = ("auto", "server", "yuan")
 
 
 class RemoteError(PlaygroundError):
     """The remote engine failed; the message says how, in words."""
+
+
+class RemoteUnreachable(RemoteError):
+    """The engine could not be reached or did not answer in time; trying again later may work."""
+
+
+class RemoteTimeout(RemoteUnreachable):
+    """The engine stayed silent for longer than the timeout."""
 
 
 def metrics_url(base_url: str) -> str:
@@ -54,12 +73,41 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return values
 
 
+def _local_format(name: str):
+    """A prompt format built here and sent to /v1/completions (for engines without a chat template)."""
+    if name == "yuan":
+        from playground.models.yuan.prompt import YuanChatFormat
+        from playground.models.yuan.tokenization_yuan import EOD_TOKEN
+
+        chat_format = YuanChatFormat()
+        chat_format.stop_strings = [EOD_TOKEN]
+        return chat_format
+    return None
+
+
 class RemoteEngine:
     def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None,
-                 timeout: httpx.Timeout = TIMEOUT):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, concurrency: int = DEFAULT_CONCURRENCY,
+                 chat_format: str = "auto"):
+        if chat_format not in CHAT_FORMATS:
+            raise ParameterError(f"unknown remote chat format {chat_format!r}; use {', '.join(CHAT_FORMATS)}",
+                                 field="remote_chat_format")
         self.base_url = base_url.rstrip("/")
+        self.timeout_s = float(timeout_s)
+        self.concurrency = max(1, int(concurrency))
+        self.requested_chat_format = chat_format
+        self.chat_format = "server"
+        self.local_format = None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        timeout = httpx.Timeout(connect=5.0, read=self.timeout_s, write=30.0, pool=self.timeout_s)
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)  # short calls
+        self._aclient = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, timeout=timeout,
+            limits=httpx.Limits(max_connections=self.concurrency + 2, max_keepalive_connections=self.concurrency),
+        )
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="remote-http", daemon=True)
+        self._loop_thread.start()
         self.requested_model = model
         self.model = model or ""
         self.owner = ""
@@ -71,11 +119,16 @@ class RemoteEngine:
         try:
             response = self.client.get("/models")
         except httpx.TimeoutException:
-            raise RemoteError(f"the remote engine at {self.base_url} did not answer in time") from None
+            raise RemoteTimeout(f"the remote engine at {self.base_url} did not answer in time") from None
         except httpx.HTTPError as exc:
-            raise RemoteError(f"cannot reach the remote engine at {self.base_url}: {exc}") from None
+            raise RemoteUnreachable(f"cannot reach the remote engine at {self.base_url}: {exc}") from None
+        if response.status_code in RETRY_STATUSES:
+            raise RemoteUnreachable(f"the remote engine at {self.base_url} is not ready ({response.status_code})")
         self._raise_for_status(response)
-        models = response.json().get("data") or []
+        try:
+            models = response.json().get("data") or []
+        except (ValueError, AttributeError):
+            raise RemoteError(f"{self.base_url}/models did not answer with an OpenAI model list") from None
         if not models:
             raise RemoteError(f"the remote engine at {self.base_url} serves no model")
         chosen = next((m for m in models if m.get("id") == self.requested_model), None) if self.requested_model \
@@ -85,16 +138,25 @@ class RemoteEngine:
             raise RemoteError(f"the remote engine serves {names}, not {self.requested_model!r}")
         self.model = chosen["id"]
         self.owner = str(chosen.get("owned_by") or "")
+        self.chat_format = self._choose_chat_format()
+        self.local_format = _local_format(self.chat_format)
+
+    def _choose_chat_format(self) -> str:
+        if self.requested_chat_format != "auto":
+            return self.requested_chat_format
+        # The Yuan2-M32 release's vLLM fork has no chat template (its chat endpoint refuses every request), so
+        # a Yuan model on vLLM gets its prompt built here and sent to /v1/completions.
+        return "yuan" if self.owner == "vllm" and "yuan" in self.model.lower() else "server"
 
     def _raise_for_status(self, response: httpx.Response) -> None:
-        if response.status_code == 401 or response.status_code == 403:
+        if response.status_code in (401, 403):
             raise RemoteError("the remote engine refused the API key (--remote-api-key)")
         if response.status_code >= 400:
-            try:
-                detail = response.json().get("error", {}).get("message") or response.text
-            except ValueError:
-                detail = response.text
-            raise RemoteError(f"the remote engine answered {response.status_code}: {detail[:500]}")
+            detail = _error_detail(response)
+            hint = ""
+            if "template" in detail.lower():
+                hint = " (an engine without a chat template needs --remote-chat-format, e.g. yuan)"
+            raise RemoteError(f"the remote engine answered {response.status_code}: {detail[:500]}{hint}")
 
     def extensions(self) -> set[str]:
         return EXTENSIONS_BY_OWNER.get(self.owner, set())
@@ -103,64 +165,118 @@ class RemoteEngine:
         return [name for name in EXTENSION_FIELDS if name not in self.extensions()]
 
     def request_fields(self, params: SamplingParams) -> dict[str, Any]:
-        """SamplingParams -> the API's fields; a non-default value the engine cannot take is an error."""
+        """SamplingParams -> the API's fields; a non-default value the engine cannot take is an error.
+
+        Extensions the engine takes are always sent, so it applies what the controls show rather than its own
+        defaults (vLLM's top_k default is off, the playground's is 50).
+        """
         body: dict[str, Any] = {"temperature": params.temperature, "top_p": params.top_p,
                                 "max_tokens": params.max_new_tokens}
         if params.seed is not None:
             body["seed"] = params.seed
         if params.stop:
-            body["stop"] = params.stop
+            body["stop"] = list(params.stop)
         defaults = SamplingParams()
         for name in EXTENSION_FIELDS:
             value = getattr(params, name)
-            if value == getattr(defaults, name):
-                continue  # defaults are not sent: the engine applies its own
-            if name not in self.extensions():
+            if name in self.extensions():
+                body[name] = -1 if (name == "top_k" and value == 0 and self.owner == "vllm") else value  # vLLM: -1 is off
+            elif value != getattr(defaults, name):
                 raise ParameterError(
                     f"{name} is not available on the remote engine ({self.owner or 'unknown'}); "
                     f"set it back to {getattr(defaults, name)}", field=name,
                 )
-            body[name] = value
         return body
+
+    def build_request(self, messages: list[dict[str, Any]] | None, prompt: str | None, params: SamplingParams,
+                      logprobs: int | None) -> tuple[str, dict[str, Any], bool]:
+        """(path, JSON body, chat-shaped answer?) for one streamed request."""
+        body = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
+                **self.request_fields(params)}
+        if messages is not None and self.local_format is None:
+            body["messages"] = messages
+            if logprobs is not None:
+                body["logprobs"], body["top_logprobs"] = True, logprobs
+            return "/chat/completions", body, True
+        if messages is not None:
+            prompt = self.local_format.build_prompt(messages)
+        body["prompt"] = prompt
+        if logprobs is not None:
+            body["logprobs"] = logprobs
+        if self.local_format is not None:
+            body["stop"] = [*body.get("stop", []), *self.local_format.stop_strings]
+            if self.owner == "vllm":
+                body["skip_special_tokens"] = False  # Yuan writes line breaks as the special token <n>
+        return "/completions", body, False
 
     # -------------------------------------------------------------------------------------- streaming
 
     def stream(self, messages: list[dict[str, Any]] | None, prompt: str | None, params: SamplingParams,
-               logprobs: int | None, cancelled) -> Iterator[tuple[str, Any]]:
+               logprobs: int | None, cancelled: threading.Event) -> Iterator[tuple[str, Any]]:
         """Yield ("delta", (text, [token dicts])) then ("usage", dict) / ("finish", reason) from one streamed request.
 
-        Token dicts: {"text", "logprob", "top": [(text, logprob)]}. Raises RemoteError on failure.
+        Token dicts: {"text", "logprob", "top": [(text, logprob)]}. Raises RemoteError on failure. Setting
+        `cancelled` (or closing the iterator) ends the request within CANCEL_POLL_S, even while the remote is silent.
         """
-        body = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
-                **self.request_fields(params)}
-        if messages is not None:
-            path, body["messages"] = "/chat/completions", messages
-            if logprobs is not None:
-                body["logprobs"], body["top_logprobs"] = True, logprobs
-        else:
-            path, body["prompt"] = "/completions", prompt
-            if logprobs is not None:
-                body["logprobs"] = logprobs
-        received = False
-        for attempt in range(CONNECT_TRIES):
+        path, body, chat = self.build_request(messages, prompt, params, logprobs)
+        items: queue.SimpleQueue = queue.SimpleQueue()
+        future = asyncio.run_coroutine_threadsafe(self._produce(path, body, chat, items.put), self._loop)
+        try:
+            while True:
+                try:
+                    kind, value = items.get(timeout=CANCEL_POLL_S)
+                except queue.Empty:
+                    if cancelled.is_set():
+                        return
+                    continue
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield kind, value
+                if cancelled.is_set():
+                    return
+        finally:
+            future.cancel()  # cancels the request on the loop, which closes its connection
+
+    async def _produce(self, path: str, body: dict[str, Any], chat: bool, put) -> None:
+        try:
+            await self._stream_into(path, body, chat, put)
+            put(("end", None))
+        except RemoteError as exc:
+            put(("error", exc))
+        except Exception as exc:  # anything else still ends the reply with a message, never a hang
+            put(("error", RemoteError(f"the remote engine's answer could not be read ({type(exc).__name__}: {exc})")))
+
+    async def _stream_into(self, path: str, body: dict[str, Any], chat: bool, put) -> None:
+        for attempt in range(RETRIES + 1):
+            last_try = attempt == RETRIES
             try:
-                with self.client.stream("POST", path, json=body) as response:
+                async with self._aclient.stream("POST", path, json=body) as response:
+                    if response.status_code in RETRY_STATUSES and not last_try:
+                        await response.aread()
+                        await asyncio.sleep(_retry_delay(attempt, response))
+                        continue
                     if response.status_code >= 400:
-                        response.read()
+                        await response.aread()
                         self._raise_for_status(response)
-                    for data in _sse_data(response.iter_lines()):
-                        if cancelled.is_set():
-                            return  # leaving the with-block closes the HTTP stream
-                        for item in _chunk_items(data, chat=messages is not None):
-                            received = received or item[0] == "delta"
-                            yield item
-                return
-            except httpx.ConnectError as exc:
-                if received or attempt == CONNECT_TRIES - 1:
-                    raise RemoteError(f"cannot reach the remote engine at {self.base_url}: {exc}") from None
-                time.sleep(BACKOFF_S * 2 ** attempt)
+                    async for line in response.aiter_lines():
+                        data = _sse_data(line)
+                        if data is _DONE:
+                            return
+                        if data is not None:
+                            for item in _chunk_items(data, chat):
+                                put(item)
+                    return
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if last_try:
+                    raise RemoteUnreachable(
+                        f"cannot reach the remote engine at {self.base_url} after {RETRIES + 1} tries: {exc}") from None
+                await asyncio.sleep(BACKOFF_S * 2 ** attempt)
             except httpx.TimeoutException:
-                raise RemoteError(f"the remote engine at {self.base_url} did not answer in time") from None
+                raise RemoteTimeout(
+                    f"the remote engine at {self.base_url} sent nothing for {self.timeout_s:g} s "
+                    "(--remote-timeout); it may be overloaded") from None
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.NetworkError):
                 raise RemoteError("the remote engine went away mid-reply") from None
 
@@ -175,27 +291,65 @@ class RemoteEngine:
         return parse_prometheus(response.text) or None
 
     def close(self) -> None:
+        async def shut():
+            await self._aclient.aclose()
+
+        if self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=5)
+            except Exception:  # closing must not fail the caller
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(timeout=5)
         self.client.close()
 
 
-def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
-    for line in lines:
-        if not line.startswith("data:"):
-            continue  # blank separators and ": comment" lines (queue positions)
-        payload = line[len("data:"):].strip()
-        if payload == "[DONE]":
-            return
-        data = json.loads(payload)
-        if "error" in data and "choices" not in data:
-            message = data["error"].get("message") if isinstance(data["error"], dict) else data["error"]
-            raise RemoteError(f"the remote engine failed: {message}")
-        yield data
+def _retry_delay(attempt: int, response: httpx.Response) -> float:
+    try:
+        return min(RETRY_AFTER_CAP_S, max(0.0, float(response.headers["retry-after"])))
+    except (KeyError, ValueError):
+        return BACKOFF_S * 2 ** attempt
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """The message of an OpenAI-style error ({"error": {"message"}}), vLLM 0.4's ({"message"}) or FastAPI's."""
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        for key in ("message", "detail"):
+            if data.get(key):
+                return str(data[key])
+        if isinstance(error, str):
+            return error
+    return response.text
+
+
+_DONE = object()
+
+
+def _sse_data(line: str) -> dict[str, Any] | object | None:
+    """One server-sent-events line -> its JSON data, _DONE at the end, None for blank/comment lines."""
+    if not line.startswith("data:"):
+        return None  # blank separators and ": comment" lines (queue positions)
+    payload = line[len("data:"):].strip()
+    if payload == "[DONE]":
+        return _DONE
+    data = json.loads(payload)
+    if "error" in data and "choices" not in data:
+        message = data["error"].get("message") if isinstance(data["error"], dict) else data["error"]
+        raise RemoteError(f"the remote engine failed: {message}")
+    return data
 
 
 def _chunk_items(data: dict[str, Any], chat: bool) -> Iterator[tuple[str, Any]]:
     for choice in data.get("choices") or []:
         text = (choice.get("delta") or {}).get("content") or "" if chat else choice.get("text") or ""
-        tokens = _chat_tokens(choice.get("logprobs")) if chat else _completion_tokens(choice.get("logprobs"))
+        tokens = _logprob_tokens(choice.get("logprobs"))
         if text or tokens:
             yield "delta", (text, tokens)
         if choice.get("finish_reason"):
@@ -204,18 +358,15 @@ def _chunk_items(data: dict[str, Any], chat: bool) -> Iterator[tuple[str, Any]]:
         yield "usage", data["usage"]
 
 
-def _chat_tokens(logprobs: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _logprob_tokens(logprobs: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Token dicts from either logprobs shape: chat's {"content": [...]} or the completions (and vLLM 0.4 chat)
+    {"tokens", "token_logprobs", "top_logprobs"}."""
     if not logprobs:
         return []
-    return [{"text": entry.get("token", ""), "logprob": entry.get("logprob"),
-             "top": [(alt.get("token", ""), alt.get("logprob")) for alt in entry.get("top_logprobs") or []]}
-            for entry in logprobs.get("content") or []]
-
-
-def _completion_tokens(logprobs: dict[str, Any] | None) -> list[dict[str, Any]]:
-    if not logprobs:
-        return []
+    if "content" in logprobs:
+        return [{"text": entry.get("token", ""), "logprob": entry.get("logprob"),
+                 "top": [(alt.get("token", ""), alt.get("logprob")) for alt in entry.get("top_logprobs") or []]}
+                for entry in logprobs.get("content") or []]
     tops = logprobs.get("top_logprobs") or []
     return [{"text": text, "logprob": value, "top": list((tops[i] or {}).items()) if i < len(tops) else []}
             for i, (text, value) in enumerate(zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or []))]
-

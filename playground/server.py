@@ -25,7 +25,12 @@ def load_in_background(settings: Settings) -> threading.Thread:
     def load():
         try:
             if settings.backend == "openai":
-                get_manager().load_remote(settings.base_url, settings.remote_api_key, settings.remote_model)
+                # An engine still starting (vLLM loads for minutes) is tried again with back-off until it answers.
+                get_manager().keep_connecting_remote(
+                    settings.base_url, api_key=settings.remote_api_key, model=settings.remote_model,
+                    timeout_s=settings.remote_timeout, concurrency=settings.remote_concurrency,
+                    chat_format=settings.remote_chat_format,
+                )
             else:
                 get_manager().load(settings.model, device=settings.device, dtype=settings.dtype)
         except PlaygroundError:

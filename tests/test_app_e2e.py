@@ -135,10 +135,12 @@ def test_lab_sweep_and_invalid_settings(client):
 
 
 def test_memory_panel_gains_points(client):
-    frame1, report = client.predict(api_name="/memory_tick")
+    frame1, report, *remote_plots = client.predict(api_name="/memory_tick")
     assert "No GPU readings" in report and "Process RSS" in report
+    # A local model: the remote engine's plots stay hidden and empty.
+    assert len(remote_plots) == 3 and not any(plot["visible"] or plot["value"]["data"] for plot in remote_plots)
     time.sleep(2.5)
-    frame2, _ = client.predict(api_name="/memory_tick")
+    frame2, *_ = client.predict(api_name="/memory_tick")
     rows1, rows2 = len(frame1["data"]), len(frame2["data"])
     assert rows2 > rows1 >= 2
     series = {row[frame2["columns"].index("series")] for row in frame2["data"]}

@@ -128,3 +128,10 @@ class ApiRoute(APIRoute):
                 return error.response()
 
         return handle
+
+
+def generation_failed(stats) -> ApiError:
+    """The answer for a generation that ended in an error (GenerationStats): a gateway's codes when the remote
+    engine failed (502) or stayed silent (504), 500 when this process did."""
+    status = {"remote": 502, "remote-timeout": 504}.get(getattr(stats, "error_source", None) or "", 500)
+    return ApiError(status, f"the generation failed: {stats.error}", type="server_error")

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from fastapi import APIRouter, Request
 
 from playground.api import sse
-from playground.api.errors import ApiError, ApiRoute, from_parameter_error, to_api_error
+from playground.api.errors import ApiError, ApiRoute, from_parameter_error, generation_failed, to_api_error
 from playground.api.events import collect, first_event, generation_events, unless_disconnected
 from playground.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from playground.errors import ParameterError
@@ -40,7 +40,7 @@ def serving_model(requested: str | None) -> str:
 def finish_reason(stats: GenerationStats) -> str:
     """OpenAI's finish_reason; a failed generation becomes an error answer instead."""
     if stats.finish_reason == "error":
-        raise ApiError(500, f"the generation failed: {stats.error}", type="server_error")
+        raise generation_failed(stats)
     # "cancelled" only happens when the client has gone, so no client reads it; "stop" is the honest rest.
     return "length" if stats.finish_reason == "length" else "stop"
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from playground.api.errors import ApiError, ApiRoute
+from playground.api.errors import ApiRoute, generation_failed
 from playground.api.events import collect, generation_events, unless_disconnected
 from playground.params import SamplingParams
 
@@ -113,7 +113,7 @@ async def seed_chat(body: SeedRequest, request: Request) -> dict[str, Any]:
     events = generation_events(messages=body.messages(), params=params)
     done, _ = await unless_disconnected(request, collect(events))
     if done.stats.finish_reason == "error":
-        raise ApiError(500, f"the generation failed: {done.stats.error}", type="server_error")
+        raise generation_failed(done.stats)
     return {
         "response": done.text,
         "history": extended_history(body.history, body.prompt, done.text),

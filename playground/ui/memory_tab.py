@@ -40,9 +40,8 @@ def memory_report() -> str:
             f"(peak {inside.peak_allocated_mib:.0f} MiB), reserved **{inside.reserved_mib:.0f} MiB**"
         )
     status = manager.status()
-    engine = manager.remote_engine()
-    if engine is not None:
-        lines.append(remote_report(status, engine.metrics()))
+    if manager.remote_engine() is not None:
+        lines.append(remote_report(status, reading.remote))  # sampled with the rest, never fetched per view
     elif status.get("name"):
         lines.append(
             f"Model **{status['name']}** ({status['kind']}, {status['dtype']} on {status['device']}): "
@@ -76,8 +75,19 @@ def remote_report(status: dict, metrics: dict[str, float] | None) -> str:
                    "KV cache or request figures.")
 
 
+# The remote engine's plots: one per unit, shown only while a remote engine serves metrics.
+REMOTE_PLOTS = [("%", "Remote KV cache used (%)"), ("requests", "Remote requests"), ("tokens/s", "Remote tokens/s")]
+
+
 def memory_tick():
-    return get_manager().memory().frame(), memory_report()
+    sampler = get_manager().memory()
+    remote = sampler.remote_frame()
+    shown = get_manager().remote_engine() is not None and not remote.empty
+    remote_updates = [
+        gr.update(value=remote[remote["unit"] == unit][["seconds", "series", "value"]], visible=shown)
+        for unit, _ in REMOTE_PLOTS
+    ]
+    return sampler.frame(), memory_report(), *remote_updates
 
 
 def build_memory_tab():
@@ -87,6 +97,12 @@ def build_memory_tab():
             x="seconds", y="MiB", color="series", title="Memory over the last minutes",
             x_title="seconds ago", y_title="MiB", height=320, elem_id="memory-plot",
         )
+        with gr.Row():
+            remote_plots = [
+                gr.LinePlot(x="seconds", y="value", color="series", title=title, x_title="seconds ago",
+                            y_title=unit, height=240, visible=False, elem_id=f"remote-plot-{index}")
+                for index, (unit, title) in enumerate(REMOTE_PLOTS)
+            ]
         with gr.Row():
             interval = gr.Slider(0.5, 10, value=1.0, step=0.5, label="Refresh every (s)")
             paused = gr.Checkbox(False, label="Pause")
@@ -100,6 +116,7 @@ def build_memory_tab():
             get_manager().memory().paused = bool(is_paused)
             return gr.Timer(active=not is_paused)
 
-        timer.tick(memory_tick, None, [plot, report], api_name="memory_tick", show_progress="hidden", queue=False)
+        timer.tick(memory_tick, None, [plot, report, *remote_plots], api_name="memory_tick", show_progress="hidden",
+                   queue=False)
         interval.change(set_interval, interval, timer, api_name=False)
         paused.change(set_paused, paused, timer, api_name=False)

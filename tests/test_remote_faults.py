@@ -1,0 +1,321 @@
+"""The remote backend against a fake vLLM-shaped engine: slow, overloaded, unreachable, late to start, busy,
+without a chat template, and with Prometheus metrics; plus a real remote playground killed mid-stream."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from gradio_client import Client
+
+from conftest import LaunchedServer, free_port
+from fake_engine import FakeEngine
+from playground.errors import PlaygroundError
+from playground.manager import GenerationHandle, ModelManager
+from playground.models.yuan.prompt import YuanChatFormat
+from playground.remote import BACKOFF_S
+
+pytestmark = pytest.mark.slow
+
+CHAT_DEFAULTS = dict(temperature=0.0, top_p=0.9, top_k=50, min_p=0.0, typical_p=1.0, repetition_penalty=1.0,
+                     no_repeat_ngram_size=0, max_new_tokens=12, seed=1, stop="")
+FRONT_TIMEOUT_S = 2
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with FakeEngine() as fake:
+        yield fake
+
+
+@pytest.fixture(autouse=True)
+def calm_engine(request):
+    """Each test starts from a well-behaved engine, whatever the previous one set."""
+    if "engine" in request.fixturenames:
+        fake = request.getfixturevalue("engine")
+        fake.first_token_delay_s = fake.token_delay_s = 0.0
+        fake.failures.clear()
+        fake.serve_metrics = True
+    yield
+
+
+@pytest.fixture(scope="module")
+def front(engine, tmp_path_factory):
+    server = LaunchedServer("--backend", "openai", "--base-url", engine.base_url,
+                            "--remote-timeout", str(FRONT_TIMEOUT_S), "--remote-concurrency", "2",
+                            log_dir=tmp_path_factory.mktemp("front"))
+    try:
+        server.wait_until(("ready",), timeout=90)
+        yield server
+    finally:
+        server.stop()
+
+
+def chat(front, message: str) -> tuple[str, str]:
+    history, status, _ = Client(front.url, verbose=False).predict(message, "", *CHAT_DEFAULTS.values(),
+                                                                   api_name="/chat")
+    reply = history[-1]["content"] if history else ""
+    reply = "".join(part["text"] for part in reply) if isinstance(reply, list) else reply
+    return reply.split("\n\n<sub>")[0], status  # the stats line shown under a reply
+
+
+def connected(engine: FakeEngine, **kwargs) -> ModelManager:
+    manager = ModelManager()
+    manager.load_remote(engine.base_url, **kwargs)
+    return manager
+
+
+# --------------------------------------------------------------------------------------------- slow remote
+
+
+def test_slow_remote_fails_with_a_clear_message_and_the_front_stays_up(front, engine):
+    engine.first_token_delay_s = FRONT_TIMEOUT_S + 2
+    started = time.monotonic()
+    _, status = chat(front, "Hello?")
+    assert f"sent nothing for {FRONT_TIMEOUT_S} s" in status and "--remote-timeout" in status
+    assert time.monotonic() - started < FRONT_TIMEOUT_S + 1.5  # it gave up at the timeout, not at the reply
+    with pytest.raises(openai.APIStatusError) as answer:
+        openai.OpenAI(base_url=front.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert answer.value.status_code == 504 and "sent nothing" in answer.value.message
+    engine.first_token_delay_s = 0
+    status = front.status()
+    assert status["state"] == "ready" and status["running"] == 0 and status["queued"] == 0
+    reply, _ = chat(front, "Hello again")
+    assert reply == "Hello there, friend."
+
+
+def test_stop_while_the_remote_is_silent_ends_at_once(engine):
+    manager = connected(engine, timeout_s=60)
+    engine.first_token_delay_s = 30
+    disconnects = engine.disconnects
+    result = {}
+    handle = GenerationHandle("session-a")
+    worker = threading.Thread(target=lambda: result.update(
+        done=manager.generate(prompt="Hi", params={"max_new_tokens": 4}, handle=handle)))
+    worker.start()
+    while not engine.active:
+        time.sleep(0.02)
+    started = time.monotonic()
+    assert manager.cancel("session-a") == 1
+    worker.join(5)
+    assert not worker.is_alive() and time.monotonic() - started < 1.0
+    assert result["done"].stats.finish_reason == "cancelled"
+    deadline = time.monotonic() + 5
+    while engine.disconnects == disconnects and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.disconnects == disconnects + 1 and engine.active == 0  # the connection was closed, so the engine dropped it
+
+
+# ------------------------------------------------------------------------------------- retries and back-off
+
+
+def test_overloaded_remote_is_retried_with_back_off(engine):
+    manager = connected(engine)
+    engine.failures[:] = [(503, "0.3"), (429, None)]
+    before = len(engine.requests)
+    result = manager.generate(prompt="Hi", params={"max_new_tokens": 8})
+    assert result.text == "Hello there, friend." and result.stats.finish_reason == "stop"
+    tries = engine.requests[before:]
+    assert len(tries) == 3
+    assert tries[1]["at"] - tries[0]["at"] >= 0.3  # Retry-After was honoured
+    assert tries[2]["at"] - tries[1]["at"] >= BACKOFF_S * 2  # then the back-off doubled
+    engine.failures[:] = [(503, None)] * 3
+    before = len(engine.requests)
+    result = manager.generate(prompt="Hi", params={"max_new_tokens": 8})
+    assert result.stats.finish_reason == "error" and "answered 503" in result.stats.error
+    assert len(engine.requests) - before == 3  # a few tries, not forever
+
+
+def test_refused_connections_are_retried_then_reported(engine):
+    late = FakeEngine(port=free_port()).start()
+    manager = connected(late)
+    late.stop()
+    restarted = FakeEngine(port=late.port)
+    starter = threading.Timer(0.3, restarted.start)
+    starter.start()
+    try:
+        started = time.monotonic()
+        result = manager.generate(prompt="Hi", params={"max_new_tokens": 8})
+        assert result.text == "Hello there, friend."  # the second or third try reached it
+        assert time.monotonic() - started >= BACKOFF_S
+    finally:
+        starter.join()
+        restarted.stop()
+    started = time.monotonic()
+    result = manager.generate(prompt="Hi", params={"max_new_tokens": 8})
+    elapsed = time.monotonic() - started
+    assert result.stats.finish_reason == "error" and result.stats.error_source == "remote"
+    assert "cannot reach the remote engine" in result.stats.error and "after 3 tries" in result.stats.error
+    assert BACKOFF_S * 3 <= elapsed < 5  # 0.5 s then 1 s of back-off between the three tries
+
+
+def test_front_keeps_connecting_to_a_remote_that_starts_later(tmp_path):
+    port = free_port()
+    server = LaunchedServer("--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1", log_dir=tmp_path)
+    late = FakeEngine(port=port)
+    try:
+        status = server.wait_until(("error",), timeout=90)
+        assert "cannot reach" in status["last_error"] and "trying again in" in status["last_error"]
+        late.start()
+        status = server.wait_until(("ready",), timeout=30)
+        assert status["name"] == "fake-model" and status["kind"] == "remote"
+    finally:
+        server.stop()
+        late.stop()
+
+
+# ------------------------------------------------------------------------------------------ concurrency
+
+
+def test_the_remote_gets_concurrency_requests_at_once_the_rest_wait_in_order(engine):
+    manager = connected(engine, concurrency=2)
+    engine.token_delay_s = 0.15
+    before = len(engine.requests)
+    engine.max_active = 0
+    results, positions = {}, {}
+
+    def ask(name: str) -> None:
+        for event in manager.stream(prompt=name, params={"max_new_tokens": 8}, owner=name):
+            if event.kind == "queued":
+                positions.setdefault(name, event.position)
+            if event.kind == "done":
+                results[name] = event.text
+
+    names = [f"caller-{i}" for i in range(5)]
+    threads = []
+    for name in names:
+        threads.append(threading.Thread(target=ask, args=(name,)))
+        threads[-1].start()
+        time.sleep(0.05)  # arrive in this order
+    for thread in threads:
+        thread.join(30)
+    assert results == {name: "Hello there, friend." for name in names}
+    assert engine.max_active == 2  # the engine batched two of this playground's callers, never more
+    assert [r["body"]["prompt"] for r in engine.requests[before:]] == names  # served in arrival order
+    assert positions["caller-2"] >= 1 and positions["caller-4"] >= 1
+    assert manager.status()["running"] == 0 and manager.status()["queued"] == 0
+
+
+# ------------------------------------------------------------------------------- Yuan on the vLLM fork
+
+
+@pytest.fixture()
+def yuan_engine():
+    with FakeEngine(model="Yuan2-M32-hf", owned_by="vllm") as fake:
+        fake.chat_template = False  # the release's vLLM fork: "No chat template provided"
+        fake.tokens = ["Hi", "<", "n>", "there", "<eod>", "junk"]
+        yield fake
+
+
+def test_yuan_prompt_is_built_here_for_a_vllm_without_chat_template(yuan_engine):
+    manager = connected(yuan_engine)
+    assert manager.status()["chat_format"] == "yuan"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello\nworld"}]
+    deltas, done = [], None
+    for event in manager.stream(messages=messages, params={"top_k": 0, "max_new_tokens": 16}):
+        if event.kind == "delta":
+            deltas.append(event.text)
+        elif event.kind == "done":
+            done = event
+    assert done.text == "Hi\nthere" and "".join(deltas) == done.text
+    assert not any("<" in delta for delta in deltas)  # a half-received <n> is never shown
+    sent = yuan_engine.requests[-1]
+    assert sent["path"] == "/completions"
+    assert sent["body"]["prompt"] == YuanChatFormat().build_prompt(messages) == "Be brief.<n>Hello<n>world<sep>"
+    assert "<eod>" in sent["body"]["stop"] and sent["body"]["skip_special_tokens"] is False
+    assert sent["body"]["top_k"] == -1  # vLLM's "off"
+    manager.generate(messages=messages, params={"max_new_tokens": 4})
+    assert yuan_engine.requests[-1]["body"]["top_k"] == 50  # the playground's default is sent, not vLLM's
+
+
+def test_server_chat_format_against_an_engine_without_template_says_what_to_do(yuan_engine):
+    manager = connected(yuan_engine, chat_format="server")
+    result = manager.generate(messages=[{"role": "user", "content": "Hi"}], params={"max_new_tokens": 4})
+    assert result.stats.finish_reason == "error"
+    assert "No chat template provided" in result.stats.error and "--remote-chat-format" in result.stats.error
+
+
+def test_unknown_chat_format_is_refused(engine):
+    with pytest.raises(PlaygroundError, match="unknown remote chat format 'chatml'"):
+        ModelManager().load_remote(engine.base_url, chat_format="chatml")
+
+
+def test_vllm_0_4_chat_logprobs_are_read(engine):
+    manager = connected(engine)
+    engine.legacy_chat_logprobs = True
+    try:
+        result = manager.generate(messages=[{"role": "user", "content": "Hi"}], params={"max_new_tokens": 3},
+                                  logprobs=2)
+    finally:
+        engine.legacy_chat_logprobs = False
+    assert [t.text for t in result.tokens] == ["Hello", " there", ","]
+    assert all(abs(t.logprob - -0.5108) < 1e-3 and len(t.top) == 2 for t in result.tokens)
+
+
+# ----------------------------------------------------------------------------------- metrics in the panel
+
+
+def test_remote_metrics_are_plotted_in_the_memory_panel(front, engine):
+    engine.token_delay_s = 0.3  # a reply spanning a few samples, so the token counter grows between them
+    reply, _ = chat(front, "Tell me something")
+    assert reply == "Hello there, friend."
+    time.sleep(1.5)
+    client = Client(front.url, verbose=False)
+    _, report, kv_plot, requests_plot, tokens_plot = client.predict(api_name="/memory_tick")
+    assert "KV cache used **37.5%**" in report and "requests waiting **0**" in report
+    assert "this playground's process only" in report
+
+    def series(update) -> dict[str, list[float]]:
+        assert update["visible"] is True
+        columns, values = update["value"]["columns"], {}
+        for row in update["value"]["data"]:
+            values.setdefault(row[columns.index("series")], []).append(row[columns.index("value")])
+        return values
+
+    assert set(series(kv_plot)) == {"KV cache used"} and set(series(kv_plot)["KV cache used"]) == {37.5}
+    assert set(series(requests_plot)) == {"requests running", "requests waiting"}
+    assert max(series(requests_plot)["requests running"]) <= 2
+    rates = series(tokens_plot)["generated tokens/s"]
+    assert max(rates) > 0 and len(rates) >= 2  # the counter grew while the reply streamed
+    engine.serve_metrics = False
+    time.sleep(1.5)
+    _, report, *_ = client.predict(api_name="/memory_tick")
+    assert "The remote engine serves no metrics" in report
+
+
+# ----------------------------------------------------------------------------- a real remote, killed
+
+
+def test_remote_killed_mid_stream_through_a_launched_front(tmp_path):
+    remote = LaunchedServer(log_dir=tmp_path)
+    try:
+        remote.wait_until(("ready",))
+        front = LaunchedServer("--backend", "openai", "--base-url", remote.url + "/v1", log_dir=tmp_path)
+        try:
+            front.wait_until(("ready",), timeout=90)
+            client = openai.OpenAI(base_url=front.url + "/v1", api_key="x", max_retries=0)
+            stream = client.chat.completions.create(
+                model=front.status()["name"], messages=[{"role": "user", "content": "Tell me a long story."}],
+                max_tokens=2000, temperature=1.0, seed=1, stream=True)
+            received = ""
+            with pytest.raises(openai.APIError, match="went away mid-reply"):
+                for chunk in stream:
+                    received += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+                    if len(received) > 20 and remote.process.poll() is None:
+                        os.killpg(remote.process.pid, signal.SIGKILL)  # the remote dies mid-reply
+            assert received
+            status = front.status()  # the front is still up, with nothing stuck in its queue
+            assert status["state"] == "ready" and status["running"] == 0 and status["queued"] == 0
+            reply, chat_status = chat(front, "Are you there?")
+            assert "cannot reach the remote engine" in chat_status and "after 3 tries" in chat_status
+            assert httpx.get(front.url + "/", timeout=10).status_code == 200
+        finally:
+            front.stop()
+    finally:
+        remote.stop()
