@@ -589,8 +589,10 @@ class ModelManager:
                 chat_format=loaded.chat_format.name, has_experts=loaded.has_experts,
             )
             if loaded.kind == "remote":
-                info.update(base_url=loaded.path, remote_owner=loaded.model.owner,
-                            unavailable_params=loaded.model.unavailable_params())
+                engine = loaded.model
+                info.update(base_url=loaded.path, remote_owner=engine.owner,
+                            unavailable_params=engine.unavailable_params(), remote_chat_format=engine.chat_format,
+                            remote_concurrency=engine.concurrency, remote_timeout_s=engine.timeout_s)
         return info
 
     # ------------------------------------------------------------------------------------- generation

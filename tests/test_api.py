@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import LaunchedServer
+from harness import LaunchedServer
 from playground.api.openai_api import Envelope, sse_body
 from playground.config import parse_args
 from playground.manager import GenerationEvent, GenerationStats

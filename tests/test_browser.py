@@ -10,9 +10,14 @@ import csv
 import io
 import re
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
+
+from fake_engine import FakeEngine
+from harness import LaunchedServer
 
 pytestmark = pytest.mark.slow
 
@@ -31,18 +36,31 @@ def screens(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(launched_server, screens):
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 1100}, accept_downloads=True)
-        page = context.new_page()
-        page.set_default_timeout(60_000)
-        page.goto(launched_server.url)
-        try:
-            yield page
-        finally:
-            page.screenshot(path=screens / "last.png", full_page=True)
-            browser.close()
+def playwright():
+    """One Playwright driver for the module: its sync API allows only one per thread at a time."""
+    with sync_playwright() as driver:
+        yield driver
+
+
+@contextmanager
+def browser_page(playwright, url: str, last_screenshot: Path):
+    """A Chromium page on `url`; a screenshot of where it ended is kept."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    context = browser.new_context(viewport={"width": 1280, "height": 1100}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    try:
+        yield page
+    finally:
+        page.screenshot(path=last_screenshot, full_page=True)
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(playwright, launched_server, screens):
+    with browser_page(playwright, launched_server.url, screens / "last.png") as page:
+        yield page
 
 
 def shot(page: Page, screens, name: str) -> None:
@@ -158,3 +176,44 @@ def test_6_invalid_input_shows_its_message(page, screens):
     expect(page.locator("#chat-status")).to_contain_text("The message is empty")
     expect(page.get_by_text("Type a message first.")).to_be_visible()  # the warning toast
     shot(page, screens, "6-invalid-input")
+
+
+# ------------------------------------------------------------------------- in front of a remote engine
+
+
+@pytest.fixture(scope="module")
+def remote_page(playwright, screens, tmp_path_factory):
+    """A front (`--backend openai`) before a fake vLLM, in its own browser."""
+    with FakeEngine(owned_by="vllm") as engine:
+        engine.token_delay_s = 0.1
+        front = LaunchedServer("--backend", "openai", "--base-url", engine.base_url,
+                               log_dir=tmp_path_factory.mktemp("front"))
+        try:
+            front.wait_until(("ready",), timeout=90)
+            with browser_page(playwright, front.url, screens / "remote-last.png") as page:
+                yield page
+        finally:
+            front.stop()
+
+
+def test_7_remote_engine_greys_out_what_it_cannot_take(remote_page, screens):
+    page = remote_page
+    expect(page.locator("#model-status")).to_contain_text("fake-model", timeout=30_000)
+    accordion = page.get_by_text("Sampling", exact=True).first
+    if not page.get_by_label("number input for temperature").first.is_visible():
+        accordion.click()
+    # vLLM takes no typical_p or no_repeat_ngram_size: greyed out, with the reason next to them.
+    for name in ("typical_p", "no_repeat_ngram_size"):
+        expect(page.get_by_label(f"number input for {name}").first).to_be_disabled(timeout=15_000)
+        expect(page.get_by_label(f"range slider for {name}").first).to_be_disabled()
+    for name in ("temperature", "top_k", "min_p", "repetition_penalty"):
+        expect(page.get_by_label(f"number input for {name}").first).to_be_enabled()
+    expect(page.get_by_text("not available on the remote engine").first).to_be_visible()
+    shot(page, screens, "7a-remote-greyed")
+    send(page, "Hello?")
+    expect(page.locator("#chat-status")).to_contain_text("Done:", timeout=30_000)
+    assert last_reply(page).startswith("Hello there, friend.")
+    open_tab(page, "GPU memory")
+    expect(page.locator("#memory-report")).to_contain_text("KV cache used **37.5%**".replace("**", ""))
+    expect(page.locator("#remote-plot-0 g.mark-line path").first).to_be_attached(timeout=15_000)
+    shot(page, screens, "7b-remote-memory")

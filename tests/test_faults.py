@@ -13,7 +13,7 @@ import torch
 from gradio_client import Client
 
 import playground.manager as manager_module
-from conftest import LaunchedServer
+from harness import LaunchedServer
 from playground.errors import LoadInProgressError
 from playground.manager import ModelManager
 from test_manager import tiny_folder  # noqa: F401  (the shared tiny random Llama fixture)

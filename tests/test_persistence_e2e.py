@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from gradio_client import Client, handle_file
 
-from conftest import LaunchedServer
+from harness import LaunchedServer
 from playground.storage import EXPORT_FORMAT
 from playground.ui.lab_tab import SETTING_FIELDS
 

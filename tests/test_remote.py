@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
-
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from gradio_client import Client
 
-from conftest import LaunchedServer, free_port
+from fake_engine import FakeEngine
+from harness import LaunchedServer, free_port
 from playground.errors import ParameterError, PlaygroundError
 from playground.manager import ModelManager
 from playground.remote import RemoteEngine, metrics_url, parse_prometheus
@@ -96,42 +90,17 @@ def test_unavailable_field_is_rejected_not_dropped(front):
 # -------------------------------------------------------------------------------- a fake vLLM remote
 
 
-def _fake_vllm() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/v1/models")
-    def models():
-        return {"object": "list", "data": [{"id": "fake-yuan", "object": "model", "owned_by": "vllm"}]}
-
-    @app.get("/metrics")
-    def metrics():
-        from fastapi.responses import PlainTextResponse
-
-        return PlainTextResponse('# HELP vllm:num_requests_running running\nvllm:num_requests_running{m="x"} 1.0\n'
-                                 'vllm:num_requests_waiting{m="x"} 2.0\nvllm:kv_cache_usage_perc{m="x"} 0.375\n')
-
-    return app
-
-
 @pytest.fixture(scope="module")
 def fake_vllm():
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(_fake_vllm(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=5)
+    with FakeEngine(owned_by="vllm") as engine:
+        engine.waiting = 2
+        yield engine.base_url
 
 
 def test_min_p_is_rejected_by_a_vllm_remote(fake_vllm):
     manager = ModelManager()
     status = manager.load_remote(fake_vllm)
-    assert status["name"] == "fake-yuan" and status["remote_owner"] == "vllm"
+    assert status["name"] == "fake-model" and status["remote_owner"] == "vllm"
     assert manager.unavailable_params() == ["typical_p", "no_repeat_ngram_size"]
     with pytest.raises(ParameterError, match=r"typical_p is not available on the remote engine \(vllm\)"):
         list(manager.stream(prompt="Hi", params={"typical_p": 0.5}))
@@ -156,7 +125,7 @@ def test_metrics_of_a_vllm_remote(fake_vllm):
     engine = RemoteEngine(fake_vllm)
     assert metrics_url(fake_vllm) == fake_vllm[: -len("/v1")] + "/metrics"
     metrics = engine.metrics()
-    assert metrics["vllm:num_requests_waiting"] == 2.0 and metrics["vllm:kv_cache_usage_perc"] == 0.375
+    assert metrics["vllm:num_requests_waiting"] == 2.0 and metrics["vllm:gpu_cache_usage_perc"] == 0.375
 
 
 def test_prometheus_parser_on_fake_text():

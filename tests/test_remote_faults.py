@@ -13,8 +13,8 @@ import openai
 import pytest
 from gradio_client import Client
 
-from conftest import LaunchedServer, free_port
 from fake_engine import FakeEngine
+from harness import LaunchedServer, free_port
 from playground.errors import PlaygroundError
 from playground.manager import GenerationHandle, ModelManager
 from playground.models.yuan.prompt import YuanChatFormat
@@ -319,3 +319,31 @@ def test_remote_killed_mid_stream_through_a_launched_front(tmp_path):
             front.stop()
     finally:
         remote.stop()
+
+
+# ------------------------------------------------------------------------------------------- the options
+
+
+def test_remote_options_and_their_environment_variables(monkeypatch, capsys):
+    from playground.config import parse_args
+
+    for name in ("PLAYGROUND_BACKEND", "PLAYGROUND_BASE_URL", "PLAYGROUND_REMOTE_TIMEOUT",
+                 "PLAYGROUND_REMOTE_CONCURRENCY", "PLAYGROUND_REMOTE_CHAT_FORMAT"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = parse_args([])
+    assert (defaults.remote_timeout, defaults.remote_concurrency, defaults.remote_chat_format) == (120.0, 16, "auto")
+    monkeypatch.setenv("PLAYGROUND_BACKEND", "openai")
+    monkeypatch.setenv("PLAYGROUND_BASE_URL", "http://gpu-host:8000/v1")
+    monkeypatch.setenv("PLAYGROUND_REMOTE_TIMEOUT", "30")
+    monkeypatch.setenv("PLAYGROUND_REMOTE_CONCURRENCY", "64")
+    monkeypatch.setenv("PLAYGROUND_REMOTE_CHAT_FORMAT", "yuan")
+    settings = parse_args([])
+    assert (settings.backend, settings.base_url, settings.remote_timeout, settings.remote_concurrency,
+            settings.remote_chat_format) == ("openai", "http://gpu-host:8000/v1", 30.0, 64, "yuan")
+    assert parse_args(["--remote-concurrency", "4"]).remote_concurrency == 4  # options win over the environment
+    for bad, words in ((["--remote-timeout", "0"], "must be greater than 0"),
+                       (["--remote-concurrency", "many"], "'many' is not a number"),
+                       (["--remote-chat-format", "chatml"], "invalid choice")):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert words in capsys.readouterr().err

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from gradio_client import Client
 
-from conftest import REPO, LaunchedServer
+from harness import REPO, LaunchedServer
 from playground.config import parse_args
 from playground.manager import EMBEDDED
 from playground.ui.model_panel import ENABLE_HINT, ModelChoiceError, model_choices, resolve_choice

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from gradio_client import Client
 
+from harness import LaunchedServer
 from playground.errors import ModelFolderError
 from playground.manager import ModelManager
 from playground.models.yuan.make_tiny import make_tiny_checkpoint
-from tests.conftest import YUAN_TOKENIZER_DIR, LaunchedServer
+from tests.conftest import YUAN_TOKENIZER_DIR
 
 pytestmark = pytest.mark.slow
 

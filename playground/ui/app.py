@@ -23,6 +23,12 @@ def status_line() -> str:
         return f"⏳ Loading **{loading['model']}**: {loading['message']} ({loading['fraction']:.0%})"
     if status["state"] == "ready":
         queue = f" · {status['queued']} waiting" if status["queued"] else ""
+        if status["kind"] == "remote":
+            return (
+                f"🟢 **{status['name']}** · remote engine at {status['base_url']} "
+                f"({status['remote_owner'] or 'unknown kind'}) · prompt format: {status['remote_chat_format']} · "
+                f"up to {status['remote_concurrency']} requests at once{queue}"
+            )
         return (
             f"🟢 **{status['name']}** · {status['kind']} · {status['parameters'] / 1e6:.0f}M parameters · "
             f"{status['dtype']} on {status['device']} · loaded in {status['load_time_s']:.1f} s{queue}"

@@ -41,7 +41,7 @@ def memory_report() -> str:
         )
     status = manager.status()
     if manager.remote_engine() is not None:
-        lines.append(remote_report(status, reading.remote))  # sampled with the rest, never fetched per view
+        lines += ["", remote_report(status, reading.remote)]  # sampled with the rest, never fetched per view
     elif status.get("name"):
         lines.append(
             f"Model **{status['name']}** ({status['kind']}, {status['dtype']} on {status['device']}): "
@@ -100,7 +100,8 @@ def build_memory_tab():
         with gr.Row():
             remote_plots = [
                 gr.LinePlot(x="seconds", y="value", color="series", title=title, x_title="seconds ago",
-                            y_title=unit, height=240, visible=False, elem_id=f"remote-plot-{index}")
+                            y_title=unit, height=240, visible=False, elem_id=f"remote-plot-{index}",
+                            y_lim=[0, 100] if unit == "%" else None)
                 for index, (unit, title) in enumerate(REMOTE_PLOTS)
             ]
         with gr.Row():
