@@ -95,6 +95,13 @@ def tokens_frame(tokens: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["index", "token", "id", "sampled p", "model p"])
 
 
+def _is_chosen(token: dict[str, Any], alternative_id: int, alternative_text: str) -> bool:
+    # A remote engine reports token texts without ids (id -1): compare the texts then.
+    if token["id"] < 0 or alternative_id < 0:
+        return alternative_text == token.get("text")
+    return alternative_id == token["id"]
+
+
 def alternatives_frame(token: dict[str, Any]) -> pd.DataFrame:
     """The token's top alternatives side by side: the model's raw distribution and the one after the settings.
 
@@ -108,11 +115,11 @@ def alternatives_frame(token: dict[str, Any]) -> pd.DataFrame:
         if rank < len(raw):
             token_id, text, logprob = raw[rank]
             row.update({"model token": visible_token(text), "model p": math.exp(logprob),
-                        "model chosen": token_id == token["id"]})
+                        "model chosen": _is_chosen(token, token_id, text)})
         if rank < len(sampled):
             token_id, text, logprob = sampled[rank]
             row.update({"sampled token": visible_token(text), "sampled p": math.exp(logprob),
-                        "sampled chosen": token_id == token["id"]})
+                        "sampled chosen": _is_chosen(token, token_id, text)})
         rows.append(row)
     columns = ["rank", "model token", "model p", "model chosen", "sampled token", "sampled p", "sampled chosen"]
     return pd.DataFrame(rows, columns=columns)

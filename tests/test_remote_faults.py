@@ -347,3 +347,19 @@ def test_remote_options_and_their_environment_variables(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             parse_args(bad)
         assert words in capsys.readouterr().err
+
+
+def test_inspector_uses_the_remote_logprobs_and_routing_says_why_it_is_off(front):
+    client = Client(front.url, verbose=False)
+    client.predict("Hi there", "", *CHAT_DEFAULTS.values(), api_name="/chat")
+    heading, view, tokens, alternatives, heatmap, load, routing_note = client.predict(
+        "Chat reply", 0, api_name="/insight_inspect")
+    columns, rows = tokens["headers"], tokens["data"]
+    assert heading.startswith("**Chat reply 1**: 5 tokens")
+    shown = [row[columns.index("token")].replace("␣", " ") for row in rows]  # spaces are drawn visible
+    assert shown == ["Hello", " there", ",", " friend", "."]
+    assert all(abs(row[columns.index("model p")] - 0.6) < 1e-6 for row in rows)  # the engine's own logprobs
+    first = {header: [row[i] for row in alternatives["data"]] for i, header in enumerate(alternatives["headers"])}
+    assert first["model token"] == ["Hello", "HELLO!"] and first["model p"] == pytest.approx([0.6, 0.3])
+    assert first["model chosen"] == [True, False]  # matched by text: the engine sends no token ids
+    assert "runs on a remote engine" in routing_note and front.status()["base_url"] in routing_note and heatmap == ""

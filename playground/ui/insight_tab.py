@@ -17,6 +17,10 @@ from playground.insight import (
 from playground.manager import get_manager
 
 SOURCES = ["Chat reply", "Lab cell"]
+REMOTE_ROUTING = (
+    "Expert routing is off: **{name}** runs on a remote engine ({url}), and the OpenAI API it speaks does not say "
+    "which experts each token went to. Routing is recorded for a Yuan2-M32 model loaded in this playground."
+)
 NO_EXPERTS = (
     "Expert routing is off: **{name}** is a dense model with no mixture of experts, so every token goes through "
     "the same weights and there is no routing to show. It is recorded for Yuan2-M32 models, whose tokens each go "
@@ -46,6 +50,8 @@ def pick(chat_details: list, lab_details: list, source: str, number: Any) -> tup
 def routing_view(details: dict | None) -> tuple[str, pd.DataFrame | None, str]:
     """(heatmap HTML, expert load frame, note) for one reply."""
     status = get_manager().status()
+    if status.get("kind") == "remote":
+        return "", None, REMOTE_ROUTING.format(name=status.get("name"), url=status.get("base_url"))
     if not status.get("has_experts"):
         return "", None, NO_EXPERTS.format(name=status.get("name") or "the loaded model")
     routing = (details or {}).get("routing")
