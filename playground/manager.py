@@ -72,7 +72,8 @@ class GenerationStats:
     finish_reason: str = "stop"  # stop, length, cancelled, error
     seed: int | None = None
     error: str | None = None
-    # Who failed: None (this process), "remote" (the remote engine) or "remote-timeout" (it stayed silent).
+    # Who failed: None (this process), "remote" (the remote engine), "remote-timeout" (it stayed silent) or
+    # "remote-rejected" (it refused the request itself, e.g. a prompt longer than its context).
     error_source: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -704,7 +705,7 @@ class ModelManager:
 
     def _generate_remote(self, loaded, messages, prompt, params, handle, queue_wait, logprobs) -> Iterator[GenerationEvent]:
         """One reply from the remote engine, as the same events a local generation yields."""
-        from playground.remote import RemoteError, RemoteTimeout
+        from playground.remote import RemoteError, RemoteRejected, RemoteTimeout
 
         engine, chat_format = loaded.model, loaded.chat_format
         stats = GenerationStats(queue_wait_s=queue_wait, seed=params.seed)
@@ -737,7 +738,8 @@ class ModelManager:
                     stats.new_tokens = int(value.get("completion_tokens") or 0)
         except RemoteError as exc:
             stats.finish_reason, stats.error = "error", str(exc)
-            stats.error_source = "remote-timeout" if isinstance(exc, RemoteTimeout) else "remote"
+            stats.error_source = ("remote-timeout" if isinstance(exc, RemoteTimeout)
+                                  else "remote-rejected" if isinstance(exc, RemoteRejected) else "remote")
         except BaseException:  # the consumer went away: closing the generator closes the HTTP stream
             handle.cancel()
             items.close()

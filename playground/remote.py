@@ -48,6 +48,10 @@ class RemoteTimeout(RemoteUnreachable):
     """The engine stayed silent for longer than the timeout."""
 
 
+class RemoteRejected(RemoteError):
+    """The engine refused the request itself (400/413/422: a prompt longer than its context, say)."""
+
+
 def metrics_url(base_url: str) -> str:
     """vLLM serves Prometheus metrics at the server root, not under /v1."""
     root = base_url.rstrip("/")
@@ -156,7 +160,8 @@ class RemoteEngine:
             hint = ""
             if "template" in detail.lower():
                 hint = " (an engine without a chat template needs --remote-chat-format, e.g. yuan)"
-            raise RemoteError(f"the remote engine answered {response.status_code}: {detail[:500]}{hint}")
+            kind = RemoteRejected if response.status_code in (400, 413, 422) and not hint else RemoteError
+            raise kind(f"the remote engine answered {response.status_code}: {detail[:500]}{hint}")
 
     def extensions(self) -> set[str]:
         return EXTENSIONS_BY_OWNER.get(self.owner, set())

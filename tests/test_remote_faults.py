@@ -90,6 +90,18 @@ def test_slow_remote_fails_with_a_clear_message_and_the_front_stays_up(front, en
     assert reply == "Hello there, friend."
 
 
+def test_a_request_the_remote_refuses_is_a_400_not_a_gateway_error(front, engine):
+    engine.failures[:] = [(400, None)]  # e.g. a prompt longer than the engine's context
+    with pytest.raises(openai.BadRequestError) as answer:
+        openai.OpenAI(base_url=front.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert "the remote engine refused the request" in answer.value.message and "answered 400" in answer.value.message
+    engine.failures[:] = [(404, None)]  # not the caller's fault: a gateway error
+    answer = httpx.post(front.url + "/", json={"prompt": "Hi", "max_new_tokens": 4}, timeout=30)
+    assert answer.status_code == 502 and "answered 404" in answer.json()["error"]["message"]
+    assert front.status()["state"] == "ready"
+
+
 def test_stop_while_the_remote_is_silent_ends_at_once(engine):
     manager = connected(engine, timeout_s=60)
     engine.first_token_delay_s = 30

@@ -132,6 +132,10 @@ class ApiRoute(APIRoute):
 
 def generation_failed(stats) -> ApiError:
     """The answer for a generation that ended in an error (GenerationStats): a gateway's codes when the remote
-    engine failed (502) or stayed silent (504), 500 when this process did."""
-    status = {"remote": 502, "remote-timeout": 504}.get(getattr(stats, "error_source", None) or "", 500)
+    engine failed (502) or stayed silent (504), 400 when it refused the request itself, 500 when this process
+    failed."""
+    source = getattr(stats, "error_source", None) or ""
+    if source == "remote-rejected":
+        return ApiError(400, f"the remote engine refused the request: {stats.error}", type="invalid_request_error")
+    status = {"remote": 502, "remote-timeout": 504}.get(source, 500)
     return ApiError(status, f"the generation failed: {stats.error}", type="server_error")
