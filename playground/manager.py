@@ -593,7 +593,8 @@ class ModelManager:
                 engine = loaded.model
                 info.update(base_url=loaded.path, remote_owner=engine.owner,
                             unavailable_params=engine.unavailable_params(), remote_chat_format=engine.chat_format,
-                            remote_concurrency=engine.concurrency, remote_timeout_s=engine.timeout_s)
+                            remote_concurrency=engine.concurrency, remote_timeout_s=engine.timeout_s,
+                            remote_last_success_at=engine.last_success_at, remote_last_failure=engine.last_failure)
         return info
 
     # ------------------------------------------------------------------------------------- generation

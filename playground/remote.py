@@ -11,6 +11,7 @@ import asyncio
 import json
 import queue
 import threading
+import time
 from typing import Any, Iterator
 
 import httpx
@@ -115,6 +116,10 @@ class RemoteEngine:
         self.requested_model = model
         self.model = model or ""
         self.owner = ""
+        self.metrics_error: str | None = None
+        # The outcome of the latest request, for /healthz: when the engine last answered, and its latest failure.
+        self.last_success_at: float | None = None
+        self.last_failure: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -247,11 +252,14 @@ class RemoteEngine:
     async def _produce(self, path: str, body: dict[str, Any], chat: bool, put) -> None:
         try:
             await self._stream_into(path, body, chat, put)
+            self.last_success_at = time.time()
             put(("end", None))
-        except RemoteError as exc:
+        except Exception as exc:  # anything still ends the reply with a message, never a hang
+            if not isinstance(exc, RemoteError):
+                exc = RemoteError(f"the remote engine's answer could not be read ({type(exc).__name__}: {exc})")
+            if not isinstance(exc, RemoteRejected):  # a refused request says nothing about the engine's health
+                self.last_failure = {"at": time.time(), "error": str(exc)}
             put(("error", exc))
-        except Exception as exc:  # anything else still ends the reply with a message, never a hang
-            put(("error", RemoteError(f"the remote engine's answer could not be read ({type(exc).__name__}: {exc})")))
 
     async def _stream_into(self, path: str, body: dict[str, Any], chat: bool, put) -> None:
         for attempt in range(RETRIES + 1):
@@ -286,11 +294,13 @@ class RemoteEngine:
                 raise RemoteError("the remote engine went away mid-reply") from None
 
     def metrics(self) -> dict[str, float] | None:
-        """The engine's Prometheus metrics, or None when it has none."""
+        """The engine's Prometheus metrics, or None when it has none; `metrics_error` says which when unreachable."""
         try:
             response = self.client.get(metrics_url(self.base_url), timeout=2.0)
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
+            self.metrics_error = f"cannot reach {metrics_url(self.base_url)}: {type(exc).__name__}"
             return None
+        self.metrics_error = None
         if response.status_code != 200 or "text/plain" not in response.headers.get("content-type", "text/plain"):
             return None
         return parse_prometheus(response.text) or None

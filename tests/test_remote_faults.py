@@ -86,8 +86,10 @@ def test_slow_remote_fails_with_a_clear_message_and_the_front_stays_up(front, en
     engine.first_token_delay_s = 0
     status = front.status()
     assert status["state"] == "ready" and status["running"] == 0 and status["queued"] == 0
+    assert "sent nothing" in status["remote_last_failure"]["error"]
     reply, _ = chat(front, "Hello again")
     assert reply == "Hello there, friend."
+    assert front.status()["remote_last_success_at"] > status["remote_last_failure"]["at"]
 
 
 def test_a_request_the_remote_refuses_is_a_400_not_a_gateway_error(front, engine):
@@ -324,8 +326,12 @@ def test_remote_killed_mid_stream_through_a_launched_front(tmp_path):
             assert received
             status = front.status()  # the front is still up, with nothing stuck in its queue
             assert status["state"] == "ready" and status["running"] == 0 and status["queued"] == 0
+            assert "went away mid-reply" in status["remote_last_failure"]["error"]  # /healthz tells operators
             reply, chat_status = chat(front, "Are you there?")
             assert "cannot reach the remote engine" in chat_status and "after 3 tries" in chat_status
+            time.sleep(1.5)  # a memory sample after the kill
+            _, report, *_ = Client(front.url, verbose=False).predict(api_name="/memory_tick")
+            assert "The remote engine cannot be reached now" in report
             assert httpx.get(front.url + "/", timeout=10).status_code == 200
         finally:
             front.stop()

@@ -40,8 +40,9 @@ def memory_report() -> str:
             f"(peak {inside.peak_allocated_mib:.0f} MiB), reserved **{inside.reserved_mib:.0f} MiB**"
         )
     status = manager.status()
-    if manager.remote_engine() is not None:
-        lines += ["", remote_report(status, reading.remote)]  # sampled with the rest, never fetched per view
+    engine = manager.remote_engine()
+    if engine is not None:
+        lines += ["", remote_report(status, reading.remote, engine.metrics_error)]  # sampled with the rest, never fetched per view
     elif status.get("name"):
         lines.append(
             f"Model **{status['name']}** ({status['kind']}, {status['dtype']} on {status['device']}): "
@@ -59,10 +60,12 @@ REMOTE_METRICS = [
 ]
 
 
-def remote_report(status: dict, metrics: dict[str, float] | None) -> str:
+def remote_report(status: dict, metrics: dict[str, float] | None, unreachable: str | None = None) -> str:
     """The remote engine's own figures when it serves Prometheus metrics; the figures above are this process's."""
     head = (f"Model **{status['name']}** is remote ({status['base_url']}); "
             "the figures above are this playground's process only.")
+    if unreachable:
+        return head + f" ⚠️ The remote engine cannot be reached now ({unreachable})."
     if not metrics:
         return head + " The remote engine serves no metrics."
     parts, shown = [], set()
