@@ -74,17 +74,15 @@ def test_seed_endpoint_and_langchain_through_the_front(front):
 
 
 def test_unavailable_field_is_rejected_not_dropped(front):
-    # The playground's /v1 takes no typical_p, so the front must refuse it rather than drop it.
-    answer = httpx.post(front.url + "/v1/chat/completions", timeout=30, json={
-        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "typical_p": 0.5})
-    # typical_p is not an OpenAI field of this API either; the manager path is checked directly below.
-    assert answer.status_code in (200, 400, 422)
-    engine = RemoteEngine("http://127.0.0.1:1/v1")
-    engine.owner = "yuan-playground"
-    from playground.params import SamplingParams
-
-    with pytest.raises(ParameterError, match="typical_p is not available on the remote engine"):
-        engine.request_fields(SamplingParams(typical_p=0.5))
+    # The remote (a playground's /v1) takes no typical_p: the front refuses it by name, on its API and in its UI.
+    answer = httpx.post(front.url + "/", timeout=30, json={"prompt": "Hi", "max_new_tokens": 4, "typical_p": 0.5})
+    assert answer.status_code == 400
+    assert "typical_p is not available on the remote engine (yuan-playground)" in answer.json()["error"]["message"]
+    settings = {**GREEDY, "typical_p": 0.5}
+    chat, status, _ = Client(front.url, verbose=False).predict("Hi", "", *settings.values(), api_name="/chat")
+    assert "typical_p is not available on the remote engine" in status
+    assert httpx.post(front.url + "/", timeout=30, json={"prompt": "Hi", "max_new_tokens": 4,
+                                                         "typical_p": 1.0}).status_code == 200  # its default is fine
 
 
 # -------------------------------------------------------------------------------- a fake vLLM remote
