@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from playground.remote import EXTENSION_FIELDS
 from playground.storage import default_data_dir
 
 # A Hugging Face model repo id: "owner/name" (letters, digits, "-", "_", "."), not an existing path.
@@ -33,6 +34,7 @@ class Settings:
     remote_timeout: float = 120.0  # seconds the remote may stay silent before a reply fails
     remote_concurrency: int = 16  # this playground's requests the remote gets at once (it batches them)
     remote_chat_format: str = "auto"  # server: its chat template; yuan: the prompt is built here (auto: by model)
+    remote_extensions: set[str] | None = None  # sampling fields beyond OpenAI's the remote takes (None: by owned_by)
 
 
 def _positive(kind):
@@ -47,6 +49,15 @@ def _positive(kind):
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _extension_list(text: str) -> set[str]:
+    names = {name.strip() for name in text.split(",") if name.strip()} - {"none"}
+    unknown = sorted(names - set(EXTENSION_FIELDS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown field(s) {', '.join(unknown)}; choose from "
+                                         f"{', '.join(EXTENSION_FIELDS)} or none")
+    return names
 
 
 def _env_flag(name: str) -> bool:
@@ -154,6 +165,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         help="server: the remote's chat endpoint and template; yuan: build Yuan2's prompt here and "
                              "use /v1/completions (the release's vLLM fork has no chat template); auto: yuan for a "
                              "Yuan model on vLLM, else server [PLAYGROUND_REMOTE_CHAT_FORMAT]")
+    parser.add_argument("--remote-extensions", type=_extension_list, metavar="LIST",
+                        default=env.get("PLAYGROUND_REMOTE_EXTENSIONS") or None,
+                        help="the sampling fields beyond OpenAI's that the remote takes, comma-separated from "
+                             f"{','.join(EXTENSION_FIELDS)}, or none; default: known from the engine's owned_by "
+                             "(vllm: top_k,min_p,repetition_penalty) [PLAYGROUND_REMOTE_EXTENSIONS]")
     args = parser.parse_args(argv)
     if args.backend == "openai" and not args.base_url:
         parser.error("--backend openai needs --base-url (or PLAYGROUND_BASE_URL)")

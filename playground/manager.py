@@ -479,11 +479,12 @@ class ModelManager:
 
     def load_remote(self, base_url: str, api_key: str | None = None, model: str | None = None,
                     timeout_s: float | None = None, concurrency: int | None = None,
-                    chat_format: str = "auto") -> dict[str, Any]:
+                    chat_format: str = "auto", extensions: set[str] | None = None) -> dict[str, Any]:
         """Serve a remote OpenAI-compatible engine instead of a local model; nothing is loaded here.
 
         `concurrency`: how many of this playground's requests the engine gets at once (it batches them); the rest
-        wait in this playground's queue, in order. On failure (engine down, key refused, no such model) the error
+        wait in this playground's queue, in order. `extensions`: the sampling fields beyond OpenAI's that the engine
+        takes (None: known from its `owned_by`). On failure (engine down, key refused, no such model) the error
         is kept in the status, naming the URL, and raised: RemoteUnreachable when trying again later may work.
         """
         from playground.remote import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, RemoteEngine, RemoteUnreachable
@@ -495,7 +496,8 @@ class ModelManager:
         try:
             engine = RemoteEngine(base_url, api_key=api_key, model=model,
                                   timeout_s=timeout_s or DEFAULT_TIMEOUT_S,
-                                  concurrency=concurrency or DEFAULT_CONCURRENCY, chat_format=chat_format)
+                                  concurrency=concurrency or DEFAULT_CONCURRENCY, chat_format=chat_format,
+                                  extensions=extensions)
             try:
                 engine.connect()
             except PlaygroundError as exc:

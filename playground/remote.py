@@ -93,10 +93,16 @@ def _local_format(name: str):
 class RemoteEngine:
     def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, concurrency: int = DEFAULT_CONCURRENCY,
-                 chat_format: str = "auto"):
+                 chat_format: str = "auto", extensions: set[str] | None = None):
         if chat_format not in CHAT_FORMATS:
             raise ParameterError(f"unknown remote chat format {chat_format!r}; use {', '.join(CHAT_FORMATS)}",
                                  field="remote_chat_format")
+        unknown = sorted(set(extensions or ()) - set(EXTENSION_FIELDS))
+        if unknown:
+            raise ParameterError(f"unknown sampling extension(s) {', '.join(unknown)}; "
+                                 f"choose from {', '.join(EXTENSION_FIELDS)}", field="remote_extensions")
+        # None: decided by the engine's owned_by; a set: what the user says the engine takes (SGLang, llama.cpp...).
+        self.declared_extensions = None if extensions is None else set(extensions)
         self.base_url = base_url.rstrip("/")
         self.timeout_s = float(timeout_s)
         self.concurrency = max(1, int(concurrency))
@@ -169,6 +175,8 @@ class RemoteEngine:
             raise kind(f"the remote engine answered {response.status_code}: {detail[:500]}{hint}")
 
     def extensions(self) -> set[str]:
+        if self.declared_extensions is not None:
+            return self.declared_extensions
         return EXTENSIONS_BY_OWNER.get(self.owner, set())
 
     def unavailable_params(self) -> list[str]:

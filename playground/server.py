@@ -29,7 +29,7 @@ def load_in_background(settings: Settings) -> threading.Thread:
                 get_manager().keep_connecting_remote(
                     settings.base_url, api_key=settings.remote_api_key, model=settings.remote_model,
                     timeout_s=settings.remote_timeout, concurrency=settings.remote_concurrency,
-                    chat_format=settings.remote_chat_format,
+                    chat_format=settings.remote_chat_format, extensions=settings.remote_extensions,
                 )
             else:
                 get_manager().load(settings.model, device=settings.device, dtype=settings.dtype)

@@ -260,6 +260,24 @@ def test_unknown_chat_format_is_refused(engine):
         ModelManager().load_remote(engine.base_url, chat_format="chatml")
 
 
+def test_declared_extensions_override_the_owner_table():
+    with FakeEngine(owned_by="sglang") as other:  # an engine the owner table does not know
+        manager = connected(other)
+        assert manager.unavailable_params() == ["top_k", "min_p", "typical_p", "repetition_penalty",
+                                                "no_repeat_ngram_size"]
+        manager.generate(prompt="Hi", params={"max_new_tokens": 2})
+        assert not {"top_k", "min_p"} & set(other.requests[-1]["body"])  # defaults not sent, nothing invented
+        manager = connected(other, extensions={"top_k", "typical_p"})  # --remote-extensions top_k,typical_p
+        assert manager.unavailable_params() == ["min_p", "repetition_penalty", "no_repeat_ngram_size"]
+        manager.generate(prompt="Hi", params={"max_new_tokens": 2, "typical_p": 0.5})
+        sent = other.requests[-1]["body"]
+        assert sent["typical_p"] == 0.5 and sent["top_k"] == 50 and "min_p" not in sent
+        with pytest.raises(PlaygroundError, match=r"min_p is not available on the remote engine \(sglang\)"):
+            manager.generate(prompt="Hi", params={"min_p": 0.1})
+    with pytest.raises(PlaygroundError, match="unknown sampling extension"):
+        ModelManager().load_remote(other.base_url, extensions={"top_z"})
+
+
 def test_vllm_0_4_chat_logprobs_are_read(engine):
     manager = connected(engine)
     engine.legacy_chat_logprobs = True
@@ -346,7 +364,7 @@ def test_remote_options_and_their_environment_variables(monkeypatch, capsys):
     from playground.config import parse_args
 
     for name in ("PLAYGROUND_BACKEND", "PLAYGROUND_BASE_URL", "PLAYGROUND_REMOTE_TIMEOUT",
-                 "PLAYGROUND_REMOTE_CONCURRENCY", "PLAYGROUND_REMOTE_CHAT_FORMAT"):
+                 "PLAYGROUND_REMOTE_CONCURRENCY", "PLAYGROUND_REMOTE_CHAT_FORMAT", "PLAYGROUND_REMOTE_EXTENSIONS"):
         monkeypatch.delenv(name, raising=False)
     defaults = parse_args([])
     assert (defaults.remote_timeout, defaults.remote_concurrency, defaults.remote_chat_format) == (120.0, 16, "auto")
@@ -359,9 +377,14 @@ def test_remote_options_and_their_environment_variables(monkeypatch, capsys):
     assert (settings.backend, settings.base_url, settings.remote_timeout, settings.remote_concurrency,
             settings.remote_chat_format) == ("openai", "http://gpu-host:8000/v1", 30.0, 64, "yuan")
     assert parse_args(["--remote-concurrency", "4"]).remote_concurrency == 4  # options win over the environment
+    assert defaults.remote_extensions is None  # known from the engine's owned_by
+    assert parse_args(["--remote-extensions", "top_k, min_p"]).remote_extensions == {"top_k", "min_p"}
+    monkeypatch.setenv("PLAYGROUND_REMOTE_EXTENSIONS", "none")
+    assert parse_args([]).remote_extensions == set()
     for bad, words in ((["--remote-timeout", "0"], "must be greater than 0"),
                        (["--remote-concurrency", "many"], "'many' is not a number"),
-                       (["--remote-chat-format", "chatml"], "invalid choice")):
+                       (["--remote-chat-format", "chatml"], "invalid choice"),
+                       (["--remote-extensions", "top_k,top_z"], "unknown field(s) top_z")):
         with pytest.raises(SystemExit):
             parse_args(bad)
         assert words in capsys.readouterr().err
