@@ -510,7 +510,8 @@ class ModelManager:
             self._loaded = LoadedModel(
                 model=engine, tokenizer=None, chat_format=engine.local_format or PlainChatFormat(),
                 name=engine.model, kind="remote", path=engine.base_url, device="remote", dtype="remote",
-                parameters=0, memory_bytes=0, load_time_s=time.perf_counter() - started, context_length=0,
+                parameters=0, memory_bytes=0, load_time_s=time.perf_counter() - started,
+                context_length=engine.context_length,
             )
             self._last_error = None
             _close_remote(previous)

@@ -123,6 +123,7 @@ class RemoteEngine:
         self.model = model or ""
         self.owner = ""
         self.metrics_error: str | None = None
+        self.context_length = 0  # 0: the engine did not say
         # The outcome of the latest request, for /healthz: when the engine last answered, and its latest failure.
         self.last_success_at: float | None = None
         self.last_failure: dict[str, Any] | None = None
@@ -153,6 +154,10 @@ class RemoteEngine:
             raise RemoteError(f"the remote engine serves {names}, not {self.requested_model!r}")
         self.model = chosen["id"]
         self.owner = str(chosen.get("owned_by") or "")
+        try:  # vLLM lists the context length it serves; others may not say
+            self.context_length = int(chosen.get("max_model_len") or 0)
+        except (TypeError, ValueError):
+            self.context_length = 0
         self.chat_format = self._choose_chat_format()
         self.local_format = _local_format(self.chat_format)
 

@@ -83,7 +83,8 @@ class FakeEngine:
 
         @app.get("/v1/models")
         def models():
-            return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": self.owned_by}]}
+            return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": self.owned_by,
+                                                "max_model_len": 4096}]}
 
         @app.get("/metrics")
         def metrics():

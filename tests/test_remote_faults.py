@@ -263,6 +263,7 @@ def test_unknown_chat_format_is_refused(engine):
 def test_declared_extensions_override_the_owner_table():
     with FakeEngine(owned_by="sglang") as other:  # an engine the owner table does not know
         manager = connected(other)
+        assert manager.status()["context_length"] == 4096  # from the engine's model card
         assert manager.unavailable_params() == ["top_k", "min_p", "typical_p", "repetition_penalty",
                                                 "no_repeat_ngram_size"]
         manager.generate(prompt="Hi", params={"max_new_tokens": 2})
