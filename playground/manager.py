@@ -707,6 +707,53 @@ class ModelManager:
                 return GenerationResult(text=event.text, stats=event.stats, tokens=tokens)
         raise PlaygroundError("generation ended without a result")  # pragma: no cover
 
+    def stream_each(self, requests: list[dict[str, Any]], owner: str | None = None
+                    ) -> Iterator[tuple[int, GenerationEvent | PlaygroundError]]:
+        """Several independent generations (`stream` keyword arguments each), as (index, event) pairs.
+
+        With a remote engine they all start at once, so the engine batches them (this playground's queue still
+        bounds how many run); with a local model they run one after another, each joining the queue in turn. A
+        request refused before it starts gives (index, error) and the others go on. Closing the iterator early
+        cancels whatever still runs.
+        """
+        handles = [GenerationHandle(owner) for _ in requests]
+        if self.remote_engine() is None:
+            for index, kwargs in enumerate(requests):
+                try:
+                    for event in self.stream(handle=handles[index], **kwargs):
+                        yield index, event
+                except PlaygroundError as exc:
+                    yield index, exc
+            return
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        finished = object()
+
+        def run(index: int, kwargs: dict[str, Any]) -> None:
+            try:
+                for event in self.stream(handle=handles[index], **kwargs):
+                    inbox.put((index, event))
+            except PlaygroundError as exc:
+                inbox.put((index, exc))
+            except BaseException as exc:  # noqa: BLE001  (reported, never lost in the thread)
+                inbox.put((index, PlaygroundError(f"{type(exc).__name__}: {exc}")))
+            finally:
+                inbox.put((index, finished))
+
+        # Short-lived threads that only wait on HTTP: no torch work runs on them.
+        for index, kwargs in enumerate(requests):
+            threading.Thread(target=run, args=(index, kwargs), name=f"stream-each-{index}", daemon=True).start()
+        remaining = len(requests)
+        try:
+            while remaining:
+                index, item = inbox.get()
+                if item is finished:
+                    remaining -= 1
+                else:
+                    yield index, item
+        finally:
+            for handle in handles:
+                handle.cancel()  # a no-op for those that ended
+
     def _generate_remote(self, loaded, messages, prompt, params, handle, queue_wait, logprobs) -> Iterator[GenerationEvent]:
         """One reply from the remote engine, as the same events a local generation yields."""
         from playground.remote import RemoteError, RemoteRejected, RemoteTimeout

@@ -265,3 +265,24 @@ def test_compute_runs_on_a_short_lived_thread_and_raises():
     assert names == "compute" and _threading.current_thread().name != "compute"
     with pytest.raises(ZeroDivisionError):
         ModelManager.compute(lambda: 1 / 0)
+
+
+def test_stream_each_runs_local_requests_in_turn(manager):
+    requests = [dict(prompt="Hi", params={"temperature": 0, "max_new_tokens": 3}),
+                dict(prompt="   ", params={"max_new_tokens": 3}),  # refused before it starts
+                dict(prompt="Hello", params={"temperature": 0, "max_new_tokens": 3})]
+    seen = list(manager.stream_each(requests, owner="lab"))
+    indices = [index for index, _ in seen]
+    assert indices == sorted(indices)  # a local model: one after another
+    errors = [(index, str(item)) for index, item in seen if isinstance(item, Exception)]
+    assert errors == [(1, "the prompt is empty")]
+    done = {index: item for index, item in seen if not isinstance(item, Exception) and item.kind == "done"}
+    assert sorted(done) == [0, 2] and all(event.stats.new_tokens == 3 for event in done.values())
+
+
+def test_closing_stream_each_cancels_what_runs(manager):
+    events = manager.stream_each([dict(prompt="Tell me a story", params=LONG)] * 2, owner="lab")
+    next(item for _, item in events if item.kind == "delta")
+    events.close()
+    assert manager.status()["running"] == 0 and manager.status()["queued"] == 0
+    assert manager.generate(prompt="Hi", params={"temperature": 0, "max_new_tokens": 2}).stats.new_tokens == 2

@@ -216,6 +216,40 @@ def test_the_remote_gets_concurrency_requests_at_once_the_rest_wait_in_order(eng
     assert manager.status()["running"] == 0 and manager.status()["queued"] == 0
 
 
+def test_lab_settings_go_to_the_remote_at_once(front, engine):
+    engine.token_delay_s = 0.2
+    engine.max_active = 0
+    before = len(engine.requests)
+    headers = ["temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size",
+               "max_new_tokens", "seed"]
+    rows = [[0.0, 0.9, 50, 0, 1, 1, 0, 8, 1], [0.7, 0.9, 50, 0, 1, 1, 0, 8, 2], [1.0, 0.9, 50, 0, 1, 1, 0, 8, 3],
+            [0.7, 0.9, 50, 0, 0.5, 1, 0, 8, 4]]  # the last asks for typical_p, which vLLM lacks
+    out = Client(front.url, verbose=False).predict("Name a colour.", {"headers": headers, "data": rows},
+                                                   api_name="/lab_run")
+    texts, notes, status = out[:4], out[6:10], out[14]
+    assert status == "Done: 3 of 4 settings"
+    assert [text["value"] for text in texts[:3]] == ["Hello there, friend."] * 3
+    assert "typical_p is not available on the remote engine (vllm)" in notes[3]["value"]
+    assert engine.max_active == 2  # batched up to --remote-concurrency, not one after another
+    assert len(engine.requests) - before == 3  # the refused setting never reached the engine
+
+
+def test_closing_stream_each_on_a_remote_cancels_every_request(engine):
+    manager = connected(engine, concurrency=4)
+    engine.token_delay_s = 0.5
+    disconnects = engine.disconnects
+    events = manager.stream_each([dict(prompt=f"p{i}", params={"max_new_tokens": 8}) for i in range(3)])
+    next(item for _, item in events if item.kind == "delta")
+    while engine.active < 3:
+        time.sleep(0.02)
+    events.close()  # a lab run whose page went away
+    deadline = time.monotonic() + 5
+    while (engine.disconnects < disconnects + 3 or manager.status()["running"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.disconnects == disconnects + 3 and engine.active == 0
+    assert manager.status()["running"] == 0 and manager.status()["queued"] == 0
+
+
 # ------------------------------------------------------------------------------- Yuan on the vLLM fork
 
 

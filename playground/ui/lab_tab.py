@@ -193,33 +193,45 @@ def run_lab(prompt: str, table: Any, request: gr.Request | None = None):
         return texts + notes
 
     manager = get_manager()
-    for index, params in enumerate(settings):
-        tokens: list[Any] = []
-        try:
-            loaded = manager.require_model()
-            for event in manager.stream(prompt=None, messages=[{"role": "user", "content": prompt}], params=params,
-                                        owner=owner, logprobs=INSPECT_TOP, capture_routing=loaded.has_experts):
-                tokens.extend(event.tokens)
-                if event.kind == "queued":
-                    lines[index] = f"waiting: place {event.position}"
-                elif event.kind == "delta":
-                    outputs[index] += event.text
-                    lines[index] = "generating…"
-                elif event.kind == "done":
-                    outputs[index] = event.text
-                    stats[index] = event.stats
-                    lines[index] = event.stats.summary() if event.stats.finish_reason != "error" else f"⚠️ {event.stats.error}"
-                    details[index] = {"tokens": tokens_to_state(tokens),
-                                      "routing": routing_to_state(event.routing, loaded.tokenizer)}
-                # the details state is written once per finished cell, not copied on every token
-                yield (*cells(), None, None, f"Running setting {index + 1} of {len(settings)}",
-                       details if event.kind == "done" else gr.skip())
-        except PlaygroundError as exc:
-            lines[index] = f"⚠️ {exc}"
-            yield (*cells(), None, None, f"⚠️ {exc}", details)
-            return
-        if stats[index] is not None and stats[index].finish_reason == "cancelled":
-            break
+    loaded = manager.loaded
+    capture_routing = bool(loaded and loaded.has_experts)
+    tokens: list[list[Any]] = [[] for _ in settings]
+    requests = [dict(messages=[{"role": "user", "content": prompt}], params=params, logprobs=INSPECT_TOP,
+                     capture_routing=capture_routing) for params in settings]
+    # A local model runs the settings in turn; a remote engine gets them at once and batches them.
+    events = manager.stream_each(requests, owner=owner)
+    refused: list[str] = []
+    try:
+        for index, event in events:
+            if isinstance(event, PlaygroundError):
+                lines[index] = f"⚠️ {event}"
+                refused.append(str(event))
+                yield (*cells(), None, None, f"⚠️ {event}", details)
+                continue
+            tokens[index].extend(event.tokens)
+            if event.kind == "queued":
+                lines[index] = f"waiting: place {event.position}"
+            elif event.kind == "delta":
+                outputs[index] += event.text
+                lines[index] = "generating…"
+            elif event.kind == "done":
+                outputs[index] = event.text
+                stats[index] = event.stats
+                lines[index] = event.stats.summary() if event.stats.finish_reason != "error" else f"⚠️ {event.stats.error}"
+                details[index] = {"tokens": tokens_to_state(tokens[index]),
+                                  "routing": routing_to_state(event.routing, loaded.tokenizer if loaded else None)}
+            running = sum(1 for line in lines if line == "generating…")
+            progress = (f"Running setting {index + 1} of {len(settings)}" if running <= 1
+                        else f"Running {running} of {len(settings)} settings at once")
+            # the details state is written once per finished cell, not copied on every token
+            yield (*cells(), None, None, progress, details if event.kind == "done" else gr.skip())
+            if event.kind == "done" and event.stats.finish_reason == "cancelled":
+                break  # stopped: the settings after it are not run
+    finally:
+        events.close()
+    if refused and all(s is None for s in stats):
+        yield (*cells(), None, None, f"⚠️ {refused[0]}", details)  # nothing ran: nothing to save or tabulate
+        return
     save_run(prompt, settings, outputs, stats)
     frame = results_frame(prompt, settings, outputs, stats)
     yield (*cells(), frame, write_csv(frame), f"Done: {sum(s is not None for s in stats)} of {len(settings)} settings",
