@@ -217,3 +217,12 @@ def test_7_remote_engine_greys_out_what_it_cannot_take(remote_page, screens):
     expect(page.locator("#memory-report")).to_contain_text("KV cache used **37.5%**".replace("**", ""))
     expect(page.locator("#remote-plot-0 g.mark-line path").first).to_be_attached(timeout=15_000)
     shot(page, screens, "7b-remote-memory")
+    # Switching to a local model (the embedded one, from the model panel) brings the controls back.
+    page.locator("#model-panel").get_by_text("Model", exact=True).first.click()
+    page.locator("#model-load").click()
+    expect(page.locator("#model-status")).to_contain_text("SmolLM2-135M-Instruct", timeout=60_000)
+    open_tab(page, "Chat")
+    for name in ("typical_p", "no_repeat_ngram_size"):
+        expect(page.get_by_label(f"number input for {name}").first).to_be_enabled(timeout=15_000)
+    expect(page.get_by_text("not available on the remote engine")).to_have_count(0)
+    shot(page, screens, "7c-local-again")

@@ -41,23 +41,27 @@ def sampling_controls(defaults: SamplingParams | None = None, open: bool = False
 
 
 def mark_unavailable_controls(controls: list[gr.components.Component]) -> None:
-    """Once the model is ready, grey out the fields its engine cannot take (a remote engine may lack some)."""
+    """Grey out the fields the current engine cannot take (a remote engine may lack some), and bring them back
+    when the model changes. The page's greyed set is kept per session, so a tick changes nothing until it differs."""
     from playground.manager import get_manager
 
-    check = gr.Timer(1.0)
+    check = gr.Timer(2.0)
+    shown = gr.State(None)  # the fields this page shows greyed out; None before the first check
+    infos = [getattr(control, "info", None) for control in controls]
 
-    def mark():
+    def mark(greyed):
         manager = get_manager()
-        if manager.status()["state"] != "ready":
-            return [gr.update() for _ in controls] + [gr.Timer(active=True)]
-        missing = set(manager.unavailable_params())
+        missing = sorted(manager.unavailable_params()) if manager.status()["state"] == "ready" else greyed
+        if missing is None or missing == greyed:
+            return [gr.skip() for _ in controls] + [greyed]
         updates = [
-            gr.update(interactive=False, info="not available on the remote engine") if name in missing else gr.update()
-            for name in PARAM_FIELDS
+            gr.update(interactive=False, info="not available on the remote engine") if name in missing
+            else gr.update(interactive=True, info=info or "")  # "" clears it: None would leave the old text
+            for name, info in zip(PARAM_FIELDS, infos)
         ]
-        return updates + [gr.Timer(active=False)]  # checked once per page
+        return updates + [missing]
 
-    check.tick(mark, None, [*controls, check], api_name=False, queue=False, show_progress="hidden")
+    check.tick(mark, shown, [*controls, shown], api_name=False, queue=False, show_progress="hidden")
 
 
 def params_from_controls(values: list[Any] | tuple[Any, ...]) -> SamplingParams:
