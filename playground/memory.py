@@ -247,8 +247,7 @@ class MemorySampler:
     def remote_frame(self):
         """The remote engine's figures over time as a long DataFrame: seconds, series, value, unit.
 
-        vLLM names (older releases say gpu_cache, newer kv_cache); token rates come from the counters' growth
-        between samples.
+        Token rates come from the counters' growth between samples.
         """
         import pandas as pd
 
@@ -259,12 +258,8 @@ class MemorySampler:
         for s in samples:
             ago = round(s.time - now, 1)
             metrics = s.remote
-            kv = metrics.get("vllm:kv_cache_usage_perc", metrics.get("vllm:gpu_cache_usage_perc"))
-            if kv is not None:
-                rows.append({"seconds": ago, "series": "KV cache used", "value": kv * 100, "unit": "%"})
-            for name, words in REMOTE_COUNTS:
-                if name in metrics:
-                    rows.append({"seconds": ago, "series": words, "value": metrics[name], "unit": "requests"})
+            for words, value, unit in remote_gauges(metrics):
+                rows.append({"seconds": ago, "series": words, "value": value, "unit": unit})
             if previous is not None and s.time > previous.time:
                 for name, words in REMOTE_RATES:
                     if name in metrics and name in previous.remote and metrics[name] >= previous.remote[name]:
@@ -274,5 +269,21 @@ class MemorySampler:
         return pd.DataFrame(rows, columns=["seconds", "series", "value", "unit"])
 
 
-REMOTE_COUNTS = [("vllm:num_requests_running", "requests running"), ("vllm:num_requests_waiting", "requests waiting")]
+# vLLM's gauges: (names, in the order tried, since older releases say gpu_cache and newer kv_cache), words, unit,
+# scale. The counters below become rates.
+REMOTE_GAUGES = [
+    (("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"), "KV cache used", "%", 100.0),
+    (("vllm:num_requests_running",), "requests running", "requests", 1.0),
+    (("vllm:num_requests_waiting",), "requests waiting", "requests", 1.0),
+]
 REMOTE_RATES = [("vllm:generation_tokens_total", "generated tokens/s"), ("vllm:prompt_tokens_total", "prompt tokens/s")]
+
+
+def remote_gauges(metrics: dict[str, float]) -> list[tuple[str, float, str]]:
+    """(words, value, unit) for each vLLM gauge the engine's metrics have (KV cache use in percent)."""
+    found = []
+    for names, words, unit, scale in REMOTE_GAUGES:
+        name = next((name for name in names if name in metrics), None)
+        if name is not None:
+            found.append((words, metrics[name] * scale, unit))
+    return found

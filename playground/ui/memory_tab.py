@@ -6,6 +6,7 @@ import gradio as gr
 
 from playground import spaces_support
 from playground.manager import get_manager
+from playground.memory import remote_gauges
 
 
 def memory_report() -> str:
@@ -51,15 +52,6 @@ def memory_report() -> str:
     return "\n".join(lines)
 
 
-# vLLM's metric names (older releases say gpu_cache, newer kv_cache) and how they read.
-REMOTE_METRICS = [
-    ("vllm:kv_cache_usage_perc", "KV cache used", "percent"),
-    ("vllm:gpu_cache_usage_perc", "KV cache used", "percent"),
-    ("vllm:num_requests_running", "requests running", "count"),
-    ("vllm:num_requests_waiting", "requests waiting", "count"),
-]
-
-
 def remote_report(status: dict, metrics: dict[str, float] | None, unreachable: str | None = None) -> str:
     """The remote engine's own figures when it serves Prometheus metrics; the figures above are this process's."""
     head = (f"Model **{status['name']}** is remote ({status['base_url']}); "
@@ -68,12 +60,8 @@ def remote_report(status: dict, metrics: dict[str, float] | None, unreachable: s
         return head + f" ⚠️ The remote engine cannot be reached now ({unreachable})."
     if not metrics:
         return head + " The remote engine serves no metrics."
-    parts, shown = [], set()
-    for name, words, unit in REMOTE_METRICS:
-        if name in metrics and words not in shown:
-            shown.add(words)
-            value = metrics[name]
-            parts.append(f"{words} **{value * 100:.1f}%**" if unit == "percent" else f"{words} **{value:.0f}**")
+    parts = [f"{words} **{value:.1f}%**" if unit == "%" else f"{words} **{value:.0f}**"
+             for words, value, unit in remote_gauges(metrics)]
     return head + (" Remote engine: " + " · ".join(parts) if parts else " The remote engine's metrics name no "
                    "KV cache or request figures.")
 
