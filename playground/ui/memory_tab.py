@@ -43,7 +43,8 @@ def memory_report() -> str:
     status = manager.status()
     engine = manager.remote_engine()
     if engine is not None:
-        lines += ["", remote_report(status, reading.remote, engine.metrics_error)]  # sampled with the rest, never fetched per view
+        # The engine's figures were sampled with the rest: a view never fetches them itself.
+        lines += ["", remote_report(status, reading.remote, engine.metrics_error)]
     elif status.get("name"):
         lines.append(
             f"Model **{status['name']}** ({status['kind']}, {status['dtype']} on {status['device']}): "
