@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from playground.remote import EXTENSION_FIELDS
+from playground.remote import CHAT_FORMATS, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, EXTENSION_FIELDS
 from playground.storage import default_data_dir
 
 # A Hugging Face model repo id: "owner/name" (letters, digits, "-", "_", "."), not an existing path.
@@ -31,8 +31,8 @@ class Settings:
     base_url: str | None = None
     remote_api_key: str | None = None  # the remote engine's key (api_key protects this server's own API)
     remote_model: str | None = None  # None: the first model the remote engine lists
-    remote_timeout: float = 120.0  # seconds the remote may stay silent before a reply fails
-    remote_concurrency: int = 16  # this playground's requests the remote gets at once (it batches them)
+    remote_timeout: float = DEFAULT_TIMEOUT_S  # seconds the remote may stay silent before a reply fails
+    remote_concurrency: int = DEFAULT_CONCURRENCY  # this playground's requests the remote gets at once (it batches them)
     remote_chat_format: str = "auto"  # server: its chat template; yuan: the prompt is built here (auto: by model)
     remote_extensions: set[str] | None = None  # sampling fields beyond OpenAI's the remote takes (None: by owned_by)
 
@@ -153,14 +153,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--remote-model", default=env.get("PLAYGROUND_REMOTE_MODEL") or None, metavar="NAME",
                         help="the remote engine's model to use; default: the first it lists [PLAYGROUND_REMOTE_MODEL]")
     parser.add_argument("--remote-timeout", type=_positive(float), metavar="SECONDS",
-                        default=env.get("PLAYGROUND_REMOTE_TIMEOUT", "120"),
+                        default=env.get("PLAYGROUND_REMOTE_TIMEOUT", str(DEFAULT_TIMEOUT_S)),
                         help="how long the remote may stay silent (first token included) before a reply fails "
                              "[PLAYGROUND_REMOTE_TIMEOUT]")
     parser.add_argument("--remote-concurrency", type=_positive(int), metavar="N",
-                        default=env.get("PLAYGROUND_REMOTE_CONCURRENCY", "16"),
+                        default=env.get("PLAYGROUND_REMOTE_CONCURRENCY", str(DEFAULT_CONCURRENCY)),
                         help="how many requests the remote gets at once (it batches them); the rest wait in this "
                              "playground's queue in order [PLAYGROUND_REMOTE_CONCURRENCY]")
-    parser.add_argument("--remote-chat-format", choices=["auto", "server", "yuan"],
+    parser.add_argument("--remote-chat-format", choices=CHAT_FORMATS,
                         default=env.get("PLAYGROUND_REMOTE_CHAT_FORMAT", "auto"),
                         help="server: the remote's chat endpoint and template; yuan: build Yuan2's prompt here and "
                              "use /v1/completions (the release's vLLM fork has no chat template); auto: yuan for a "

@@ -776,10 +776,8 @@ class ModelManager:
                                         top=[(-1, alt, lp) for alt, lp in t["top"]]) for t in token_dicts]
                     # A prompt format built here (Yuan's) comes back with its special tokens: clean as locally,
                     # holding back a special token that is only half received.
-                    clean = chat_format.clean_output(raw)
-                    if _partial_special_token(raw, chat_format) or not clean.startswith(emitted):
-                        clean = emitted
-                    text, emitted = clean[len(emitted):], clean
+                    text = _extension(emitted, chat_format.clean_output(raw), hold=_partial_special_token(raw, chat_format))
+                    emitted += text
                     if text or tokens:
                         yield GenerationEvent("delta", text=text, tokens=tokens)
                 elif kind == "finish":
@@ -810,10 +808,10 @@ class ModelManager:
                 stats.error_source = "remote"
             else:
                 stats.finish_reason = "length" if reason == "length" else "stop"
-        final = chat_format.clean_output(raw)
-        if final.startswith(emitted) and len(final) > len(emitted):  # what was held back, so deltas add up
-            yield GenerationEvent("delta", text=final[len(emitted):], tokens=[])
-            emitted = final
+        held_back = _extension(emitted, chat_format.clean_output(raw))
+        if held_back:  # so the deltas add up to the reply
+            yield GenerationEvent("delta", text=held_back, tokens=[])
+            emitted += held_back
         self.generations_done += 1
         yield GenerationEvent("done", text=emitted, stats=stats)
 
@@ -879,12 +877,8 @@ class ModelManager:
                     chat_format.clean_output(tokenizer.decode(new_ids, skip_special_tokens=chat_format.skip_special_tokens)),
                     params.stop,
                 )[0]
-                # Hold back a partial multi-byte character; emit only what extends the text already sent.
-                if clean.endswith("\ufffd") or not clean.startswith(emitted):
-                    if infos:
-                        yield GenerationEvent("delta", text="", tokens=infos)
-                    continue
-                delta, emitted = clean[len(emitted):], clean
+                delta = _extension(emitted, clean, hold=clean.endswith("\ufffd"))  # a partial multi-byte character
+                emitted += delta
                 if delta or infos:
                     yield GenerationEvent("delta", text=delta, tokens=infos)
         except BaseException:  # the consumer went away (GeneratorExit) or failed: stop the model too
@@ -927,8 +921,9 @@ class ModelManager:
         elif len(new_ids) >= params.max_new_tokens:
             stats.finish_reason = "length"
         self.generations_done += 1
-        if final != emitted and final.startswith(emitted):
-            yield GenerationEvent("delta", text=final[len(emitted):])
+        held_back = _extension(emitted, final)
+        if held_back:
+            yield GenerationEvent("delta", text=held_back)
         routing = None
         if traces:
             experts, weights = traces[0]
@@ -1066,6 +1061,11 @@ def _eos_ids(model, tokenizer) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
+
+
+def _extension(emitted: str, clean: str, hold: bool = False) -> str:
+    """The text that extends what was already sent: "" while held back, or when cleaning rewrote earlier text."""
+    return clean[len(emitted):] if not hold and clean.startswith(emitted) else ""
 
 
 def _partial_special_token(text: str, chat_format) -> bool:
