@@ -442,7 +442,8 @@ class ModelManager:
         from playground.models.yuan.prompt import YuanChatFormat
 
         folder = check_yuan_folder(path)  # names the missing or damaged file before anything is built
-        # "auto": the loader picks fp16 for INT4 on CUDA, the checkpoint's dtype for float on CUDA, fp32 on CPU.
+        # "auto": INT4 runs on int4 kernels (bf16 weights, fp32 activations on CPU; bf16 on CUDA), float folders in
+        # the checkpoint's dtype on CUDA and fp32 on CPU; "float32" is the exact mode (playground.models.yuan.precision).
         torch_dtype = None if dtype in (None, "", "auto") else resolve_dtype(dtype, device)
         model, tokenizer = load_yuan(folder, device=device, dtype=torch_dtype, progress=report)
         return self._finish(
@@ -466,6 +467,8 @@ class ModelManager:
         )
         memory = sum(t.numel() * t.element_size() for t in tensors)
         dtype = next((str(p.dtype) for p in model.parameters() if p.is_floating_point()), "unknown")
+        if getattr(model, "compute_precision", None) is not None:  # Yuan: mixed precisions, described by the loader
+            dtype = model.compute_precision.describe()
         context = int(
             getattr(model.config, "max_position_embeddings", None)
             or getattr(tokenizer, "model_max_length", None)

@@ -71,6 +71,16 @@ def tiny_int4_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_int8_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """The INT8 release's layout (GPTQ bits 8, four values per int32)."""
+    from playground.models.yuan.make_tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("yuan_int8"), int4=True, bits=8, tokenizer_dir=tokenizer_dir, seed=5, **SMALL_DIMS
+    )
+
+
+@pytest.fixture(scope="session")
 def full_vocab_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """Float checkpoint with the release's padded vocabulary (135040), for tests that use the real tokenizer."""
     from playground.models.yuan.make_tiny import make_tiny_checkpoint

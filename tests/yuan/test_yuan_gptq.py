@@ -115,8 +115,7 @@ def test_quantize_config_release_settings_are_read(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"bits": 8}, "bits 8"),
-        ({"desc_act": True}, "desc_act"),
+        ({"bits": 3}, "bits 3"),
         ({"checkpoint_format": "gptq_v2"}, "gptq_v2"),
         ({"quant_method": "awq"}, "awq"),
         ({"group_size": 100}, "group_size 100"),

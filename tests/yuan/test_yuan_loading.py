@@ -61,8 +61,8 @@ def test_auto_classes_ignore_the_remote_code(tiny_float_dir, tiny_int4_dir):
     assert isinstance(int4.model.layers[0].self_attn.q_proj, QuantLinear)
 
 
-def test_int4_weights_stay_packed(tiny_int4_dir, small_config):
-    model, _ = load_yuan(tiny_int4_dir)
+def test_int4_weights_stay_packed_in_exact_mode(tiny_int4_dir, small_config):
+    model, _ = load_yuan(tiny_int4_dir, dtype=torch.float32)
     quantized = {name for name, module in model.named_modules() if isinstance(module, QuantLinear)}
     expected = {name for name, _ in model.named_modules() if QUANTIZED_LINEAR.match(name)}
     layers, experts = small_config.num_hidden_layers, small_config.num_experts
@@ -72,6 +72,7 @@ def test_int4_weights_stay_packed(tiny_int4_dir, small_config):
         assert module.qweight.dtype == torch.int32 and module.scales.dtype == torch.float16
         assert not any(t.is_floating_point() and t.dim() == 2 and t.shape[0] == module.out_features
                        for t in module.buffers() if t is not module.scales)
+        assert module.kernel is None  # exact mode dequantises per call
     # Embedding, norms and the LFA convolutions stay float (float32 compute on CPU).
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert model.model.layers[0].self_attn.lf_gate.conv1.weight.dtype == torch.float32
@@ -93,7 +94,7 @@ def _dequantised_copy(model: YuanForCausalLM) -> YuanForCausalLM:
 
 
 def test_int4_logits_close_to_float_model_of_dequantised_weights(tiny_int4_dir):
-    model, _ = load_yuan(tiny_int4_dir)
+    model, _ = load_yuan(tiny_int4_dir, dtype=torch.float32)
     reference = _dequantised_copy(model)
     assert not any(isinstance(m, QuantLinear) for m in reference.modules())
     got, expected = model(PROMPT).logits, reference(PROMPT).logits
@@ -109,8 +110,9 @@ def test_split_parts_load_like_a_single_file(tiny_int4_dir, tmp_path):
         for part in PARTS:
             joined.write((single / part).read_bytes())
             (single / part).unlink()
-    parted_model, _ = load_yuan(tiny_int4_dir)
-    single_model, _ = load_yuan(single)
+    # Exact mode keeps the GPTQ tensors, so the state dicts can be compared byte for byte.
+    parted_model, _ = load_yuan(tiny_int4_dir, dtype=torch.float32)
+    single_model, _ = load_yuan(single, dtype=torch.float32)
     parted_state, single_state = parted_model.state_dict(), single_model.state_dict()
     assert parted_state.keys() == single_state.keys()
     assert all(torch.equal(parted_state[k], single_state[k]) for k in parted_state)
@@ -215,9 +217,13 @@ def test_bad_header_and_missing_tensor_are_named(tiny_float_dir, tmp_path):
 def test_bad_config_files_are_named(tiny_int4_dir, tmp_path):
     folder = _copy_folder(tiny_int4_dir, tmp_path / "bad-quant")
     quantize = json.loads((folder / "quantize_config.json").read_text())
+    quantize["bits"] = 3
+    (folder / "quantize_config.json").write_text(json.dumps(quantize))
+    _expect_error(folder, "quantize_config.json", "bits 3")
+    # Bits the loader knows, but not the ones the tensors were packed with: the shapes say so.
     quantize["bits"] = 8
     (folder / "quantize_config.json").write_text(json.dumps(quantize))
-    _expect_error(folder, "quantize_config.json", "bits 8")
+    _expect_error(folder, "q_proj.qweight", "bits 8")
 
     folder = _copy_folder(tiny_int4_dir, tmp_path / "not-yuan")
     config = json.loads((folder / "config.json").read_text())

@@ -8,9 +8,11 @@ Loading builds the model on the meta device (INT4 folders with `QuantLinear` in 
 materialises it tensor by tensor, reading each one's bytes straight into its final storage when the dtype matches.
 INT4 weights stay packed; peak memory stays close to the checkpoint's size.
 
-Compute dtypes: INT4 runs in float16 on CUDA and float32 on CPU (PyTorch's float16 matmuls on CPU are slow or
-missing); the packed weights and their fp16 scales are kept as they are and dequantised per call. Float folders
-use the checkpoint's dtype on CUDA and float32 on CPU. An explicit `dtype` overrides both.
+What runs in which precision is decided by `precision.resolve_precision`. With the defaults, every GPTQ layer is
+converted right after its tensors are read into a fused kernel's layout (`quant_kernels.py`: PyTorch's int4pack on
+CPU and CUDA, Marlin when installed), one layer at a time, so no float copy of the weights ever exists and the
+GPTQ buffers are freed as soon as the kernel holds the weights. `dtype=torch.float32` keeps the GPTQ buffers and
+the exact dequantising path. Float folders use the checkpoint's dtype on CUDA and float32 on CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from playground.errors import ModelFolderError
 
 from .configuration_yuan import YuanConfig
 from .gptq import GPTQSettings, QuantLinear, gptq_settings_from_dict, read_quantize_config
+from .precision import ROUTER_LINEAR, Precision, apply_precision, resolve_precision
+from .quant_kernels import KernelChooser
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +363,9 @@ def build_model_skeleton(config: YuanConfig, gptq: GPTQSettings | None) -> nn.Mo
             for name, module in list(model.named_modules()):
                 if isinstance(module, nn.Linear) and QUANTIZED_LINEAR.match(name):
                     parent_name, _, child = name.rpartition(".")
-                    quantized = QuantLinear(module.in_features, module.out_features, gptq.group_size, bias=False)
+                    quantized = QuantLinear(
+                        module.in_features, module.out_features, gptq.group_size, bias=False, bits=gptq.bits
+                    )
                     setattr(model.get_submodule(parent_name), child, quantized)
     return model
 
@@ -403,17 +409,17 @@ def check_yuan_folder(path: str | Path) -> YuanFolder:
             if not tie:
                 logger.info("%s: lm_head.weight differs from the embedding; loading it untied", folder)
         skeleton = build_model_skeleton(config, gptq)
-        _check_tensors(weights, _expected_tensors(skeleton, tie), quantized=gptq is not None)
+        _check_tensors(weights, _expected_tensors(skeleton, tie), gptq)
     finally:
         weights.close()
     return YuanFolder(folder, config, gptq, weights, tie)
 
 
-def _check_tensors(weights: WeightIndex, expected: dict, quantized: bool) -> None:
+def _check_tensors(weights: WeightIndex, expected: dict, gptq: GPTQSettings | None) -> None:
     missing = [name for name in expected if name not in weights.entries]
     if missing:
         where = ", ".join(file.name for file in weights.files)
-        hint = " (is this a float checkpoint next to a quantize_config.json?)" if quantized else ""
+        hint = " (is this a float checkpoint next to a quantize_config.json?)" if gptq is not None else ""
         raise ModelFolderError(
             f"{where}: missing tensor {missing[0]}"
             + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
@@ -422,8 +428,11 @@ def _check_tensors(weights: WeightIndex, expected: dict, quantized: bool) -> Non
     for name, (shape, dtype) in expected.items():
         entry = weights.entries[name]
         if entry.shape != tuple(shape):
+            source = CONFIG_FILE
+            if gptq is not None and name.endswith((".qweight", ".qzeros")):
+                source = f"{CONFIG_FILE} with the GPTQ settings (bits {gptq.bits}, group_size {gptq.group_size})"
             raise ModelFolderError(
-                f"{entry.file.name}: tensor {name} has shape {list(entry.shape)}, config.json implies {list(shape)}"
+                f"{entry.file.name}: tensor {name} has shape {list(entry.shape)}, {source} implies {list(shape)}"
             )
         # Packed GPTQ tensors must have their exact dtypes; float weights may come in any float dtype.
         if entry.dtype != dtype and not (dtype.is_floating_point and entry.dtype.is_floating_point and
@@ -460,51 +469,45 @@ def untie_differing_lm_head(model: nn.Module, path: str | Path) -> bool:
 # Loading
 
 
-def _resolve_dtype(dtype, device: torch.device, folder: YuanFolder) -> torch.dtype:
-    if dtype is not None and dtype != "auto":
-        resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-            raise ValueError(f"dtype must be a floating point torch dtype, got {dtype!r}")
-        return resolved
-    if device.type == "cpu":
-        return torch.float32
-    if folder.quantized:
-        return torch.float16
-    return folder.config.dtype if isinstance(folder.config.dtype, torch.dtype) else torch.bfloat16
-
-
 def _materialise(
-    model: nn.Module, folder: YuanFolder, device: torch.device, dtype: torch.dtype, progress: ProgressCallback | None
-) -> None:
-    """Replace every meta tensor of `model` by its stored value on `device`."""
-    targets = []
+    model: nn.Module, folder: YuanFolder, device: torch.device, precision: Precision, progress: ProgressCallback | None
+) -> dict[str, int]:
+    """Replace every meta tensor of `model` by its stored value on `device`; returns the kernels chosen (counts)."""
+    chooser = KernelChooser(device, precision.activations) if precision.kernels and folder.quantized else None
+    modules = []
     for module_name, module in model.named_modules():
+        tensors = []
         for kind in ("_parameters", "_buffers"):
             for attr, tensor in getattr(module, kind).items():
-                if tensor is None:
-                    continue
                 full_name = f"{module_name}.{attr}" if module_name else attr
-                if full_name == "lm_head.weight" and folder.tie_lm_head:
+                if tensor is None or (full_name == "lm_head.weight" and folder.tie_lm_head):
                     continue
-                targets.append((module, kind, attr, full_name))
+                tensors.append((kind, attr, full_name))
+        if tensors:
+            modules.append((module_name, module, tensors))
 
-    total = sum(folder.weights.entries[name].nbytes for *_, name in targets) or 1
+    total = sum(folder.weights.entries[name].nbytes for *_, tensors in modules for *_, name in tensors) or 1
     done = 0
     reported = -1.0
-    for module, kind, attr, name in targets:
-        entry = folder.weights.entries[name]
-        meta = getattr(module, kind)[attr]
-        # Quantized buffers keep their stored dtypes (int32, fp16 scales); float weights take the compute dtype.
-        target_dtype = dtype if meta.dtype.is_floating_point and not isinstance(module, QuantLinear) else meta.dtype
-        if device.type == "cpu" and entry.dtype == target_dtype:
-            value = read_tensor(entry)  # straight into the final storage
-        else:
-            value = read_tensor(entry).to(device=device, dtype=target_dtype)
-        if kind == "_parameters":
-            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-        else:
-            module._buffers[attr] = value
-        done += entry.nbytes
+    for module_name, module, tensors in modules:
+        for kind, attr, name in tensors:
+            entry = folder.weights.entries[name]
+            meta = getattr(module, kind)[attr]
+            # Quantized buffers keep their stored dtypes (int32, fp16 scales); float weights take the plan's dtype.
+            float_tensor = meta.dtype.is_floating_point and not isinstance(module, QuantLinear)
+            target_dtype = precision.float_dtype(name) if float_tensor else meta.dtype
+            if device.type == "cpu" and entry.dtype == target_dtype:
+                value = read_tensor(entry)  # straight into the final storage
+            else:
+                value = read_tensor(entry).to(device=device, dtype=target_dtype)
+            if kind == "_parameters":
+                module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+            else:
+                module._buffers[attr] = value
+            done += entry.nbytes
+        if chooser is not None and isinstance(module, QuantLinear):
+            # Now, while only this layer's GPTQ tensors are held twice (packed and converted).
+            chooser.convert(module, float32_dense=bool(ROUTER_LINEAR.search(module_name)))
         fraction = done / total
         if progress is not None and fraction - reported >= 0.01:
             reported = fraction
@@ -515,6 +518,7 @@ def _materialise(
     leftover = [name for name, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if leftover:
         raise ModelFolderError(f"weights did not provide {leftover[0]}")
+    return chooser.counts if chooser is not None else {}
 
 
 def load_yuan(
@@ -543,15 +547,19 @@ def load_yuan(
     folder = path if isinstance(path, YuanFolder) else check_yuan_folder(path)
     try:
         device = torch.device(device)
-        compute_dtype = _resolve_dtype(dtype, device, folder)
+        precision = resolve_precision(dtype, device, folder.quantized, folder.config.dtype)
         config = copy.deepcopy(folder.config)  # the checked folder may be loaded again
         config.tie_word_embeddings = folder.tie_lm_head
-        config.dtype = compute_dtype
+        config.dtype = precision.activations
         report(0.03, "Building the model")
         model = build_model_skeleton(config, folder.gptq)
-        _materialise(model, folder, device, compute_dtype, progress)
+        kernels = _materialise(model, folder, device, precision, progress)
     finally:
         folder.weights.close()
+    apply_precision(model, precision)
+    if kernels:
+        logger.info("%s: %s; GPTQ layers on %s", folder.path, precision.describe(),
+                    ", ".join(f"{name} x{count}" for name, count in sorted(kernels.items())))
 
     model.eval()
     model.requires_grad_(False)

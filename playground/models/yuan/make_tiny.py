@@ -1,12 +1,13 @@
 """Write a random tiny Yuan2-M32 checkpoint in the release's layout, for tests and benchmarks.
 
-    python -m playground.models.yuan.make_tiny OUT [--int4] [--tokenizer-dir DIR] [--seed N]
+    python -m playground.models.yuan.make_tiny OUT [--int4 [--bits 8]] [--tokenizer-dir DIR] [--seed N]
         [--layers N --hidden N --heads N --projection N --experts N --top-k N --ffn N --vocab N]
 
 The folder gets config.json (the release's field names, an `auto_map` to remote code, `use_flash_attention: true`),
 generation_config.json, the tokenizer files copied from `--tokenizer-dir`, and the weights: float `model.safetensors`
 (bfloat16, lm_head stored next to the tied embedding as the release does), or with `--int4` GPTQ-packed weights plus
-quantize_config.json written as byte-split parts `gptq_model-4bit-128g.safetensors00/01/02`.
+quantize_config.json written as byte-split parts `gptq_model-4bit-128g.safetensors00/01/02` (`--bits 8`: the
+INT8 release's layout, `gptq_model-8bit-128g...`).
 
 It also writes stand-ins for the release's remote-code files that raise if anything executes them, so a test can
 prove loading never runs remote code.
@@ -30,11 +31,15 @@ import torch
 from torch import nn
 
 from .configuration_yuan import YuanConfig
-from .gptq import GPTQSettings, pack_gptq
+from .gptq import GPTQSettings, pack_factor, pack_gptq
 from .loading import QUANTIZED_LINEAR, build_model_skeleton
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 INT4_WEIGHTS_NAME = "gptq_model-4bit-128g.safetensors"
+
+
+def gptq_weights_name(bits: int) -> str:
+    return INT4_WEIGHTS_NAME.replace("4bit", f"{bits}bit")
 FLOAT_WEIGHTS_NAME = "model.safetensors"
 RELEASE_EOD_ID = 77185
 # Where the repository's tests find the release tokenizer: ../shared/yuan2-tokenizer next to the checkout.
@@ -280,11 +285,11 @@ def random_float_model(config: YuanConfig, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _quantized_state(model: nn.Module, group_size: int) -> dict[str, torch.Tensor]:
+def _quantized_state(model: nn.Module, gptq: GPTQSettings) -> dict[str, torch.Tensor]:
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and QUANTIZED_LINEAR.match(name):
-            qweight, qzeros, scales, g_idx = pack_gptq(module.weight, group_size=group_size)
+            qweight, qzeros, scales, g_idx = pack_gptq(module.weight, bits=gptq.bits, group_size=gptq.group_size)
             state.update({f"{name}.qweight": qweight, f"{name}.qzeros": qzeros, f"{name}.scales": scales,
                           f"{name}.g_idx": g_idx})
     return state
@@ -296,27 +301,28 @@ def make_tiny_checkpoint(
     tokenizer_dir: str | Path | None = None,
     seed: int = 0,
     parts: int = 3,
+    bits: int = 4,
     **dims,
 ) -> Path:
     """Write a random tiny checkpoint to `out_dir` (see the module docstring); returns the folder.
 
     `dims` override `TINY_DIMS` (vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
     attention_projection_size, num_experts, top_k, ffn_hidden_size, max_position_embeddings). `parts` is the number
-    of byte-split parts of INT4 weights.
+    of byte-split parts of INT4 weights; `bits` 8 writes the INT8 release's layout instead (with `int4=True`).
     """
     out_dir = Path(out_dir)
     config_dict = tiny_config_dict(int4=int4, **dims)
     config = YuanConfig(**config_dict)
-    gptq = GPTQSettings() if int4 else None
+    gptq = GPTQSettings(bits=bits) if int4 else None
     if int4:
-        _check_int4_dims(config, gptq.group_size)
+        _check_int4_dims(config, gptq)
     write_folder_files(out_dir, config_dict, resolve_tokenizer_dir(tokenizer_dir), gptq)
 
     model = random_float_model(config, seed)
     if int4:
-        state = _quantized_state(model, gptq.group_size)
+        state = _quantized_state(model, gptq)
         skeleton = build_model_skeleton(config, gptq)
-        float_dtype, file_name = torch.float16, INT4_WEIGHTS_NAME
+        float_dtype, file_name = torch.float16, gptq_weights_name(bits)
     else:
         state, skeleton = {}, model
         float_dtype, file_name, parts = torch.bfloat16, FLOAT_WEIGHTS_NAME, 1
@@ -335,15 +341,16 @@ def make_tiny_checkpoint(
     return out_dir
 
 
-def _check_int4_dims(config: YuanConfig, group_size: int) -> None:
+def _check_int4_dims(config: YuanConfig, gptq: GPTQSettings) -> None:
+    group_size = gptq.group_size
     widths = {
         "hidden_size": config.hidden_size,
         "attention_projection_size": config.attention_projection_size,
         "ffn_hidden_size": config.expert_hidden_size,
     }
     bad = [f"{name}={value}" for name, value in widths.items() if value % group_size]
-    if config.num_experts % 8:
-        bad.append(f"experts={config.num_experts} (router outputs are packed 8 per int32)")
+    if config.num_experts % pack_factor(gptq.bits):
+        bad.append(f"experts={config.num_experts} (router outputs are packed {pack_factor(gptq.bits)} per int32)")
     if bad:
         raise ValueError(f"INT4 needs input widths that are multiples of {group_size}: " + ", ".join(bad))
 
@@ -352,6 +359,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m playground.models.yuan.make_tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder to write (created)")
     parser.add_argument("--int4", action="store_true", help="GPTQ INT4 weights in byte-split parts, like the release")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="with --int4: 8 for the INT8 release layout")
     parser.add_argument("--tokenizer-dir", type=Path, help="folder with the release's tokenizer.model and configs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", type=int, default=3, help="byte-split parts of INT4 weights (default 3)")
@@ -363,12 +371,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     dims = {key: getattr(args, key) for key in TINY_DIMS}
     try:
         folder = make_tiny_checkpoint(args.out, int4=args.int4, tokenizer_dir=args.tokenizer_dir, seed=args.seed,
-                                      parts=args.parts, **dims)
+                                      parts=args.parts, bits=args.bits, **dims)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    print(f"wrote {folder} ({size / 1e6:.1f} MB, {'INT4' if args.int4 else 'float'})")
+    print(f"wrote {folder} ({size / 1e6:.1f} MB, {f'INT{args.bits}' if args.int4 else 'float'})")
     return 0
 
 

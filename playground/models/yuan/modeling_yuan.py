@@ -225,6 +225,20 @@ class YuanLocalizedFiltering(nn.Module):
         self.conv2 = nn.Conv2d(hidden // 2, hidden, kernel_size=(2, 1), stride=(1, 1), padding=(1, 0), bias=True)
         self.output_layernorm = YuanRMSNorm(hidden, eps=config.rms_norm_eps)
 
+    def use_tap_major_weights(self) -> None:
+        """Lay each convolution's weight out as [out, tap, in] in memory (same shape and values as before), so the
+        two taps read as one contiguous [out, 2 * in] matrix: the GEMM form below then copies nothing."""
+        for conv in (self.conv1, self.conv2):
+            tap_major = conv.weight.detach().permute(0, 2, 1, 3).contiguous()
+            conv.weight = nn.Parameter(tap_major.permute(0, 2, 1, 3), requires_grad=conv.weight.requires_grad)
+
+    @staticmethod
+    def _taps(conv: nn.Conv2d, window: torch.Tensor) -> torch.Tensor:
+        """The kernel-2 convolution as one GEMM: position t of the result reads `window[t]` and `window[t + 1]`."""
+        weight = conv.weight.permute(0, 2, 1, 3).reshape(conv.out_channels, -1)  # [out, (tap, in)]
+        pairs = torch.cat((window[:, :-1], window[:, 1:]), dim=-1).to(weight.dtype)
+        return F.linear(pairs, weight, conv.bias)
+
     def forward(
         self, hidden_states: torch.Tensor, memory: torch.Tensor, window_valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +250,12 @@ class YuanLocalizedFiltering(nn.Module):
         """
         seq_len = hidden_states.shape[1]
         window = torch.cat((memory, hidden_states), dim=1)
+        if self.conv1.weight.dtype != hidden_states.dtype:
+            # Reduced-precision weights (the mixed CPU mode): two GEMMs in the weights' dtype, where a bf16 Conv2d
+            # on CPU is several times slower. o1 is needed at the window's positions 1..s+1 only.
+            o1 = self._taps(self.conv1, window).masked_fill(~window_valid[:, 1:, None], 0.0)
+            o2 = self._taps(self.conv2, o1).to(hidden_states.dtype)
+            return self.output_layernorm(o2 + hidden_states), window[:, -2:]
         # Conv2d over [b, h, time, 1]; its padding of one step on both ends makes position t see t-1 and t.
         o1 = self.conv1(window.transpose(1, 2).unsqueeze(-1))[:, :, : seq_len + 2]
         # Where the position is not a real token the filter's input must read as zero, not as the bias.
@@ -264,6 +284,8 @@ class YuanAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, projection, bias=False)
         self.o_proj = nn.Linear(projection, config.hidden_size, bias=False)
         self.lf_gate = YuanLocalizedFiltering(config)
+        # Keys/values (and the queries reading them) are cached and attended in this dtype; None = the input's.
+        self.kv_dtype: torch.dtype | None = None
 
     def forward(
         self,
@@ -293,6 +315,8 @@ class YuanAttention(nn.Module):
         cos, sin = position_embeddings
         query = apply_rotary_pos_emb(query, cos, sin)
         key = apply_rotary_pos_emb(key, cos, sin)
+        if self.kv_dtype is not None:
+            query, key, value = query.to(self.kv_dtype), key.to(self.kv_dtype), value.to(self.kv_dtype)
 
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
@@ -306,7 +330,7 @@ class YuanAttention(nn.Module):
             scale=self.scaling,
         )
         output = output.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)
-        return self.o_proj(output)
+        return self.o_proj(output.to(hidden_states.dtype))
 
 
 class YuanRouter(nn.Module):
@@ -365,6 +389,8 @@ class YuanMoE(nn.Module):
         tokens = hidden_states.reshape(-1, shape[-1])
         router_logits = self.gate(tokens)
         experts, weights = route_tokens(router_logits, self.top_k, self.normalize)
+        if tokens.shape[0] == 1:
+            return self._one_token(tokens, experts, weights).view(shape), router_logits, experts, weights
 
         output = torch.zeros_like(tokens)
         # [experts, top_k, tokens]: which slot of which token picked each expert.
@@ -378,6 +404,14 @@ class YuanMoE(nn.Module):
             # the latter's CPU kernel stalls on its thread pool when cores are busy.)
             output.index_put_((token_idx,), expert_output.to(output.dtype), accumulate=True)
         return output.view(shape), router_logits, experts, weights
+
+    def _one_token(self, token: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """A decoding step's token: its k experts directly, no dispatch masks. Same sums, same order."""
+        output = None
+        for expert_idx, slot in sorted(zip(experts[0].tolist(), range(self.top_k))):
+            expert_output = self.experts[expert_idx](token) * weights[0, slot].to(token.dtype)
+            output = expert_output if output is None else output + expert_output
+        return output
 
 
 class YuanDecoderLayer(nn.Module):
@@ -511,7 +545,8 @@ class YuanModel(YuanPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            # The embedding may be held in lower precision than the residual stream (mixed CPU mode).
+            inputs_embeds = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = bool(output_hidden_states)
         output_router_logits = bool(output_router_logits)
@@ -634,7 +669,7 @@ class YuanForCausalLM(YuanPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).to(hidden_states.dtype)
 
         loss = None
         if labels is not None:

@@ -1,0 +1,195 @@
+"""Decode speed and memory of Yuan2-M32 INT4 on the CPU, projected from release-sized layers to the full model.
+
+    python bench/int4_cpu_decode.py [--layers 2] [--threads 2] [--steps 24] [--contexts 16 1024]
+                                    [--reuse DIR | --keep DIR] [--no-quality] [--tokenizer-dir DIR]
+
+Writes a synthetic INT4 checkpoint with `--layers` release-sized layers (release layout, byte-split parts; see
+`synthetic_release.py`), loads it with the playground's defaults (`load_yuan`: int4 kernels, bf16 weights, fp32
+activations on CPU) and measures, on `--threads` threads:
+
+- decode ms per decoder layer and the fixed cost of a step (embedding, final norm, lm_head 135040 x 2048, argmax),
+  each the median over `--steps` steps, at each prompt length in `--contexts`;
+- the projection to the release's 24 layers: `fixed + 24 x per-layer` -> tokens/s (target >= 5 at the first context);
+- what a step is made of (time per component, by module hooks, and the top PyTorch ops);
+- resident memory of the full model: weights (24 layers like the loaded ones + the rest) + the KV cache at 4096
+  positions + this process's baseline (target <= 25 GB);
+- quality of the fast path against the exact fp32 path on the same weights (`--dtype float32`): relative L2 error
+  of the logits (target <= 2%), routing decisions that differ, and whether greedy decoding picks the same tokens.
+
+Exit status 0 when the speed and memory targets are met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from synthetic_release import (
+    REPO_ROOT,
+    RELEASE_LAYERS,
+    DecodeTimer,
+    component_profile,
+    projected_memory,
+    projection,
+    relative_error,
+    write_release_checkpoint,
+)
+
+sys.path.insert(0, str(REPO_ROOT))
+from playground.models.yuan import load_yuan  # noqa: E402
+from playground.models.yuan.make_tiny import resolve_tokenizer_dir  # noqa: E402
+
+TARGET_TOKENS_PER_S = 5.0
+TARGET_RESIDENT_GB = 25.0
+TARGET_LOGIT_ERROR = 0.02
+KV_CONTEXT = 4096
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    line = lambda cells: "  " + "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(row) for row in rows])
+
+
+def measure_speed(model, contexts: list[int], steps: int) -> dict[int, dict]:
+    results = {}
+    for context in contexts:
+        timer = DecodeTimer(model, context)
+        timer.steps(3)  # warm-up: caches, allocator, first-call dispatch
+        step_seconds = timer.steps(steps)
+        timer.steps(steps, time_layers=True)
+        results[context] = projection(model, step_seconds, timer.layer_seconds) | {"timer": timer}
+    return results
+
+
+def op_table(model, context: int, steps: int = 4) -> str:
+    timer = DecodeTimer(model, context, seed=1)
+    timer.steps(2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        timer.steps(steps)
+    rows = []
+    events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    for event in events[:10]:
+        rows.append((event.key, f"{event.self_cpu_time_total / steps / 1e3:.2f}", f"{event.count // steps}"))
+    return _table(rows, ("op", "self ms/step", "calls/step"))
+
+
+def quality(fast, folder: Path, prompt_len: int = 12, new_tokens: int = 8) -> dict:
+    """The fast model against the exact fp32 path on the same weights (the measures of the tests, at release size)."""
+    exact, _ = load_yuan(folder, dtype=torch.float32, with_tokenizer=False)
+    generator = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, 100000, (1, prompt_len), generator=generator)
+    with torch.inference_mode():
+        with fast.record_routing() as fast_routing:
+            fast_logits = fast(prompt).logits
+        with exact.record_routing() as exact_routing:
+            exact_logits = exact(prompt).logits
+        fast_tokens = fast.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+        exact_tokens = exact.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+        steps = slice(prompt_len - 1, -1)  # along the exact path's continuation: the logits choosing each token
+        fast_next, exact_next = fast(exact_tokens).logits[0, steps], exact(exact_tokens).logits[0, steps]
+    flipped = (fast_routing.stacked()[0].sort(-1).values != exact_routing.stacked()[0].sort(-1).values).any(-1)
+    same_route = ~flipped.any(0)[0]  # positions routed identically in every layer
+    best = exact_next.topk(2, dim=-1).values
+    decided = best[:, 0] - best[:, 1] > 2 * (fast_next - exact_next).abs().amax(-1)
+    del exact
+    return {
+        "error_all": relative_error(fast_logits, exact_logits),
+        "error_same_route": relative_error(fast_logits[0, same_route], exact_logits[0, same_route]),
+        "flipped": int(flipped.sum()), "decisions": flipped.numel(),
+        "decided": int(decided.sum()), "steps": decided.numel(),
+        "decided_agree": bool(torch.equal(fast_next.argmax(-1)[decided], exact_next.argmax(-1)[decided])),
+        "fast_tokens": fast_tokens[0, prompt_len:].tolist(), "exact_tokens": exact_tokens[0, prompt_len:].tolist(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=2, help="release-sized layers to write and load (default 2)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=24, help="decode steps timed per context")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[16, 1024], help="prompt lengths before decoding")
+    parser.add_argument("--reuse", type=Path, help="a checkpoint written earlier with --keep")
+    parser.add_argument("--keep", type=Path, help="write the checkpoint here and keep it")
+    parser.add_argument("--no-quality", action="store_true", help="skip the comparison with the exact path")
+    parser.add_argument("--tokenizer-dir", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    folder = args.reuse or args.keep or Path(tempfile.mkdtemp(prefix="yuan-int4-decode-"))
+    try:
+        if args.reuse is None:
+            start = time.perf_counter()
+            packed = write_release_checkpoint(folder, args.layers, resolve_tokenizer_dir(args.tokenizer_dir))
+            print(f"checkpoint: {args.layers} release-sized layers, byte-split parts, {packed / 1e9:.2f} GB "
+                  f"(written in {time.perf_counter() - start:.0f}s)")
+        process = psutil.Process()
+        baseline = process.memory_info().rss
+        start = time.perf_counter()
+        model, _ = load_yuan(folder, with_tokenizer=False)
+        loaded_rss = process.memory_info().rss
+        print(f"loaded in {time.perf_counter() - start:.1f}s: {model.compute_precision.describe()}, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+        speed = measure_speed(model, args.contexts, args.steps)
+        print("\ndecode step (median of %d):" % args.steps)
+        rows = []
+        for context, result in speed.items():
+            rows.append((context, f"{result['step_ms']:.1f}", f"{result['per_layer_ms']:.2f}", f"{result['fixed_ms']:.1f}",
+                         f"{result['projected_ms']:.0f}", f"{result['projected_tokens_per_s']:.2f}"))
+        print(_table(rows, ("context", f"step ms ({len(model.model.layers)} layers)", "ms/layer", "fixed ms",
+                            f"projected ms ({RELEASE_LAYERS} layers)", "projected tok/s")))
+
+        first = args.contexts[0]
+        print(f"\nwhat a step is made of (context {first}, module hooks, {len(model.model.layers)} layers):")
+        profile = component_profile(model, speed[first]["timer"], steps=8)
+        print(_table([(role, f"{ms:.2f}", f"{share:.0%}") for role, ms, share in profile],
+                     ("component", "ms/step", "share")))
+        print(f"\ntop PyTorch ops (context {first}):")
+        print(op_table(model, first))
+
+        memory = projected_memory(model, KV_CONTEXT)
+        held_now = loaded_rss - baseline
+        resident = memory["weights_bytes"] + memory["kv_bytes"] + baseline
+        print(f"\nmemory: one decoder layer holds {memory['layer_bytes'] / 1e6:.0f} MB, the rest (embedding/lm_head "
+              f"tied, final norm) {memory['fixed_bytes'] / 1e6:.0f} MB; RSS grew {held_now / 1e9:.2f} GB while "
+              f"loading {memory['layers']} layers")
+        print(f"projected resident memory of the full model: weights {memory['weights_bytes'] / 1e9:.2f} GB + KV cache "
+              f"at {KV_CONTEXT} positions {memory['kv_bytes'] / 1e9:.2f} GB + process baseline {baseline / 1e9:.2f} GB "
+              f"= {resident / 1e9:.2f} GB")
+
+        if not args.no_quality:
+            result = quality(model, folder)
+            print(f"\nquality against the exact fp32 path (same weights, 12-token prompt, {len(model.model.layers)} layers):")
+            print(f"  relative L2 error of the logits: {result['error_all']:.4f} over all positions, "
+                  f"{result['error_same_route']:.4f} where every layer picked the same experts (target <= "
+                  f"{TARGET_LOGIT_ERROR})")
+            print(f"  routing decisions that differ: {result['flipped']} of {result['decisions']}")
+            print(f"  along the exact path's greedy continuation: {result['decided']} of {result['steps']} steps decided "
+                  f"(top-2 gap > 2x the fast path's logit error), fast picks the same token at "
+                  f"{'all of them' if result['decided_agree'] else 'NOT all of them'}")
+            print(f"  free-running greedy tokens: fast {result['fast_tokens']} exact {result['exact_tokens']} -> "
+                  f"{'same' if result['fast_tokens'] == result['exact_tokens'] else 'DIFFERENT'}")
+
+        tokens_per_s = speed[first]["projected_tokens_per_s"]
+        ok = tokens_per_s >= TARGET_TOKENS_PER_S and resident <= TARGET_RESIDENT_GB * 1e9
+        print(f"\nRESULT projected Yuan2-M32 INT4 CPU decode {tokens_per_s:.2f} tok/s at context {first} "
+              f"(target >= {TARGET_TOKENS_PER_S}, ratio {tokens_per_s / TARGET_TOKENS_PER_S:.2f}); resident "
+              f"{resident / 1e9:.1f} GB (target <= {TARGET_RESIDENT_GB:.0f}); "
+              f"{'PASS' if ok else 'FAIL'}")
+        return 0 if ok else 1
+    finally:
+        if args.reuse is None and args.keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Synthetic INT4 checkpoints shaped like the Yuan2-M32 release, and decode-step timing, shared by the benchmarks.
+
+The checkpoint has the release's layer shapes (hidden 2048, 16 heads x 256 with the 512-wide Q/K concat, LFA
+convolutions, attention router, 32 SwiGLU experts of 8192, the padded 135040 vocabulary with lm_head stored next to
+the tied embedding), GPTQ 4-bit group-128 symmetric weights with random nibbles, written as byte-split parts
+`gptq_model-4bit-128g.safetensors00..02` like the release. Only the number of layers differs.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from playground.models.yuan.configuration_yuan import YuanConfig  # noqa: E402
+from playground.models.yuan.gptq import GPTQSettings, QuantLinear  # noqa: E402
+from playground.models.yuan.loading import build_model_skeleton  # noqa: E402
+from playground.models.yuan.make_tiny import (  # noqa: E402
+    INT4_WEIGHTS_NAME,
+    tiny_config_dict,
+    write_folder_files,
+    write_safetensors,
+)
+from playground.models.yuan.modeling_yuan import YuanCache, YuanDecoderLayer  # noqa: E402
+
+RELEASE_LAYER = dict(
+    vocab_size=135040,
+    hidden_size=2048,
+    num_attention_heads=16,
+    attention_projection_size=4096,
+    num_experts=32,
+    top_k=2,
+    ffn_hidden_size=8192,
+    max_position_embeddings=4096,
+)
+RELEASE_LAYERS = 24
+
+
+def _specs(config: YuanConfig, gptq: GPTQSettings) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    skeleton = build_model_skeleton(config, gptq)
+    specs = []
+    for name, tensor in skeleton.state_dict(keep_vars=True).items():
+        dtype = tensor.dtype if tensor.dtype in (torch.int32, torch.float16) else torch.float16
+        specs.append((name, dtype, tuple(tensor.shape)))
+    return specs
+
+
+def _produce(name: str, specs: dict) -> torch.Tensor:
+    dtype, shape = specs[name]
+    # The release stores lm_head equal to the tied embedding: same seed, same values.
+    seed = 0 if name in ("lm_head.weight", "model.embed_tokens.weight") else zlib.crc32(name.encode())
+    generator = torch.Generator().manual_seed(seed)
+    if name.endswith(".qweight"):
+        return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, generator=generator)
+    if name.endswith(".qzeros"):
+        return torch.full(shape, 0x77777777, dtype=torch.int32)  # symmetric: zero-point 8 stored as 7
+    if name.endswith(".g_idx"):
+        return (torch.arange(shape[0]) // 128).to(torch.int32)
+    if name.endswith(".scales"):
+        # About 1/sqrt(fan_in) / 4.6 (the spread of uniform nibbles), so activations stay O(1) through the layers.
+        fan_in = shape[0] * 128
+        return ((torch.rand(shape, generator=generator) * 0.5 + 0.75) / (4.6 * math.sqrt(fan_in))).to(torch.float16)
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=torch.float16)
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+    std = 0.02 if "embed_tokens" in name or name == "lm_head.weight" else 1 / math.sqrt(fan_in)
+    return (torch.randn(shape, generator=generator) * std).to(torch.float16)
+
+
+def layer_count_for(target_gb: float) -> int:
+    """How many release-sized layers make a checkpoint of about `target_gb` (embedding and lm_head included)."""
+    gptq = GPTQSettings()
+    size = lambda specs: sum(math.prod(s) * torch.empty(0, dtype=d).element_size() for _, d, s in specs)  # noqa: E731
+    one = size(_specs(YuanConfig(**tiny_config_dict(int4=True, num_hidden_layers=1, **RELEASE_LAYER)), gptq))
+    two = size(_specs(YuanConfig(**tiny_config_dict(int4=True, num_hidden_layers=2, **RELEASE_LAYER)), gptq))
+    per_layer, fixed = two - one, 2 * one - two
+    return max(1, round((target_gb * 1e9 - fixed) / per_layer))
+
+
+def write_release_checkpoint(folder: Path, layers: int, tokenizer_dir: Path) -> int:
+    """Write a release-layout INT4 checkpoint with `layers` release-sized layers; returns the packed bytes."""
+    gptq = GPTQSettings()
+    config_dict = tiny_config_dict(int4=True, num_hidden_layers=layers, **RELEASE_LAYER)
+    write_folder_files(folder, config_dict, tokenizer_dir, gptq)
+    specs = _specs(YuanConfig(**config_dict), gptq)
+    by_name = {name: (dtype, shape) for name, dtype, shape in specs}
+    parts = write_safetensors(specs, lambda name: _produce(name, by_name), folder, INT4_WEIGHTS_NAME, parts=3)
+    return sum(p.stat().st_size for p in parts)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# measuring
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of every distinct tensor a module holds (parameters and buffers, kernels' included)."""
+    tensors = {t.data_ptr(): t for t in list(module.parameters()) + list(module.buffers()) if t.numel()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def kv_bytes_per_position(model: nn.Module) -> int:
+    """Cache bytes one position costs in one layer (keys and values)."""
+    config = model.config
+    attention = model.model.layers[0].self_attn
+    dtype = attention.kv_dtype or model.model.norm.weight.dtype
+    return 2 * config.num_attention_heads * config.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+class DecodeTimer:
+    """Decode steps of `model` after a prompt of `context` tokens, with each decoder layer's time recorded."""
+
+    def __init__(self, model: nn.Module, context: int, synchronize=lambda: None, seed: int = 0):
+        self.model = model
+        self.synchronize = synchronize
+        device = model.model.embed_tokens.weight.device
+        generator = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(0, 100000, (1, context), generator=generator).to(device)
+        self.cache = YuanCache(model.config)
+        with torch.inference_mode():
+            self.token = self._next(model(prompt, cache=self.cache, use_cache=True, logits_to_keep=1))
+        self.layer_seconds: list[float] = []
+        self._started: dict[int, float] = {}
+        self._hooks = []
+
+    @staticmethod
+    def _next(output) -> torch.Tensor:
+        return output.logits[:, -1].argmax(-1, keepdim=True)
+
+    def _time_layers(self, on: bool) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if not on:
+            return
+        for layer in self.model.model.layers:
+            def before(module, args, key=id(layer)):
+                self.synchronize()
+                self._started[key] = time.perf_counter()
+
+            def after(module, args, output, key=id(layer)):
+                self.synchronize()
+                self.layer_seconds.append(time.perf_counter() - self._started[key])
+
+            self._hooks += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
+
+    def steps(self, count: int, time_layers: bool = False) -> list[float]:
+        """Seconds of each of `count` greedy decoding steps."""
+        self._time_layers(time_layers)
+        seconds = []
+        try:
+            with torch.inference_mode():
+                for _ in range(count):
+                    self.synchronize()
+                    start = time.perf_counter()
+                    self.token = self._next(self.model(self.token, cache=self.cache, use_cache=True))
+                    self.synchronize()
+                    seconds.append(time.perf_counter() - start)
+        finally:
+            self._time_layers(False)
+        return seconds
+
+
+def component_profile(model: nn.Module, timer: DecodeTimer, steps: int, synchronize=lambda: None) -> list[tuple]:
+    """Where a decode step's time goes, by component, measured with hooks: rows (component, ms per step, share)."""
+    roles = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            kind = "router projections" if ".mlp.gate." in name else (
+                "expert w1/w2 (int4)" if ".experts." in name else "attention q/k/v/o (int4)")
+            roles[module] = kind
+        elif name.endswith("lf_gate"):
+            roles[module] = "LFA filter"
+        elif (name.endswith("layernorm") and "lf_gate" not in name) or name == "model.norm":  # the LFA's own is in it
+            roles[module] = "RMSNorms"
+        elif name == "lm_head":
+            roles[module] = "lm_head (135040 x 2048)"
+        elif name == "model.embed_tokens":
+            roles[module] = "embedding"
+    totals: dict[str, float] = defaultdict(float)
+    started: dict[int, float] = {}
+    hooks = []
+    for module, role in roles.items():
+        def before(mod, args, key=id(module)):
+            synchronize()
+            started[key] = time.perf_counter()
+
+        def after(mod, args, output, key=id(module), role=role):
+            synchronize()
+            totals[role] += time.perf_counter() - started[key]
+
+        hooks += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        step_seconds = sum(timer.steps(steps))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rows = [(role, seconds / steps * 1e3) for role, seconds in sorted(totals.items(), key=lambda kv: -kv[1])]
+    accounted = sum(totals.values())
+    rows.append(("everything else (attention over the cache, rotary, residuals, routing, Python)",
+                 (step_seconds - accounted) / steps * 1e3))
+    total_ms = step_seconds / steps * 1e3
+    return [(role, ms, ms / total_ms) for role, ms in rows] + [("step total", total_ms, 1.0)]
+
+
+def projection(model: nn.Module, step_seconds: list[float], layer_seconds: list[float]) -> dict:
+    """Per-layer and fixed decode cost of a model with few layers, projected to the release's 24."""
+    layers = len(model.model.layers)
+    per_layer = statistics.median(layer_seconds)
+    step = statistics.median(step_seconds)
+    fixed = max(step - layers * per_layer, 0.0)
+    projected = fixed + RELEASE_LAYERS * per_layer
+    return {"per_layer_ms": per_layer * 1e3, "fixed_ms": fixed * 1e3, "step_ms": step * 1e3,
+            "projected_ms": projected * 1e3, "projected_tokens_per_s": 1.0 / projected}
+
+
+def projected_memory(model: nn.Module, context: int) -> dict:
+    """Bytes the release-sized model would hold: 24 layers like the first one, the rest as loaded, the KV cache."""
+    layers = len(model.model.layers)
+    one_layer = tensor_bytes(model.model.layers[0])
+    total = tensor_bytes(model)
+    fixed = total - sum(tensor_bytes(layer) for layer in model.model.layers)
+    kv = kv_bytes_per_position(model) * RELEASE_LAYERS * context
+    return {"layers": layers, "layer_bytes": one_layer, "fixed_bytes": fixed,
+            "weights_bytes": fixed + RELEASE_LAYERS * one_layer, "kv_bytes": kv}
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    got, expected = got.double(), expected.double()
+    return float((got - expected).norm() / expected.norm())
+
+
+__all__ = [
+    "DecodeTimer",
+    "RELEASE_LAYER",
+    "RELEASE_LAYERS",
+    "YuanDecoderLayer",
+    "component_profile",
+    "layer_count_for",
+    "projected_memory",
+    "projection",
+    "relative_error",
+    "tensor_bytes",
+    "write_release_checkpoint",
+]

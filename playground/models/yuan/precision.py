@@ -1,0 +1,98 @@
+"""What runs in which precision: decided once per load from the device, the folder and the dtype asked for.
+
+For INT4 folders with `dtype` left to "auto":
+
+| device | int4 matmuls | embedding, lm_head, LFA convolutions | KV cache | residual stream, norms, rotary, router |
+|---|---|---|---|---|
+| CPU  | int4pack kernel, bf16 activations | bf16 weights | bf16 | float32 |
+| CUDA | Marlin (if installed) or int4pack, bf16 | bf16 | bf16 | bf16 (norm statistics and router in float32) |
+
+On CPU PyTorch's bf16 GEMV runs at memory speed while fp16 GEMMs are slow and fp32 reads twice the bytes; the
+residual stream stays float32 because it is cheap (one 2048-vector per token) and it is where rounding accumulates.
+The router's projections are dequantised once to float32 (a few hundred KB per layer) so the expert choice does not
+move with bf16 rounding. An explicit dtype runs everything in it: `float32` (or float64) is the exact mode that
+dequantises GPTQ weights per call like the release's reference path; `bfloat16`/`float16` use the kernels too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Float weights that the mixed CPU mode keeps in `Precision.weights` (they are read in full every token).
+_REDUCED_PRECISION_WEIGHTS = re.compile(
+    r"^(model\.embed_tokens\.weight|lm_head\.weight|model\.layers\.\d+\.self_attn\.lf_gate\.conv[12]\.(weight|bias))$"
+)
+# Quantized layers computed in float32 from a once-dequantised weight (the attention router).
+ROUTER_LINEAR = re.compile(r"\.mlp\.gate\.(query|key|value)$")
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}.get(
+        dtype, str(dtype).replace("torch.", "")
+    )
+
+
+@dataclass(frozen=True)
+class Precision:
+    activations: torch.dtype  # residual stream, norms, rotary, attention scores' inputs when no separate KV dtype
+    weights: torch.dtype  # float weights: embedding / lm_head, LFA convolutions
+    kv_cache: torch.dtype  # cached keys and values (and the queries that read them)
+    kernels: bool  # GPTQ layers converted to fused kernels at load; False is the exact dequantising path
+
+    @property
+    def mixed(self) -> bool:
+        return len({self.activations, self.weights, self.kv_cache}) > 1
+
+    def describe(self) -> str:
+        """One short line for status displays, e.g. `GPTQ kernels · bf16 weights/KV · fp32 activations`."""
+        parts = ["GPTQ kernels" if self.kernels else "exact"]
+        if not self.mixed:
+            return f"{_short(self.activations)} ({parts[0]})"
+        if self.kv_cache == self.weights:
+            parts.append(f"{_short(self.weights)} weights/KV")
+        else:
+            parts += [f"{_short(self.weights)} weights", f"{_short(self.kv_cache)} KV"]
+        parts.append(f"{_short(self.activations)} activations")
+        return " · ".join(parts)
+
+    def float_dtype(self, name: str) -> torch.dtype:
+        """The dtype a float tensor of the state dict is held in."""
+        return self.weights if _REDUCED_PRECISION_WEIGHTS.match(name) else self.activations
+
+
+def resolve_precision(
+    dtype: str | torch.dtype | None, device: torch.device, quantized: bool, checkpoint_dtype: torch.dtype | None
+) -> Precision:
+    """See the module docstring. `dtype` None or "auto" picks per device; a float dtype runs everything in it."""
+    if dtype is not None and dtype != "auto":
+        resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise ValueError(f"dtype must be a floating point torch dtype, got {dtype!r}")
+        return Precision(resolved, resolved, resolved, kernels=quantized and resolved.itemsize == 2)
+    if quantized:
+        if device.type == "cpu":
+            return Precision(torch.float32, torch.bfloat16, torch.bfloat16, kernels=True)
+        return Precision(torch.bfloat16, torch.bfloat16, torch.bfloat16, kernels=True)
+    if device.type == "cpu":
+        return Precision(torch.float32, torch.float32, torch.float32, kernels=False)
+    float_dtype = checkpoint_dtype if isinstance(checkpoint_dtype, torch.dtype) else torch.bfloat16
+    return Precision(float_dtype, float_dtype, float_dtype, kernels=False)
+
+
+def apply_precision(model: nn.Module, precision: Precision) -> None:
+    """Settings that follow from the precision once the weights are in place."""
+    from .modeling_yuan import YuanAttention, YuanLocalizedFiltering
+
+    for module in model.modules():
+        if isinstance(module, YuanLocalizedFiltering) and module.conv1.weight.dtype != precision.activations:
+            module.use_tap_major_weights()
+        elif isinstance(module, YuanAttention):
+            module.kv_dtype = None if precision.kv_cache == precision.activations else precision.kv_cache
+    model.compute_precision = precision
+
+
+__all__ = ["Precision", "ROUTER_LINEAR", "apply_precision", "resolve_precision"]

@@ -1,0 +1,250 @@
+"""Fused kernels for GPTQ layers: the packed weights are converted once, at load, into a kernel's own layout.
+
+- `Int4PackKernel`: PyTorch's own int4 kernels (tinygemm, what gpt-fast and torchao use), on CPU
+  `_convert_weight_to_int4pack_for_cpu` + `_weight_int4pack_mm_for_cpu` and on CUDA `_convert_weight_to_int4pack` +
+  `_weight_int4pack_mm`. They take bf16 activations (other dtypes are cast; on CPU fp32/fp16 hit a slow path) and
+  dequantise tile by tile inside the matmul as `w = (q - 8) * scale + zero`, with a float zero per group and output.
+  GPTQ's `scale * (q - z)` is the same thing with `zero = scale * (8 - z)`, so symmetric and asymmetric v1 weights
+  both fit. Needs 4 bits, consecutive groups (no act-order) and a group size of 32, 64, 128 or 256.
+- `DenseKernel`: the weight dequantised once into a float dtype. Used for the router's three 2048x32 projections
+  (0.25 MB each in float32): routing stays in float32, so the chosen experts do not move with bf16 rounding.
+- `MarlinKernel`: gptqmodel's Marlin on CUDA, an optional extra (`pip install gptqmodel`), preferred when present.
+
+Every kind of kernel is checked once per load and weight shape against the exact dequantising path on a probe
+input; a kernel that disagrees is not used (the layer stays exact) and a warning says so.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gptq import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+_CHECK_TOLERANCE = 2e-2  # relative L2 error of a kernel against the exact path on the probe
+_CPU_N_MULTIPLE = 16  # the CPU packer's block of output rows
+
+
+class Int4PackKernel(nn.Module):
+    """int4 weights in tinygemm's packed layout, with bf16 scales and zeros [in/group, out, 2]."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int):
+        super().__init__()
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+        self.group_size = group_size
+        self.out_features = out_features
+        self.name = f"int4pack-{packed.device.type}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16).contiguous()
+        if self.packed.device.type == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
+
+
+class DenseKernel(nn.Module):
+    """The dequantised weight [out, in], multiplied in its own dtype."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.name = f"dense-{str(weight.dtype).replace('torch.', '')}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight)
+
+
+class MarlinKernel(nn.Module):
+    """gptqmodel's Marlin layer, called on 2D inputs."""
+
+    name = "marlin"
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# conversions (pure tensor code, shared by the CPU and CUDA paths and checked on CPU by the tests)
+
+
+def int4_rows(layer: QuantLinear) -> torch.Tensor:
+    """The 4-bit integers as int32 [out, in], one output row at a time (the kernels' `[N, K]` order).
+
+    Works on bytes (a quarter of the int32 traffic; this runs once per layer at load): byte b of a word (tensors are
+    little-endian on every platform PyTorch runs on) holds input 2b in its low nibble and 2b+1 in its high one.
+    """
+    words, out_features = layer.qweight.shape
+    data = layer.qweight.view(torch.uint8).view(words, out_features, 4).permute(1, 0, 2).contiguous()  # [out, w, 4]
+    nibbles = torch.empty(out_features, words, 4, 2, dtype=torch.uint8, device=data.device)
+    torch.bitwise_and(data, 0xF, out=nibbles[..., 0])
+    torch.bitwise_right_shift(data, 4, out=nibbles[..., 1])
+    return nibbles.view(out_features, layer.in_features).to(torch.int32)
+
+
+def nibble_bytes(rows: torch.Tensor) -> torch.Tensor:
+    """int32 [N, K] values in 0..15 -> uint8 [N, K/2], the even input in the high nibble (CUDA packer's input)."""
+    return ((rows[:, ::2] << 4) | rows[:, 1::2]).to(torch.uint8)
+
+
+def tinygemm_scales_and_zeros(scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
+    """bf16 [groups, out, 2] of (scale, zero) with `scale * (q - z) == (q - 8) * scale + zero`.
+
+    The zero is computed from the bf16-rounded scale, so the kernel's weight is exactly that scale times (q - z).
+    """
+    scale = scales.to(torch.bfloat16).to(torch.float32)
+    zero = scale * (8 - zero_points.to(torch.float32))
+    return torch.stack((scale, zero), dim=-1).to(torch.bfloat16).contiguous()
+
+
+def inner_k_tiles(in_features: int) -> int | None:
+    """The largest tile count (8, 4 or 2) the packers accept for this input width."""
+    return next((tiles for tiles in (8, 4, 2) if in_features % (16 * tiles) == 0), None)
+
+
+def int4pack_unsupported(layer: QuantLinear, device: torch.device) -> str | None:
+    """Why `layer` cannot run on the int4pack kernel on `device`, or None."""
+    if layer.bits != 4:
+        return f"{layer.bits}-bit weights"
+    if layer.group_size not in INT4_GROUP_SIZES:
+        return f"group size {layer.group_size}"
+    if not layer.sequential_groups:
+        return "act-order groups"
+    if inner_k_tiles(layer.in_features) is None:
+        return f"in_features {layer.in_features} not a multiple of 32"
+    if device.type == "cpu":
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return "this PyTorch has no CPU int4 kernel"
+        if layer.out_features % _CPU_N_MULTIPLE:
+            return f"out_features {layer.out_features} not a multiple of {_CPU_N_MULTIPLE}"
+    elif device.type == "cuda":
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability(device) < (8, 0):
+            return "the CUDA int4 kernel needs compute capability 8.0 or newer"
+    else:
+        return f"no int4 kernel on {device.type}"
+    return None
+
+
+def build_int4pack(layer: QuantLinear, device: torch.device) -> Int4PackKernel:
+    """Convert `layer`'s GPTQ buffers (on any device) into an `Int4PackKernel` on `device`."""
+    rows = int4_rows(layer)
+    tiles = inner_k_tiles(layer.in_features)
+    if device.type == "cpu":
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows.cpu().contiguous(), tiles)
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack(nibble_bytes(rows).to(device).contiguous(), tiles)
+    del rows
+    scales_and_zeros = tinygemm_scales_and_zeros(layer.scales, layer.zero_points()).to(device)
+    return Int4PackKernel(packed, scales_and_zeros, layer.group_size, layer.out_features)
+
+
+def build_marlin(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> MarlinKernel | None:
+    """gptqmodel's Marlin kernel for `layer`, if installed and applicable, else None.
+
+    Marlin handles symmetric 4-bit weights with the fixed zero-point 8, which is what the release stores (every
+    `qzeros` nibble 7); it needs out_features divisible by 64.
+    """
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or layer.bits != 4:
+        return None
+    if layer.out_features % 64 or layer.bias is not None or not layer.sequential_groups:
+        return None
+    if not bool((layer.zero_points() == 8).all()):
+        return None
+    try:
+        from gptqmodel.nn_modules.qlinear.marlin import MarlinQuantLinear
+    except Exception:  # not installed, or built without CUDA extensions
+        return None
+    try:
+        marlin = MarlinQuantLinear(
+            bits=4, group_size=layer.group_size, desc_act=False, sym=True,
+            in_features=layer.in_features, out_features=layer.out_features, bias=False,
+        ).to(device)
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            getattr(marlin, name).data.copy_(getattr(layer, name))
+        marlin.post_init()
+        return MarlinKernel(marlin.eval())
+    except Exception as err:  # API drift across gptqmodel versions, unsupported GPU, ...
+        logger.warning("gptqmodel Marlin kernel unavailable (%s); using PyTorch's int4 kernel", err)
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# choosing and checking
+
+
+def _agrees(layer: QuantLinear, kernel: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `kernel` computes what the exact path computes, on a few random rows."""
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(4, layer.in_features, generator=generator).to(device)
+    exact = layer._torch_forward(probe.to(layer.qweight.device).float()).to(device)
+    got = kernel(probe.to(dtype)).float()
+    if got.shape != exact.shape:
+        return False
+    error = float((got - exact).norm() / exact.norm().clamp(min=1e-12))
+    return error <= _CHECK_TOLERANCE
+
+
+class KernelChooser:
+    """Picks and builds each quantized layer's kernel during one load, checking each kind once per weight shape."""
+
+    def __init__(self, device: torch.device, activation_dtype: torch.dtype):
+        self.device = device
+        self.dtype = activation_dtype
+        self._checked: dict[tuple, bool] = {}
+        self.counts: dict[str, int] = {}
+
+    def convert(self, layer: QuantLinear, float32_dense: bool = False) -> None:
+        """Give `layer` its kernel (or leave it exact when none applies), then count the choice."""
+        candidates = []
+        if float32_dense:
+            candidates.append(("dense-float32", lambda: DenseKernel(layer.dequantize(torch.float32).to(self.device))))
+        else:
+            candidates.append(("marlin", lambda: build_marlin(layer, self.device, self.dtype)))
+            reason = int4pack_unsupported(layer, self.device)
+            if reason is None:
+                candidates.append(("int4pack", lambda: build_int4pack(layer, self.device)))
+            else:
+                logger.debug("%s: no int4 kernel (%s)", layer, reason)
+        for kind, build in candidates:
+            kernel = build()
+            if kernel is None:
+                continue
+            key = (kind, layer.in_features, layer.out_features, layer.group_size, layer.bits)
+            if key not in self._checked:
+                self._checked[key] = _agrees(layer, kernel, self.device, self.dtype)
+                if not self._checked[key]:
+                    logger.warning("the %s kernel disagrees with the exact GPTQ path for %s; not using it", kind, key)
+            if self._checked[key]:
+                layer.use_kernel(kernel)
+                self.counts[kernel.name] = self.counts.get(kernel.name, 0) + 1
+                return
+        self.counts["exact"] = self.counts.get("exact", 0) + 1
+
+
+def adopt_cuda_kernel(layer: QuantLinear, dtype: torch.dtype) -> None:
+    """For a layer first called on CUDA without a kernel chosen at load: use Marlin or int4pack if they agree."""
+    KernelChooser(layer.qweight.device, dtype).convert(layer)
+
+
+__all__ = [
+    "DenseKernel",
+    "Int4PackKernel",
+    "KernelChooser",
+    "MarlinKernel",
+    "adopt_cuda_kernel",
+    "build_int4pack",
+    "int4_rows",
+    "int4pack_unsupported",
+    "nibble_bytes",
+    "tinygemm_scales_and_zeros",
+]
