@@ -44,6 +44,9 @@ RELEASE_LAYER = dict(
     max_position_embeddings=4096,
 )
 RELEASE_LAYERS = 24
+# The same structure at toy size: for smoke tests of the benchmarks themselves (`--tiny`), not for figures.
+TINY_LAYER = dict(RELEASE_LAYER, vocab_size=4096, hidden_size=256, num_attention_heads=2,
+                  attention_projection_size=512, num_experts=8, ffn_hidden_size=256)
 
 
 def _specs(config: YuanConfig, gptq: GPTQSettings) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -87,10 +90,10 @@ def layer_count_for(target_gb: float) -> int:
     return max(1, round((target_gb * 1e9 - fixed) / per_layer))
 
 
-def write_release_checkpoint(folder: Path, layers: int, tokenizer_dir: Path) -> int:
+def write_release_checkpoint(folder: Path, layers: int, tokenizer_dir: Path, dims: dict = RELEASE_LAYER) -> int:
     """Write a release-layout INT4 checkpoint with `layers` release-sized layers; returns the packed bytes."""
     gptq = GPTQSettings()
-    config_dict = tiny_config_dict(int4=True, num_hidden_layers=layers, **RELEASE_LAYER)
+    config_dict = tiny_config_dict(int4=True, num_hidden_layers=layers, **dims)
     write_folder_files(folder, config_dict, tokenizer_dir, gptq)
     specs = _specs(YuanConfig(**config_dict), gptq)
     by_name = {name: (dtype, shape) for name, dtype, shape in specs}
@@ -124,7 +127,7 @@ class DecodeTimer:
         self.synchronize = synchronize
         device = model.model.embed_tokens.weight.device
         generator = torch.Generator().manual_seed(seed)
-        prompt = torch.randint(0, 100000, (1, context), generator=generator).to(device)
+        prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=generator).to(device)
         self.cache = YuanCache(model.config)
         with torch.inference_mode():
             self.token = self._next(model(prompt, cache=self.cache, use_cache=True, logits_to_keep=1))
@@ -168,6 +171,27 @@ class DecodeTimer:
         finally:
             self._time_layers(False)
         return seconds
+
+
+def projection_by_truncation(model: nn.Module, context: int, steps: int, synchronize=lambda: None) -> dict:
+    """Per-layer and fixed cost from whole steps with all layers and with half of them (no per-layer hooks, whose
+    synchronisation would distort GPU timings). Needs at least two layers."""
+    layers = model.model.layers
+    half = len(layers) // 2
+    medians = {}
+    try:
+        for count in (len(layers), half):
+            model.model.layers = nn.ModuleList(list(layers)[:count])
+            timer = DecodeTimer(model, context, synchronize)
+            timer.steps(3)
+            medians[count] = statistics.median(timer.steps(steps))
+    finally:
+        model.model.layers = layers
+    per_layer = max((medians[len(layers)] - medians[half]) / (len(layers) - half), 1e-9)
+    fixed = max(medians[len(layers)] - len(layers) * per_layer, 0.0)
+    projected = fixed + RELEASE_LAYERS * per_layer
+    return {"per_layer_ms": per_layer * 1e3, "fixed_ms": fixed * 1e3, "step_ms": medians[len(layers)] * 1e3,
+            "projected_ms": projected * 1e3, "projected_tokens_per_s": 1.0 / projected}
 
 
 def component_profile(model: nn.Module, timer: DecodeTimer, steps: int, synchronize=lambda: None) -> list[tuple]:
@@ -243,11 +267,13 @@ __all__ = [
     "DecodeTimer",
     "RELEASE_LAYER",
     "RELEASE_LAYERS",
+    "TINY_LAYER",
     "YuanDecoderLayer",
     "component_profile",
     "layer_count_for",
     "projected_memory",
     "projection",
+    "projection_by_truncation",
     "relative_error",
     "tensor_bytes",
     "write_release_checkpoint",

@@ -265,6 +265,33 @@ class YuanLocalizedFiltering(nn.Module):
         return self.output_layernorm(o2 + hidden_states), window[:, -2:]
 
 
+_DECODE_KEY_CHUNK = 256  # keys upcast at a time by `attend_one_query` (4 MB of float32 at full size: cache-resident)
+
+
+def attend_one_query(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """A decoding step's attention [b, h, 1, d] over a cache held in lower precision, computed in float32.
+
+    PyTorch's CPU SDPA is several times slower for one query over bf16 keys than over float32 ones, and upcasting the
+    whole cache would read twice its bytes; so keys and values are upcast a chunk at a time, while they are in the
+    CPU caches, and the scores and softmax stay float32. `mask` is SDPA's boolean mask (True = attend) or None.
+    """
+    length = key.shape[-2]
+    chunks = range(0, length, _DECODE_KEY_CHUNK)
+    scaled = (query.to(torch.float32) * scale).transpose(-1, -2)  # [b, h, d, 1]
+    scores = torch.cat([torch.matmul(key[:, :, i : i + _DECODE_KEY_CHUNK].float(), scaled) for i in chunks], dim=-2)
+    scores = scores.transpose(-1, -2)  # [b, h, 1, length]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    output = None
+    for i in chunks:
+        part = torch.matmul(weights[..., i : i + _DECODE_KEY_CHUNK], value[:, :, i : i + _DECODE_KEY_CHUNK].float())
+        output = part if output is None else output + part
+    return output.to(query.dtype)
+
+
 class YuanAttention(nn.Module):
     """Causal self-attention over LFA-filtered queries/keys.
 
@@ -316,19 +343,22 @@ class YuanAttention(nn.Module):
         query = apply_rotary_pos_emb(query, cos, sin)
         key = apply_rotary_pos_emb(key, cos, sin)
         if self.kv_dtype is not None:
-            query, key, value = query.to(self.kv_dtype), key.to(self.kv_dtype), value.to(self.kv_dtype)
+            key, value = key.to(self.kv_dtype), value.to(self.kv_dtype)
 
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        output = F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=batch_masks.attention,
-            is_causal=batch_masks.attention is None and batch_masks.causal,
-            scale=self.scaling,
-        )
+        if self.kv_dtype is not None and seq_len == 1:
+            output = attend_one_query(query, key, value, batch_masks.attention, self.scaling)
+        else:
+            output = F.scaled_dot_product_attention(
+                query.to(key.dtype),
+                key,
+                value,
+                attn_mask=batch_masks.attention,
+                is_causal=batch_masks.attention is None and batch_masks.causal,
+                scale=self.scaling,
+            )
         output = output.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)
         return self.o_proj(output.to(hidden_states.dtype))
 
