@@ -21,30 +21,24 @@ The last line (`RESULT ...`) is what a GPU run is judged by. Without a CUDA devi
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from synthetic_release import (
     REPO_ROOT,
-    RELEASE_LAYER,
     RELEASE_LAYERS,
-    TINY_LAYER,
-    DecodeTimer,
+    add_checkpoint_arguments,
+    checkpoint_folder,
     kv_bytes_per_position,
     projected_memory,
     projection_by_truncation,
-    write_release_checkpoint,
 )
 
 sys.path.insert(0, str(REPO_ROOT))
 from playground.models.yuan import load_yuan  # noqa: E402
 from playground.models.yuan.gptq import QuantLinear  # noqa: E402
-from playground.models.yuan.make_tiny import resolve_tokenizer_dir  # noqa: E402
 
 GOAL_TOKENS_PER_S = 92.0
 RELEASE_TOKENS_PER_S = 9.24
@@ -54,14 +48,10 @@ KV_CONTEXT = 4096
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=4, help="release-sized layers to write and load (default 4)")
+    add_checkpoint_arguments(parser, default_layers=4)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--contexts", type=int, nargs="+", default=[16, 4096])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--reuse", type=Path)
-    parser.add_argument("--keep", type=Path)
-    parser.add_argument("--tokenizer-dir", type=Path, default=None)
-    parser.add_argument("--tiny", action="store_true", help="toy-sized layers: checks the script, measures nothing")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -72,18 +62,12 @@ def main() -> int:
     cuda = device.type == "cuda"
     synchronize = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
-    folder = args.reuse or args.keep or Path(tempfile.mkdtemp(prefix="yuan-int4-gpu-"))
-    try:
-        if args.reuse is None:
-            start = time.perf_counter()
-            packed = write_release_checkpoint(folder, args.layers, resolve_tokenizer_dir(args.tokenizer_dir),
-                                              TINY_LAYER if args.tiny else RELEASE_LAYER)
-            print(f"checkpoint: {args.layers} {'toy' if args.tiny else 'release'}-sized layers, {packed / 1e9:.2f} GB "
-                  f"(written in {time.perf_counter() - start:.0f}s)")
+    with checkpoint_folder(args, "yuan-int4-gpu-") as folder:
         start = time.perf_counter()
         model, _ = load_yuan(folder, device=str(device), with_tokenizer=False)
         synchronize()
-        kernels = sorted({m.kernel.name if m.kernel else "exact" for m in model.modules() if isinstance(m, QuantLinear)})
+        quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        kernels = sorted({m.kernel.name if m.kernel else "exact" for m in quantized})
         name = torch.cuda.get_device_name(device) if cuda else "cpu"
         print(f"loaded in {time.perf_counter() - start:.1f}s on {name}: {model.compute_precision.describe()}; "
               f"GPTQ layers on {', '.join(kernels)}; torch {torch.__version__}")
@@ -116,11 +100,9 @@ def main() -> int:
         print(f"RESULT {name}: projected Yuan2-M32 INT4 batch-1 decode {first:.1f} tok/s at context "
               f"{args.contexts[0]} ({first / RELEASE_TOKENS_PER_S:.1f}x the release's {RELEASE_TOKENS_PER_S}; goal "
               f">= {GOAL_TOKENS_PER_S:.0f}), GPU memory {total / 1e9:.1f} GB with a {KV_CONTEXT}-token context "
-              f"(goal <= {GOAL_MEMORY_GB:.0f}); {'PASS' if ok else 'FAIL'}{' (toy layers: not a measurement)' if args.tiny else ''}")
+              f"(goal <= {GOAL_MEMORY_GB:.0f}); {'PASS' if ok else 'FAIL'}"
+              f"{' (toy layers: not a measurement)' if args.tiny else ''}")
         return 0 if ok or args.tiny else 1
-    finally:
-        if args.reuse is None and args.keep is None:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

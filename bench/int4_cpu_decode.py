@@ -22,10 +22,7 @@ Exit status 0 when the speed and memory targets are met.
 from __future__ import annotations
 
 import argparse
-import shutil
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,20 +31,18 @@ import torch
 
 from synthetic_release import (
     REPO_ROOT,
-    RELEASE_LAYER,
     RELEASE_LAYERS,
-    TINY_LAYER,
     DecodeTimer,
+    add_checkpoint_arguments,
+    checkpoint_folder,
     component_profile,
     projected_memory,
     projection,
     relative_error,
-    write_release_checkpoint,
 )
 
 sys.path.insert(0, str(REPO_ROOT))
 from playground.models.yuan import load_yuan  # noqa: E402
-from playground.models.yuan.make_tiny import resolve_tokenizer_dir  # noqa: E402
 
 TARGET_TOKENS_PER_S = 5.0
 TARGET_RESIDENT_GB = 25.0
@@ -115,26 +110,15 @@ def quality(fast, folder: Path, prompt_len: int = 12, new_tokens: int = 8) -> di
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=2, help="release-sized layers to write and load (default 2)")
+    add_checkpoint_arguments(parser, default_layers=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=24, help="decode steps timed per context")
     parser.add_argument("--contexts", type=int, nargs="+", default=[16, 1024], help="prompt lengths before decoding")
-    parser.add_argument("--reuse", type=Path, help="a checkpoint written earlier with --keep")
-    parser.add_argument("--keep", type=Path, help="write the checkpoint here and keep it")
     parser.add_argument("--no-quality", action="store_true", help="skip the comparison with the exact path")
-    parser.add_argument("--tokenizer-dir", type=Path, default=None)
-    parser.add_argument("--tiny", action="store_true", help="toy-sized layers: checks the script, measures nothing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    folder = args.reuse or args.keep or Path(tempfile.mkdtemp(prefix="yuan-int4-decode-"))
-    try:
-        if args.reuse is None:
-            start = time.perf_counter()
-            packed = write_release_checkpoint(folder, args.layers, resolve_tokenizer_dir(args.tokenizer_dir),
-                                              TINY_LAYER if args.tiny else RELEASE_LAYER)
-            print(f"checkpoint: {args.layers} release-sized layers, byte-split parts, {packed / 1e9:.2f} GB "
-                  f"(written in {time.perf_counter() - start:.0f}s)")
+    with checkpoint_folder(args, "yuan-int4-decode-") as folder:
         process = psutil.Process()
         baseline = process.memory_info().rss
         start = time.perf_counter()
@@ -147,7 +131,8 @@ def main() -> int:
         print("\ndecode step (median of %d):" % args.steps)
         rows = []
         for context, result in speed.items():
-            rows.append((context, f"{result['step_ms']:.1f}", f"{result['per_layer_ms']:.2f}", f"{result['fixed_ms']:.1f}",
+            rows.append((context, f"{result['step_ms']:.1f}", f"{result['per_layer_ms']:.2f}",
+                         f"{result['fixed_ms']:.1f}",
                          f"{result['projected_ms']:.0f}", f"{result['projected_tokens_per_s']:.2f}"))
         print(_table(rows, ("context", f"step ms ({len(model.model.layers)} layers)", "ms/layer", "fixed ms",
                             f"projected ms ({RELEASE_LAYERS} layers)", "projected tok/s")))
@@ -172,12 +157,14 @@ def main() -> int:
 
         if not args.no_quality:
             result = quality(model, folder)
-            print(f"\nquality against the exact fp32 path (same weights, 12-token prompt, {len(model.model.layers)} layers):")
+            print(f"\nquality against the exact fp32 path (same weights, 12-token prompt, "
+                  f"{len(model.model.layers)} layers):")
             print(f"  relative L2 error of the logits: {result['error_all']:.4f} over all positions, "
                   f"{result['error_same_route']:.4f} where every layer picked the same experts (target <= "
                   f"{TARGET_LOGIT_ERROR})")
             print(f"  routing decisions that differ: {result['flipped']} of {result['decisions']}")
-            print(f"  along the exact path's greedy continuation: {result['decided']} of {result['steps']} steps decided "
+            print(f"  along the exact path's greedy continuation: {result['decided']} of {result['steps']} steps "
+                  f"decided "
                   f"(top-2 gap > 2x the fast path's logit error), fast picks the same token at "
                   f"{'all of them' if result['decided_agree'] else 'NOT all of them'}")
             print(f"  free-running greedy tokens: fast {result['fast_tokens']} exact {result['exact_tokens']} -> "
@@ -190,9 +177,6 @@ def main() -> int:
               f"{resident / 1e9:.1f} GB (target <= {TARGET_RESIDENT_GB:.0f}); "
               f"{'PASS' if ok else 'FAIL'}{' (toy layers: not a measurement)' if args.tiny else ''}")
         return 0 if ok else 1
-    finally:
-        if args.reuse is None and args.keep is None:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,17 @@ the tied embedding), GPTQ 4-bit group-128 symmetric weights with random nibbles,
 
 from __future__ import annotations
 
+import argparse
 import math
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import zlib
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,11 +32,12 @@ from playground.models.yuan.gptq import GPTQSettings, QuantLinear  # noqa: E402
 from playground.models.yuan.loading import build_model_skeleton  # noqa: E402
 from playground.models.yuan.make_tiny import (  # noqa: E402
     INT4_WEIGHTS_NAME,
+    resolve_tokenizer_dir,
     tiny_config_dict,
     write_folder_files,
     write_safetensors,
 )
-from playground.models.yuan.modeling_yuan import YuanCache, YuanDecoderLayer  # noqa: E402
+from playground.models.yuan.modeling_yuan import YuanCache  # noqa: E402
 
 RELEASE_LAYER = dict(
     vocab_size=135040,
@@ -99,6 +105,32 @@ def write_release_checkpoint(folder: Path, layers: int, tokenizer_dir: Path, dim
     by_name = {name: (dtype, shape) for name, dtype, shape in specs}
     parts = write_safetensors(specs, lambda name: _produce(name, by_name), folder, INT4_WEIGHTS_NAME, parts=3)
     return sum(p.stat().st_size for p in parts)
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, default_layers: int) -> None:
+    parser.add_argument("--layers", type=int, default=default_layers,
+                        help=f"release-sized layers to write and load (default {default_layers})")
+    parser.add_argument("--reuse", type=Path, help="a checkpoint written earlier with --keep")
+    parser.add_argument("--keep", type=Path, help="write the checkpoint here and keep it")
+    parser.add_argument("--tokenizer-dir", type=Path, default=None)
+    parser.add_argument("--tiny", action="store_true", help="toy-sized layers: checks the script, measures nothing")
+
+
+@contextmanager
+def checkpoint_folder(args: argparse.Namespace, prefix: str) -> Iterator[Path]:
+    """The folder named by --reuse, or a checkpoint written as the arguments say (deleted afterwards unless --keep)."""
+    folder = args.reuse or args.keep or Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        if args.reuse is None:
+            start = time.perf_counter()
+            packed = write_release_checkpoint(folder, args.layers, resolve_tokenizer_dir(args.tokenizer_dir),
+                                              TINY_LAYER if args.tiny else RELEASE_LAYER)
+            print(f"checkpoint: {args.layers} {'toy' if args.tiny else 'release'}-sized layers, byte-split parts, "
+                  f"{packed / 1e9:.2f} GB (written in {time.perf_counter() - start:.0f}s)")
+        yield folder
+    finally:
+        if args.reuse is None and args.keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -268,7 +300,8 @@ __all__ = [
     "RELEASE_LAYER",
     "RELEASE_LAYERS",
     "TINY_LAYER",
-    "YuanDecoderLayer",
+    "add_checkpoint_arguments",
+    "checkpoint_folder",
     "component_profile",
     "layer_count_for",
     "projected_memory",

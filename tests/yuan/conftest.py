@@ -96,6 +96,28 @@ def full_vocab_model(full_vocab_dir):
     return load_yuan(full_vocab_dir)
 
 
+@pytest.fixture(scope="session")
+def dequantised_copy():
+    """A function: the float model of an exact-mode GPTQ model's dequantised weights (no QuantLinear left)."""
+    from playground.models.yuan.gptq import QuantLinear, dequantize_linear
+    from playground.models.yuan.modeling_yuan import YuanForCausalLM
+
+    def copy(model):
+        reference = YuanForCausalLM(model.config).eval()
+        packed = ("qweight", "qzeros", "scales", "g_idx")
+        reference.load_state_dict(
+            {k: v for k, v in model.state_dict().items() if k.split(".")[-1] not in packed}, strict=False
+        )
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLinear):
+                parent, _, child = name.rpartition(".")
+                setattr(reference.get_submodule(parent), child, dequantize_linear(module))
+        reference.tie_weights()
+        return reference
+
+    return copy
+
+
 @pytest.fixture(autouse=True)
 def single_thread_torch():
     """Tiny models gain nothing from intra-op threads, and on a busy machine the thread pool stalls every op for

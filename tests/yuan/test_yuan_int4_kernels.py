@@ -10,8 +10,8 @@ import torch
 
 from playground.models.yuan import load_yuan
 from playground.models.yuan import quant_kernels
-from playground.models.yuan.gptq import QuantLinear, dequantize_linear, pack_gptq, unpack_gptq, unpack_int_weights
-from playground.models.yuan.modeling_yuan import YuanForCausalLM, YuanLocalizedFiltering
+from playground.models.yuan.gptq import QuantLinear, pack_gptq, unpack_gptq, unpack_int_weights
+from playground.models.yuan.modeling_yuan import YuanLocalizedFiltering
 from playground.models.yuan.precision import Precision, resolve_precision
 from playground.models.yuan.quant_kernels import (
     DenseKernel,
@@ -57,7 +57,8 @@ def test_tinygemm_layout_reproduces_the_gptq_weight(sym):
     scales_and_zeros = tinygemm_scales_and_zeros(layer.scales, layer.zero_points())
     assert scales_and_zeros.dtype == torch.bfloat16 and scales_and_zeros.shape == (2, 128, 2)
     scale, zero = scales_and_zeros.float().unbind(-1)
-    kernel_weight = (rows.float() - 8) * scale.t().repeat_interleave(128, dim=1) + zero.t().repeat_interleave(128, dim=1)
+    per_input = lambda t: t.t().repeat_interleave(128, dim=1)  # noqa: E731 - [groups, out] -> [out, in]
+    kernel_weight = (rows.float() - 8) * per_input(scale) + per_input(zero)
     exact = layer.dequantize()
     # bf16 keeps 8 significant bits of each fp16 scale: the weights agree to that rounding, not better.
     assert _relative_error(kernel_weight, exact) < 4e-3
@@ -65,7 +66,8 @@ def test_tinygemm_layout_reproduces_the_gptq_weight(sym):
 
 
 def test_cuda_packer_input_and_shapes_cpu_twin():
-    """What the CUDA kernel is given, checked on CPU: nibble bytes that decode to the weights, shapes its packer takes."""
+    """What the CUDA kernel is given, checked on CPU: nibble bytes that decode to the weights, in shapes its packer
+    takes."""
     layer = _layer(in_features=512, out_features=64)
     rows = int4_rows(layer)
     packed = nibble_bytes(rows)
@@ -191,7 +193,8 @@ def test_default_load_runs_int4_kernels_in_mixed_precision(fast_and_exact, small
     assert len(routers) == 3 * small_config.num_hidden_layers
     assert {kernels[name] for name in routers} == {"dense-float32"}
     assert {kernel for name, kernel in kernels.items() if name not in routers} == {"int4pack-cpu"}
-    assert fast.model.embed_tokens.weight.dtype == torch.bfloat16 and fast.lm_head.weight is fast.model.embed_tokens.weight
+    assert fast.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight
     layer = fast.model.layers[0]
     assert layer.self_attn.lf_gate.conv1.weight.dtype == torch.bfloat16
     assert layer.input_layernorm.weight.dtype == torch.float32 and layer.self_attn.kv_dtype == torch.bfloat16
@@ -285,7 +288,7 @@ def test_int8_pack_round_trip():
     assert torch.equal(again[0], qweight) and torch.equal(again[1], qzeros)
 
 
-def test_int8_checkpoint_loads_through_the_same_loader(tiny_int8_dir):
+def test_int8_checkpoint_loads_through_the_same_loader(tiny_int8_dir, dequantised_copy):
     assert (tiny_int8_dir / "gptq_model-8bit-128g.safetensors00").is_file()
     model, tokenizer = load_yuan(tiny_int8_dir)
     quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -293,16 +296,7 @@ def test_int8_checkpoint_loads_through_the_same_loader(tiny_int8_dir):
     # No group-wise int8 kernel in PyTorch: the 8-bit layers run the exact path (routers take their float32 copy).
     assert {m.kernel.name if m.kernel else "exact" for m in quantized} == {"exact", "dense-float32"}
     exact, _ = load_yuan(tiny_int8_dir, dtype=torch.float32, with_tokenizer=False)
-    reference = YuanForCausalLM(exact.config).eval()
-    reference.load_state_dict(
-        {k: v for k, v in exact.state_dict().items() if k.split(".")[-1] not in ("qweight", "qzeros", "scales", "g_idx")},
-        strict=False,
-    )
-    for name, module in exact.named_modules():
-        if isinstance(module, QuantLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(reference.get_submodule(parent), child, dequantize_linear(module))
-    reference.tie_weights()
+    reference = dequantised_copy(exact)
     with torch.inference_mode():
         torch.testing.assert_close(exact(PROMPT).logits, reference(PROMPT).logits, rtol=1e-4, atol=1e-4)
         assert _relative_error(model(PROMPT).logits, exact(PROMPT).logits) < 0.05
@@ -327,3 +321,24 @@ def test_one_query_attention_over_a_low_precision_cache():
     )
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_that_fails_to_build_leaves_the_layer_exact(monkeypatch, caplog):
+    def broken(layer, device):
+        raise RuntimeError("no kernel in this build")
+
+    monkeypatch.setattr(quant_kernels, "build_int4pack", broken)
+    layer = _layer()
+    x = torch.randn(2, 256)
+    expected = layer(x)
+    with caplog.at_level(logging.WARNING):
+        KernelChooser(CPU, torch.float32).convert(layer)
+    assert layer.kernel is None and "no kernel in this build" in caplog.text
+    assert torch.equal(layer(x), expected)
+
+
+def test_packed_weights_refuse_another_device():
+    layer = _layer()
+    KernelChooser(CPU, torch.float32).convert(layer)
+    with pytest.raises(RuntimeError, match="packed for cpu"):
+        layer.kernel(torch.randn(1, 256, device="meta"))

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from playground.errors import ModelFolderError
 from playground.models.yuan import YuanConfig, YuanForCausalLM, check_yuan_folder, is_yuan_folder, load_yuan
-from playground.models.yuan.gptq import QuantLinear, dequantize_linear
+from playground.models.yuan.gptq import QuantLinear
 from playground.models.yuan.loading import QUANTIZED_LINEAR
 from playground.models.yuan.make_tiny import main as make_tiny_main
 
@@ -79,23 +79,9 @@ def test_int4_weights_stay_packed_in_exact_mode(tiny_int4_dir, small_config):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def _dequantised_copy(model: YuanForCausalLM) -> YuanForCausalLM:
-    reference = YuanForCausalLM(model.config).eval()
-    reference.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if not k.split(".")[-1] in ("qweight", "qzeros", "scales", "g_idx")},
-        strict=False,
-    )
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(reference.get_submodule(parent), child, dequantize_linear(module))
-    reference.tie_weights()
-    return reference
-
-
-def test_int4_logits_close_to_float_model_of_dequantised_weights(tiny_int4_dir):
+def test_int4_logits_close_to_float_model_of_dequantised_weights(tiny_int4_dir, dequantised_copy):
     model, _ = load_yuan(tiny_int4_dir, dtype=torch.float32)
-    reference = _dequantised_copy(model)
+    reference = dequantised_copy(model)
     assert not any(isinstance(m, QuantLinear) for m in reference.modules())
     got, expected = model(PROMPT).logits, reference(PROMPT).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -322,7 +322,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32 on CUDA stays exact; half-precision calls try a fused kernel once.
-        if self.kernel is None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and not self._cuda_kernel_tried:
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        if self.kernel is None and x.is_cuda and half and not self._cuda_kernel_tried:
             from .quant_kernels import adopt_cuda_kernel  # lazy: only layers that were not converted at load
 
             self._cuda_kernel_tried = True

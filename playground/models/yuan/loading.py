@@ -18,10 +18,12 @@ the exact dequantising path. Float folders use the checkpoint's dtype on CUDA an
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -469,6 +471,17 @@ def untie_differing_lm_head(model: nn.Module, path: str | Path) -> bool:
 # Loading
 
 
+def _return_freed_memory() -> None:
+    """Give the C heap's free pages back to the OS. glibc keeps freed memory for reuse, so the buffers of the
+    per-layer kernel conversion would stay resident: about 0.28 GB per release-sized layer, measured (6.7 GB over
+    the full model). A no-op where glibc is not the allocator."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def _materialise(
     model: nn.Module, folder: YuanFolder, device: torch.device, precision: Precision, progress: ProgressCallback | None
 ) -> dict[str, int]:
@@ -489,7 +502,11 @@ def _materialise(
     total = sum(folder.weights.entries[name].nbytes for *_, tensors in modules for *_, name in tensors) or 1
     done = 0
     reported = -1.0
+    decoder_layer = None
     for module_name, module, tensors in modules:
+        if chooser is not None and module_name.split(".")[:3] != decoder_layer:
+            decoder_layer = module_name.split(".")[:3]
+            _return_freed_memory()  # once per decoder layer: what the last one's conversions freed
         for kind, attr, name in tensors:
             entry = folder.weights.entries[name]
             meta = getattr(module, kind)[attr]
@@ -513,6 +530,8 @@ def _materialise(
             reported = fraction
             progress(0.05 + 0.9 * fraction, f"Loading weights {fraction:.0%}")
 
+    if chooser is not None:
+        _return_freed_memory()
     if folder.tie_lm_head:
         model.lm_head.weight = model.model.embed_tokens.weight
     leftover = [name for name, t in model.state_dict(keep_vars=True).items() if t.is_meta]

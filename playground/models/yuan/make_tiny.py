@@ -359,7 +359,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m playground.models.yuan.make_tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder to write (created)")
     parser.add_argument("--int4", action="store_true", help="GPTQ INT4 weights in byte-split parts, like the release")
-    parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="with --int4: 8 for the INT8 release layout")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
+                        help="with --int4: 8 for the INT8 release layout")
     parser.add_argument("--tokenizer-dir", type=Path, help="folder with the release's tokenizer.model and configs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", type=int, default=3, help="byte-split parts of INT4 weights (default 3)")

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .modeling_yuan import YuanAttention, YuanLocalizedFiltering
+
 # Float weights that the mixed CPU mode keeps in `Precision.weights` (they are read in full every token).
 _REDUCED_PRECISION_WEIGHTS = re.compile(
     r"^(model\.embed_tokens\.weight|lm_head\.weight|model\.layers\.\d+\.self_attn\.lf_gate\.conv[12]\.(weight|bias))$"
@@ -85,8 +87,6 @@ def resolve_precision(
 
 def apply_precision(model: nn.Module, precision: Precision) -> None:
     """Settings that follow from the precision once the weights are in place."""
-    from .modeling_yuan import YuanAttention, YuanLocalizedFiltering
-
     for module in model.modules():
         if isinstance(module, YuanLocalizedFiltering) and module.conv1.weight.dtype != precision.activations:
             module.use_tap_major_weights()

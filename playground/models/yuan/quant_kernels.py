@@ -40,11 +40,17 @@ class Int4PackKernel(nn.Module):
         self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
         self.group_size = group_size
         self.out_features = out_features
-        self.name = f"int4pack-{packed.device.type}"
+        self.layout = packed.device.type  # the CPU and CUDA packers lay the weights out differently
+        self.name = f"int4pack-{self.layout}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != self.layout or self.packed.device.type != self.layout:
+            raise RuntimeError(
+                f"this layer's int4 weights were packed for {self.layout}; load the model on {x.device.type} instead "
+                "of moving it (load_yuan(..., device=...))"
+            )
         x = x.to(torch.bfloat16).contiguous()
-        if self.packed.device.type == "cpu":
+        if self.layout == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
         return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
 
@@ -205,25 +211,33 @@ class KernelChooser:
 
     def convert(self, layer: QuantLinear, float32_dense: bool = False) -> None:
         """Give `layer` its kernel (or leave it exact when none applies), then count the choice."""
-        candidates = []
-        if float32_dense:
-            candidates.append(("dense-float32", lambda: DenseKernel(layer.dequantize(torch.float32).to(self.device))))
-        else:
-            candidates.append(("marlin", lambda: build_marlin(layer, self.device, self.dtype)))
+        def int4pack() -> Int4PackKernel | None:
             reason = int4pack_unsupported(layer, self.device)
-            if reason is None:
-                candidates.append(("int4pack", lambda: build_int4pack(layer, self.device)))
-            else:
+            if reason is not None:
                 logger.debug("%s: no int4 kernel (%s)", layer, reason)
+                return None
+            return build_int4pack(layer, self.device)
+
+        if float32_dense:
+            candidates = [("dense-float32", lambda: DenseKernel(layer.dequantize(torch.float32).to(self.device)))]
+        else:
+            candidates = [("marlin", lambda: build_marlin(layer, self.device, self.dtype)), ("int4pack", int4pack)]
         for kind, build in candidates:
-            kernel = build()
-            if kernel is None:
-                continue
             key = (kind, layer.in_features, layer.out_features, layer.group_size, layer.bits)
-            if key not in self._checked:
-                self._checked[key] = _agrees(layer, kernel, self.device, self.dtype)
-                if not self._checked[key]:
-                    logger.warning("the %s kernel disagrees with the exact GPTQ path for %s; not using it", kind, key)
+            if self._checked.get(key) is False:
+                continue
+            try:
+                kernel = build()
+                if kernel is None:
+                    continue
+                if key not in self._checked:
+                    self._checked[key] = _agrees(layer, kernel, self.device, self.dtype)
+                    if not self._checked[key]:
+                        logger.warning("the %s kernel disagrees with the exact GPTQ path for %s; not using it",
+                                       kind, key)
+            except Exception as err:  # a kernel missing from this build or device: the exact path still works
+                logger.warning("the %s kernel failed for %s (%s); not using it", kind, key, err)
+                self._checked[key] = False
             if self._checked[key]:
                 layer.use_kernel(kernel)
                 self.counts[kernel.name] = self.counts.get(kernel.name, 0) + 1
