@@ -140,8 +140,14 @@ def main() -> int:
         first = args.contexts[0]
         print(f"\nwhat a step is made of (context {first}, module hooks, {len(model.model.layers)} layers):")
         profile = component_profile(model, speed[first]["timer"], steps=8)
-        print(_table([(role, f"{ms:.2f}", f"{share:.0%}") for role, ms, share in profile],
-                     ("component", "ms/step", "share")))
+        # The same step with 24 layers: per-layer components scale with the layer count, the head and embedding not.
+        scale = RELEASE_LAYERS / len(model.model.layers)
+        projected = {role: ms * (1 if role.startswith(("lm_head", "embedding")) else scale)
+                     for role, ms, _ in profile if role != "step total"}
+        total_projected = sum(projected.values())
+        rows = [(role, f"{ms:.2f}", f"{share:.0%}",
+                 f"{projected.get(role, total_projected) / total_projected:.0%}") for role, ms, share in profile]
+        print(_table(rows, ("component", "ms/step", "share", f"share at {RELEASE_LAYERS} layers")))
         print(f"\ntop PyTorch ops (context {first}):")
         print(op_table(model, first))
 

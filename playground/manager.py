@@ -963,8 +963,9 @@ class ModelManager:
                     def last_logits():
                         with torch.inference_mode():
                             ids = input_ids.to(loaded.device)
-                            logits = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-                            return logits[0, -1].float().cpu()
+                            # Only the last position's logits: the vocabulary projection of every other is waste.
+                            output = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+                            return output.logits[0, -1].float().cpu()
 
                     result.append(run_on_gpu(last_logits))
                 except BaseException as exc:

@@ -166,8 +166,11 @@ def test_int4pack_kernel_on_cuda():
 
 def test_default_precision_per_device():
     cpu_int4 = resolve_precision(None, CPU, quantized=True, checkpoint_dtype=torch.float16)
-    assert cpu_int4 == Precision(torch.float32, torch.bfloat16, torch.bfloat16, kernels=True)
-    assert cpu_int4.describe() == "GPTQ kernels · bf16 weights/KV · fp32 activations"
+    assert cpu_int4 == Precision(torch.float32, torch.bfloat16, torch.bfloat16, kernels=True, head=torch.float16)
+    assert cpu_int4.describe() == "GPTQ kernels · fp16 head · bf16 weights/KV · fp32 activations"
+    assert cpu_int4.float_dtype("lm_head.weight") == torch.float16
+    assert cpu_int4.float_dtype("model.layers.3.self_attn.lf_gate.conv2.bias") == torch.bfloat16
+    assert cpu_int4.float_dtype("model.layers.3.input_layernorm.weight") == torch.float32
     cuda_int4 = resolve_precision("auto", torch.device("cuda"), quantized=True, checkpoint_dtype=torch.float16)
     assert cuda_int4 == Precision(torch.bfloat16, torch.bfloat16, torch.bfloat16, kernels=True)
     exact = resolve_precision(torch.float32, CPU, quantized=True, checkpoint_dtype=torch.float16)
@@ -193,7 +196,7 @@ def test_default_load_runs_int4_kernels_in_mixed_precision(fast_and_exact, small
     assert len(routers) == 3 * small_config.num_hidden_layers
     assert {kernels[name] for name in routers} == {"dense-float32"}
     assert {kernel for name, kernel in kernels.items() if name not in routers} == {"int4pack-cpu"}
-    assert fast.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert fast.model.embed_tokens.weight.dtype == torch.float16  # the release's stored dtype
     assert fast.lm_head.weight is fast.model.embed_tokens.weight
     layer = fast.model.layers[0]
     assert layer.self_attn.lf_gate.conv1.weight.dtype == torch.bfloat16
@@ -342,3 +345,18 @@ def test_packed_weights_refuse_another_device():
     KernelChooser(CPU, torch.float32).convert(layer)
     with pytest.raises(RuntimeError, match="packed for cpu"):
         layer.kernel(torch.randn(1, 256, device="meta"))
+
+
+def test_fp16_head_logits_for_one_row_and_for_many():
+    """An fp16 head on CPU: a few rows through the fp16 GEMV, many through bf16 slices; both give the head's logits."""
+    from playground.models.yuan import modeling_yuan
+
+    generator = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(64, 3 * modeling_yuan._HEAD_SLICE + 5, bias=False).half()
+    head.weight.data = (torch.randn(head.weight.shape, generator=generator) * 0.1).half()
+    for rows in (1, modeling_yuan._FP16_GEMV_ROWS + 1):
+        hidden = torch.randn(1, rows, 64, generator=generator)
+        expected = hidden.double() @ head.weight.double().t()
+        got = modeling_yuan.vocabulary_logits(head, hidden)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert _relative_error(got, expected) < 1e-2

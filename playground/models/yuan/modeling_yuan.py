@@ -634,6 +634,28 @@ class YuanModel(YuanPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+_FP16_GEMV_ROWS = 8  # up to this many rows, PyTorch's CPU fp16 matmul is the fast one
+_HEAD_SLICE = 4096  # vocabulary rows converted to bf16 at a time beyond that
+
+
+def vocabulary_logits(lm_head: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`lm_head(hidden_states)` in the hidden states' dtype, the head possibly held in another one.
+
+    A head held in fp16 on CPU (the mixed CPU mode) is read by PyTorch's fp16 GEMV at memory speed for a token or
+    a few, but its fp16 GEMM is an order of magnitude slower than bf16 for many rows (whole-prompt logits): those go
+    through bf16 slices of the weight instead.
+    """
+    weight = lm_head.weight
+    rows = hidden_states.shape[:-1].numel()
+    if weight.dtype == torch.float16 and weight.device.type == "cpu" and rows > _FP16_GEMV_ROWS:
+        x = hidden_states.to(torch.bfloat16)
+        slices = range(0, weight.shape[0], _HEAD_SLICE)
+        logits = torch.cat([F.linear(x, weight[i : i + _HEAD_SLICE].to(torch.bfloat16)) for i in slices], dim=-1)
+    else:
+        logits = lm_head(hidden_states.to(weight.dtype))
+    return logits.to(hidden_states.dtype)
+
+
 class YuanForCausalLM(YuanPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -699,7 +721,7 @@ class YuanForCausalLM(YuanPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).to(hidden_states.dtype)
+        logits = vocabulary_logits(self.lm_head, hidden_states)
 
         loss = None
         if labels is not None:

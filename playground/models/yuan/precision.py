@@ -2,13 +2,16 @@
 
 For INT4 folders with `dtype` left to "auto":
 
-| device | int4 matmuls | embedding, lm_head, LFA convolutions | KV cache | residual stream, norms, rotary, router |
-|---|---|---|---|---|
-| CPU  | int4pack kernel, bf16 activations | bf16 weights | bf16 | float32 |
-| CUDA | Marlin (if installed) or int4pack, bf16 | bf16 | bf16 | bf16 (norm statistics and router in float32) |
+| device | int4 matmuls | embedding, lm_head | LFA convolutions | KV cache | residual stream, norms, rotary, router |
+|---|---|---|---|---|---|
+| CPU  | int4pack kernel, bf16 activations | fp16 (as stored) | bf16 | bf16 | float32 |
+| CUDA | Marlin (if installed) or int4pack, bf16 | bf16 | bf16 | bf16 | bf16 (norm statistics, router in float32) |
 
-On CPU PyTorch's bf16 GEMV runs at memory speed while fp16 GEMMs are slow and fp32 reads twice the bytes; the
-residual stream stays float32 because it is cheap (one 2048-vector per token) and it is where rounding accumulates.
+On CPU PyTorch's fp16 GEMV reads the 553 MB head about 1.6x faster than its bf16 one (and fp16 is the stored
+dtype), but its fp16 GEMM is slow beyond a few rows, which is why the LFA (run over whole prompts) is bf16 and why
+the head computes several rows through bf16 slices (`modeling_yuan.vocabulary_logits`). fp32 weights would read
+twice the bytes. The residual stream stays float32 because it is cheap (one 2048-vector per token) and it is where
+rounding accumulates.
 The router's projections are dequantised once to float32 (a few hundred KB per layer) so the expert choice does not
 move with bf16 rounding. An explicit dtype runs everything in it: `float32` (or float64) is the exact mode that
 dequantises GPTQ weights per call like the release's reference path; `bfloat16`/`float16` use the kernels too.
@@ -24,10 +27,10 @@ from torch import nn
 
 from .modeling_yuan import YuanAttention, YuanLocalizedFiltering
 
-# Float weights that the mixed CPU mode keeps in `Precision.weights` (they are read in full every token).
-_REDUCED_PRECISION_WEIGHTS = re.compile(
-    r"^(model\.embed_tokens\.weight|lm_head\.weight|model\.layers\.\d+\.self_attn\.lf_gate\.conv[12]\.(weight|bias))$"
-)
+# Float weights held in `Precision.head` and `Precision.weights` (read in full every token) rather than in the
+# activations' dtype.
+_HEAD_WEIGHTS = re.compile(r"^(model\.embed_tokens\.weight|lm_head\.weight)$")
+_FILTER_WEIGHTS = re.compile(r"^model\.layers\.\d+\.self_attn\.lf_gate\.conv[12]\.(weight|bias)$")
 # Quantized layers computed in float32 from a once-dequantised weight (the attention router).
 ROUTER_LINEAR = re.compile(r"\.mlp\.gate\.(query|key|value)$")
 
@@ -40,20 +43,27 @@ def _short(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Precision:
-    activations: torch.dtype  # residual stream, norms, rotary, attention scores' inputs when no separate KV dtype
-    weights: torch.dtype  # float weights: embedding / lm_head, LFA convolutions
-    kv_cache: torch.dtype  # cached keys and values (and the queries that read them)
+    activations: torch.dtype  # residual stream, norms, rotary
+    weights: torch.dtype  # LFA convolutions
+    kv_cache: torch.dtype  # cached keys and values
     kernels: bool  # GPTQ layers converted to fused kernels at load; False is the exact dequantising path
+    head: torch.dtype | None = None  # embedding and (tied) lm_head; None = `weights`
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        return self.head or self.weights
 
     @property
     def mixed(self) -> bool:
-        return len({self.activations, self.weights, self.kv_cache}) > 1
+        return len({self.activations, self.weights, self.kv_cache, self.head_dtype}) > 1
 
     def describe(self) -> str:
-        """One short line for status displays, e.g. `GPTQ kernels · bf16 weights/KV · fp32 activations`."""
+        """One short line for status displays, e.g. `GPTQ kernels · fp16 head · bf16 weights/KV · fp32 activations`."""
         parts = ["GPTQ kernels" if self.kernels else "exact"]
         if not self.mixed:
             return f"{_short(self.activations)} ({parts[0]})"
+        if self.head_dtype != self.weights:
+            parts.append(f"{_short(self.head_dtype)} head")
         if self.kv_cache == self.weights:
             parts.append(f"{_short(self.weights)} weights/KV")
         else:
@@ -63,7 +73,9 @@ class Precision:
 
     def float_dtype(self, name: str) -> torch.dtype:
         """The dtype a float tensor of the state dict is held in."""
-        return self.weights if _REDUCED_PRECISION_WEIGHTS.match(name) else self.activations
+        if _HEAD_WEIGHTS.match(name):
+            return self.head_dtype
+        return self.weights if _FILTER_WEIGHTS.match(name) else self.activations
 
 
 def resolve_precision(
@@ -77,7 +89,7 @@ def resolve_precision(
         return Precision(resolved, resolved, resolved, kernels=quantized and resolved.itemsize == 2)
     if quantized:
         if device.type == "cpu":
-            return Precision(torch.float32, torch.bfloat16, torch.bfloat16, kernels=True)
+            return Precision(torch.float32, torch.bfloat16, torch.bfloat16, kernels=True, head=torch.float16)
         return Precision(torch.bfloat16, torch.bfloat16, torch.bfloat16, kernels=True)
     if device.type == "cpu":
         return Precision(torch.float32, torch.float32, torch.float32, kernels=False)
