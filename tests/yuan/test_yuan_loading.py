@@ -232,3 +232,15 @@ def test_make_tiny_command_line(tmp_path, tokenizer_dir, capsys):
     assert make_tiny_main([str(tmp_path / "x"), "--tokenizer-dir", str(tmp_path / "nowhere"), *args]) == 2
     assert "tokenizer" in capsys.readouterr().err
     assert make_tiny_main([str(tmp_path / "y"), "--int4", "--hidden", "96", "--tokenizer-dir", str(tokenizer_dir)]) == 2
+
+
+def test_the_model_file_does_not_import_the_loader():
+    """The loader imports the model (and routes its from_pretrained), never the other way round."""
+    import ast
+
+    import playground.models.yuan.modeling_yuan as modeling
+
+    tree = ast.parse(open(modeling.__file__, encoding="utf-8").read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {name for name in imported if name and name.endswith("loading")}
+    assert YuanForCausalLM.from_pretrained.__func__.__module__ == "playground.models.yuan.loading"

@@ -30,11 +30,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from playground.errors import ModelFolderError
 
 from .configuration_yuan import YuanConfig
 from .gptq import GPTQSettings, QuantLinear, gptq_settings_from_dict, read_quantize_config
+from .modeling_yuan import YuanForCausalLM
 from .precision import ROUTER_LINEAR, Precision, apply_precision, resolve_precision
 from .quant_kernels import KernelChooser
 
@@ -357,8 +359,6 @@ def _gptq_settings(folder: Path, config_dict: dict) -> GPTQSettings | None:
 
 def build_model_skeleton(config: YuanConfig, gptq: GPTQSettings | None) -> nn.Module:
     """The model on the meta device, with `QuantLinear` where the release quantised (INT4)."""
-    from .modeling_yuan import YuanForCausalLM
-
     with torch.device("meta"):
         model = YuanForCausalLM(config)
         if gptq is not None:
@@ -601,6 +601,29 @@ def load_yuan(
         model.generation_config.eos_token_id = config.eos_token_id
     report(1.0, "Ready")
     return model, tokenizer
+
+
+def _from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+    """`YuanForCausalLM.from_pretrained`: release-layout folders (INT4 GPTQ, byte-split weight parts) load through
+    `load_yuan`; others through transformers' loader, keeping a stored lm_head that differs from the embedding."""
+    if not model_args and needs_native_loader(pretrained_model_name_or_path):
+        device_map = kwargs.get("device_map")
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        model, _ = load_yuan(
+            pretrained_model_name_or_path,
+            device=device_map if isinstance(device_map, str) and device_map != "auto" else "cpu",
+            dtype=None if dtype in (None, "auto") else dtype,
+            with_tokenizer=False,
+        )
+        return model
+    model = PreTrainedModel.from_pretrained.__func__(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+    # transformers ties lm_head by the config default and drops a stored copy; keep it if it differs.
+    untie_differing_lm_head(model, pretrained_model_name_or_path)
+    return model
+
+
+# The routing lives here, with the loader it routes to, so that the model file does not import the loader.
+YuanForCausalLM.from_pretrained = classmethod(_from_pretrained)
 
 
 __all__ = [

@@ -657,6 +657,9 @@ def vocabulary_logits(lm_head: nn.Linear, hidden_states: torch.Tensor) -> torch.
 
 
 class YuanForCausalLM(YuanPreTrainedModel, GenerationMixin):
+    """Yuan2 with its LM head. `from_pretrained` also reads the release's folders (INT4 GPTQ, byte-split weight
+    parts): `loading.py`, which imports this module, routes them to the project's loader."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: YuanConfig):
@@ -665,26 +668,6 @@ class YuanForCausalLM(YuanPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Release-layout folders (INT4 GPTQ, byte-split weight parts) load through `load_yuan`; others as usual."""
-        from .loading import load_yuan, needs_native_loader, untie_differing_lm_head
-
-        if not model_args and needs_native_loader(pretrained_model_name_or_path):
-            device_map = kwargs.get("device_map")
-            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-            model, _ = load_yuan(
-                pretrained_model_name_or_path,
-                device=device_map if isinstance(device_map, str) and device_map != "auto" else "cpu",
-                dtype=None if dtype in (None, "auto") else dtype,
-                with_tokenizer=False,
-            )
-            return model
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        # transformers ties lm_head by the config default and drops a stored copy; keep it if it differs.
-        untie_differing_lm_head(model, pretrained_model_name_or_path)
-        return model
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
