@@ -12,7 +12,7 @@ import pytest
 import torch
 from gradio_client import Client
 
-import playground.manager as manager_module
+import playground.generation.scheduling as scheduling
 from harness import LaunchedServer
 from playground.errors import LoadInProgressError
 from playground.manager import ModelManager
@@ -37,14 +37,14 @@ def test_out_of_memory_in_generation_is_reported_and_the_next_request_works(tiny
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_forward(*args, **kwargs)
 
-    real_free = manager_module._free_device_memory
+    real_free = scheduling.free_device_memory
 
     def counting_free():
         calls["freed"] += 1
         real_free()
 
     monkeypatch.setattr(model, "forward", forward_that_runs_out)
-    monkeypatch.setattr(manager_module, "_free_device_memory", counting_free)
+    monkeypatch.setattr(scheduling, "free_device_memory", counting_free)
     failed = manager.generate(prompt="Hello there", params=GREEDY)
     assert failed.stats.finish_reason == "error"
     assert "out of memory" in failed.stats.error and "caches were freed" in failed.stats.error

@@ -184,5 +184,5 @@ def test_no_remote_code_anywhere():
     offenders = [str(path.relative_to(REPO)) for path in (REPO / "playground").rglob("*.py")
                  if re.search(r"trust_remote_code\s*=\s*True", path.read_text(encoding="utf-8"))]
     assert offenders == []
-    manager_source = (REPO / "playground" / "manager.py").read_text(encoding="utf-8")
-    assert "use_safetensors=True" in manager_source
+    loader_source = (REPO / "playground" / "model_loading.py").read_text(encoding="utf-8")
+    assert "use_safetensors=True" in loader_source

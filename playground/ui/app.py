@@ -23,7 +23,7 @@ def status_line() -> str:
         return f"⏳ Loading **{loading['model']}**: {loading['message']} ({loading['fraction']:.0%})"
     if status["state"] == "ready":
         queue = f" · {status['queued']} waiting" if status["queued"] else ""
-        if status["kind"] == "remote":
+        if status.get("base_url"):  # served by a remote engine
             return (
                 f"🟢 **{status['name']}** · remote engine at {status['base_url']} "
                 f"({status['remote_owner'] or 'unknown kind'}) · prompt format: {status['remote_chat_format']} · "

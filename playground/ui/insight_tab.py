@@ -50,7 +50,7 @@ def pick(chat_details: list, lab_details: list, source: str, number: Any) -> tup
 def routing_view(details: dict | None) -> tuple[str, pd.DataFrame | None, str]:
     """(heatmap HTML, expert load frame, note) for one reply."""
     status = get_manager().status()
-    if status.get("kind") == "remote":
+    if status.get("base_url"):  # a remote engine reports no experts
         return "", None, REMOTE_ROUTING.format(name=status.get("name"), url=status.get("base_url"))
     if not status.get("has_experts"):
         return "", None, NO_EXPERTS.format(name=status.get("name") or "the loaded model")

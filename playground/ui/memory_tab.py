@@ -41,10 +41,9 @@ def memory_report() -> str:
             f"(peak {inside.peak_allocated_mib:.0f} MiB), reserved **{inside.reserved_mib:.0f} MiB**"
         )
     status = manager.status()
-    engine = manager.remote_engine()
-    if engine is not None:
+    if status.get("base_url"):  # a model served by a remote engine
         # The engine's figures were sampled with the rest: a view never fetches them itself.
-        lines += ["", remote_report(status, reading.remote, engine.metrics_error)]
+        lines += ["", remote_report(status, reading.remote, status.get("remote_metrics_error"))]
     elif status.get("name"):
         lines.append(
             f"Model **{status['name']}** ({status['kind']}, {status['dtype']} on {status['device']}): "
@@ -74,7 +73,7 @@ REMOTE_PLOTS = [("%", "Remote KV cache used (%)"), ("requests", "Remote requests
 def memory_tick():
     sampler = get_manager().memory()
     remote = sampler.remote_frame()
-    shown = get_manager().remote_engine() is not None and not remote.empty
+    shown = bool(get_manager().status().get("base_url")) and not remote.empty
     remote_updates = [
         gr.update(value=remote[remote["unit"] == unit][["seconds", "series", "value"]], visible=shown)
         for unit, _ in REMOTE_PLOTS

@@ -1,0 +1,116 @@
+"""The two backends behind the manager, with one interface: a model loaded in this process, or a remote
+OpenAI-compatible engine. The manager picks one when a model is loaded and delegates; nothing else asks which.
+
+Each backend says which FIFO gate orders its callers (`gate_key`), whether several requests may run at once
+(`batches`), checks a request before it is queued (`prepare`), streams it (`stream`), and reports what it cannot
+take and what the status shows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+from playground.chat_format import PlainChatFormat
+from playground.errors import ParameterError, PlaygroundError
+from playground.generation.events import GenerationEvent
+from playground.generation.local import encode_prompt, stream_local
+from playground.generation.remote import stream_remote
+from playground.generation.scheduling import DeviceWorker, GenerationHandle
+from playground.model_loading import LoadedModel
+from playground.params import SamplingParams
+
+
+class LocalBackend:
+    """A model in this process: one generation at a time per device, on that device's worker thread."""
+
+    batches = False
+
+    def __init__(self, loaded: LoadedModel, worker_for: Callable[[str], DeviceWorker]):
+        self.loaded = loaded
+        self._worker_for = worker_for
+
+    @property
+    def gate_key(self) -> str:
+        return self.loaded.device
+
+    def local(self, what: str) -> LoadedModel:
+        """The loaded model, for `what` needs its tokenizer or weights."""
+        return self.loaded
+
+    def prepare(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams) -> Any:
+        """The prompt's token ids: bad input fails here, before it takes a place in the queue."""
+        text = self.loaded.chat_format.build_prompt(messages) if messages is not None else prompt
+        return encode_prompt(self.loaded, text, params)
+
+    def stream(self, prepared: Any, messages, prompt, params: SamplingParams, handle: GenerationHandle,
+               queue_wait: float, logprobs: int | None, capture_routing: bool) -> Iterator[GenerationEvent]:
+        return stream_local(self.loaded, prepared, params, handle, queue_wait, logprobs, capture_routing,
+                            self._worker_for(self.loaded.device))
+
+    def unavailable_params(self) -> list[str]:
+        return []
+
+    def status_fields(self) -> dict[str, Any]:
+        return {}
+
+    def metrics(self) -> dict[str, float] | None:
+        return None
+
+    def close(self) -> None:
+        """Nothing to close: the weights go when the last reference does."""
+
+
+class RemoteBackend:
+    """A remote engine (`playground.remote.RemoteEngine`): up to its concurrency at once, so it can batch them."""
+
+    batches = True
+    gate_key = "remote"
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.engine = loaded.model
+
+    @classmethod
+    def for_engine(cls, engine, load_time_s: float) -> "RemoteBackend":
+        """The backend for a connected engine; the prompt format is the engine's unless built here (Yuan's)."""
+        return cls(LoadedModel(
+            model=engine, tokenizer=None, chat_format=engine.local_format or PlainChatFormat(),
+            name=engine.model, kind="remote", path=engine.base_url, device="remote", dtype="remote",
+            parameters=0, memory_bytes=0, load_time_s=load_time_s, context_length=engine.context_length,
+        ))
+
+    def local(self, what: str) -> LoadedModel:
+        raise PlaygroundError(
+            f"{what} needs a local model; the model {self.loaded.name} is remote ({self.loaded.path})"
+        )
+
+    def prepare(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams) -> Any:
+        if messages is None and (not prompt or not prompt.strip()):
+            raise ParameterError("the prompt is empty", field="prompt")
+        self.engine.request_fields(params)  # a field the engine cannot take fails here, before the queue
+        return None
+
+    def stream(self, prepared: Any, messages, prompt, params: SamplingParams, handle: GenerationHandle,
+               queue_wait: float, logprobs: int | None, capture_routing: bool) -> Iterator[GenerationEvent]:
+        return stream_remote(self.loaded, messages, prompt, params, handle, queue_wait, logprobs)
+
+    def unavailable_params(self) -> list[str]:
+        return self.engine.unavailable_params()
+
+    def status_fields(self) -> dict[str, Any]:
+        engine = self.engine
+        return dict(
+            base_url=self.loaded.path, remote_owner=engine.owner, unavailable_params=engine.unavailable_params(),
+            remote_chat_format=engine.chat_format, remote_concurrency=engine.concurrency,
+            remote_timeout_s=engine.timeout_s, remote_last_success_at=engine.last_success_at,
+            remote_last_failure=engine.last_failure, remote_metrics_error=engine.metrics_error,
+        )
+
+    def metrics(self) -> dict[str, float] | None:
+        return self.engine.metrics()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+__all__ = ["LocalBackend", "RemoteBackend"]
