@@ -63,8 +63,6 @@ class ModelManager:
         self._handles: dict[int, GenerationHandle] = {}
         self._handles_lock = threading.Lock()
         self._memory: MemorySampler | None = None
-        # The saved chats and lab runs (playground.storage.Storage), opened by server.create_app; None: not saved.
-        self.storage = None
 
     # --------------------------------------------------------------------------------------- loading
 

@@ -55,15 +55,16 @@ def calm_gradio_queue(demo: gr.Blocks) -> None:
         queue.progress_update_sleep_when_free = GRADIO_PROGRESS_POLL_S
 
 
-def open_storage(settings: Settings) -> None:
-    """Open the data folder's chat and lab store for the UI; a folder that cannot be used leaves saving off."""
+def open_storage(settings: Settings) -> Storage | None:
+    """The data folder's chat and lab store for the UI; None (saving off) when there is none or it cannot be used."""
     if not settings.data_dir:
-        return
+        return None
     try:
-        get_manager().storage = Storage(settings.data_dir)
+        return Storage(settings.data_dir)
     except StorageError as exc:
         # The playground still works without it; the History tab says nothing is being saved.
         print(f"--data-dir: {exc}; chats and lab runs will not be saved", file=sys.stderr, flush=True)
+        return None
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -80,8 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health)
     include_api(app, api_key=settings.api_key)  # before the mount, so POST / is the API's, GET / the UI's
     get_manager().memory()  # start sampling now so the panel has history when first opened
-    open_storage(settings)  # before the UI is built: the History tab lists what is already saved
-    demo = build_app(settings)
+    demo = build_app(settings, open_storage(settings))  # the History tab lists what is already saved
     # The browser UI cannot send a bearer key; --auth / --auth-file put Gradio's login page in front of it.
     app = gr.mount_gradio_app(app, demo, path="/", auth=settings.auth,
                               auth_message="Yuan2.0-M32 Playground: log in with a user from --auth or --auth-file.")

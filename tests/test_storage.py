@@ -219,18 +219,16 @@ def test_two_threads_writing_at_once(store):
     assert len(store.list_runs()) == 12
 
 
-def test_chat_tab_saves_turns_and_drops_emptied_chats(store, monkeypatch):
-    from playground.manager import get_manager
+def test_chat_tab_saves_turns_and_drops_emptied_chats(store):
     from playground.ui.chat_tab import forget_turns, save_turn
 
-    monkeypatch.setattr(get_manager(), "storage", store)
-    chat_id = save_turn(None, [], "user", "first", system_prompt="sys")
-    assert save_turn(chat_id, [{"role": "user", "content": "first"}], "assistant", "reply",
+    chat_id = save_turn(store, None, [], "user", "first", system_prompt="sys")
+    assert save_turn(store, chat_id, [{"role": "user", "content": "first"}], "assistant", "reply",
                      stats={"summary": "1 tokens", "model": "tiny"}) == chat_id
     chat = store.load_chat(chat_id)
     assert chat.model == "tiny" and chat.system_prompt == "sys" and len(chat.messages) == 2
-    assert forget_turns(chat_id, 1) == chat_id and roles_and_texts(store, chat_id) == [("user", "first")]
-    assert forget_turns(chat_id, 0) is None and store.list_chats() == []  # an emptied chat is not kept
+    assert forget_turns(store, chat_id, 1) == chat_id and roles_and_texts(store, chat_id) == [("user", "first")]
+    assert forget_turns(store, chat_id, 0) is None and store.list_chats() == []  # an emptied chat is not kept
     db = sqlite3.connect(store.path)
     assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0  # its messages went with it
     db.close()

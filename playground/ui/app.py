@@ -6,6 +6,7 @@ import gradio as gr
 
 from playground.config import Settings
 from playground.manager import get_manager
+from playground.storage import Storage
 from playground.ui.chat_tab import build_chat_tab
 from playground.ui.history_tab import build_history_tab
 from playground.ui.insight_tab import build_insight_tab
@@ -38,18 +39,19 @@ def status_line() -> str:
     return "⚪ No model loaded."
 
 
-def build_app(settings: Settings | None = None) -> gr.Blocks:
+def build_app(settings: Settings | None = None, storage: Storage | None = None) -> gr.Blocks:
+    """The whole UI; chats and lab runs are saved to `storage` (None: nothing is saved)."""
     settings = settings or Settings()
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}")
         status = gr.Markdown(status_line, elem_id="model-status")
         build_model_panel(settings.models_root, device=settings.device, dtype=settings.dtype)
         with gr.Tabs(elem_id="tabs"):  # explicit, so the History tab can switch to the Chat tab
-            chat = build_chat_tab()
-            lab_details = build_lab_tab()
+            chat = build_chat_tab(storage)
+            lab_details = build_lab_tab(storage)
             build_insight_tab(chat.details, lab_details)
             build_memory_tab()
-            build_history_tab(chat)
+            build_history_tab(chat, storage)
         status_timer = gr.Timer(2.0)
         status_timer.tick(status_line, None, status, api_name="status", show_progress="hidden", queue=False)
     return demo

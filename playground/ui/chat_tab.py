@@ -11,7 +11,7 @@ from playground.chat_format import message_text
 from playground.errors import PlaygroundError
 from playground.insight import INSPECT_TOP, routing_to_state, tokens_to_state
 from playground.manager import GenerationStats, get_manager
-from playground.storage import StorageError
+from playground.storage import Storage, StorageError
 from playground.ui.controls import params_from_controls, preset_controls, sampling_controls
 
 MAX_MESSAGE_CHARS = 100_000
@@ -57,13 +57,12 @@ def reply_stats(result: GenerationStats) -> dict[str, Any]:
     return {**result.as_dict(), "summary": result.summary(), "model": loaded.name if loaded else None}
 
 
-def save_turn(chat_id: str | None, earlier: list[dict], role: str, content: str, stats: dict | None = None,
-              system_prompt: str | None = None) -> str | None:
+def save_turn(storage: Storage | None, chat_id: str | None, earlier: list[dict], role: str, content: str,
+              stats: dict | None = None, system_prompt: str | None = None) -> str | None:
     """Save one turn after the `earlier` ones; returns the chat's id (a chat is created by its first save).
 
     Saving never breaks the chat: a storage problem is shown as a warning and the conversation goes on.
     """
-    storage = get_manager().storage
     if storage is None:
         return chat_id
     try:
@@ -79,13 +78,12 @@ def save_turn(chat_id: str | None, earlier: list[dict], role: str, content: str,
     return chat_id
 
 
-def forget_turns(chat_id: str | None, keep: int) -> str | None:
+def forget_turns(storage: Storage | None, chat_id: str | None, keep: int) -> str | None:
     """Drop the saved turns after the first `keep` (undo, a reply that failed); returns the chat id to go on with.
 
     A chat left with no turns is deleted (the History tab would only list it as empty); the next message then
     starts a new one.
     """
-    storage = get_manager().storage
     if storage is None or chat_id is None:
         return chat_id
     try:
@@ -103,7 +101,7 @@ def _messages(history: list[dict], system_prompt: str) -> list[dict]:
     return messages + [{"role": m["role"], "content": message_text(m["content"])} for m in history]
 
 
-def stream_reply(history, stats, details, system_prompt, params_values, request, chat_id=None):
+def stream_reply(storage, history, stats, details, system_prompt, params_values, request, chat_id=None):
     """Generate the assistant turn after `history` (which ends with the user's turn); yields UI updates.
 
     `details` runs alongside `stats`: per reply, its tokens with their probabilities and (models with experts)
@@ -131,7 +129,7 @@ def stream_reply(history, stats, details, system_prompt, params_values, request,
                 if result.finish_reason == "error":
                     yield display(history, stats), history, stats, f"⚠️ {result.error}", details
                     return
-                save_turn(chat_id, history, "assistant", event.text, stats=reply_stats(result))
+                save_turn(storage, chat_id, history, "assistant", event.text, stats=reply_stats(result))
                 history = history + [{"role": "assistant", "content": event.text}]
                 stats = stats + [result.summary()]
                 details = details + [{"tokens": tokens_to_state(tokens),
@@ -142,7 +140,8 @@ def stream_reply(history, stats, details, system_prompt, params_values, request,
         yield display(history, stats), history, stats, f"⚠️ {exc}", details
 
 
-def build_chat_tab() -> ChatTab:
+def build_chat_tab(storage: Storage | None = None) -> ChatTab:
+    """The Chat tab; turns are saved to `storage` (None: not saved)."""
     with gr.Tab("Chat", id="chat"):
         history = gr.State([])
         stats = gr.State([])
@@ -180,14 +179,14 @@ def build_chat_tab() -> ChatTab:
                 return
             turn = history + [{"role": "user", "content": text}]
             # Saved as soon as it is sent, so a crash during the reply keeps the question.
-            chat_id = save_turn(chat_id, history, "user", text, system_prompt=system_prompt)
+            chat_id = save_turn(storage, chat_id, history, "user", text, system_prompt=system_prompt)
             final = None
-            for update in stream_reply(turn, stats, details, system_prompt, params_values, request, chat_id):
+            for update in stream_reply(storage, turn, stats, details, system_prompt, params_values, request, chat_id):
                 final = update
                 yield (*update, chat_id, "")
             if final is not None and final[1] is turn:
                 # The reply failed: keep the history as it was and give the message back to edit.
-                chat_id = forget_turns(chat_id, len(history))
+                chat_id = forget_turns(storage, chat_id, len(history))
                 yield display(history, stats), history, stats, final[3], details, chat_id, text
 
         def regenerate_reply(history, stats, details, system_prompt, temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed, stop,
@@ -200,20 +199,20 @@ def build_chat_tab() -> ChatTab:
                 history, stats, details = history[:-1], stats[:-1], details[: len(stats) - 1]
             # else: a reopened chat whose last reply was cut off (a crash): answer its last message now
             final = None
-            for update in stream_reply(history, stats, details[: len(stats)], system_prompt, params_values,
+            for update in stream_reply(storage, history, stats, details[: len(stats)], system_prompt, params_values,
                                        request, chat_id):
                 final = update
                 yield (*update, chat_id)
             if final is not None and final[1] is history:
                 # The reply failed and the UI has dropped the old one too: so does the saved chat.
-                yield (*final, forget_turns(chat_id, len(history)))
+                yield (*final, forget_turns(storage, chat_id, len(history)))
 
         def undo_turn(history, stats, details, chat_id):
             if history and history[-1]["role"] == "assistant":
                 history, stats, details = history[:-1], stats[:-1], details[: len(stats) - 1]
             if history and history[-1]["role"] == "user":
                 history = history[:-1]
-            chat_id = forget_turns(chat_id, len(history))
+            chat_id = forget_turns(storage, chat_id, len(history))
             return display(history, stats), history, stats, "Removed the last turn.", details, chat_id
 
         def clear_chat(request: gr.Request = None):

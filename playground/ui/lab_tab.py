@@ -23,7 +23,7 @@ from playground.insight import (
 from playground.manager import get_manager
 from playground.params import SamplingParams
 from playground.presets import load_presets
-from playground.storage import LabCell, StorageError
+from playground.storage import LabCell, Storage, StorageError
 from playground.ui.controls import preset_names
 
 MAX_COLUMNS = 6
@@ -144,12 +144,12 @@ def write_csv(frame: pd.DataFrame) -> str:
     return str(path)
 
 
-def save_run(prompt: str, settings: list[SamplingParams], outputs: list[str], stats: list[Any]) -> str | None:
+def save_run(storage: Storage | None, prompt: str, settings: list[SamplingParams], outputs: list[str],
+             stats: list[Any]) -> str | None:
     """Store a finished run with the cells that finished (when saving is on); returns its id.
 
     A storage problem is a warning: the results on screen and their CSV are still there.
     """
-    storage = get_manager().storage
     if storage is None:
         return None
     loaded = get_manager().loaded
@@ -164,7 +164,7 @@ def save_run(prompt: str, settings: list[SamplingParams], outputs: list[str], st
         return None
 
 
-def run_lab(prompt: str, table: Any, request: gr.Request | None = None):
+def run_lab(storage: Storage | None, prompt: str, table: Any, request: gr.Request | None = None):
     """Run the prompt under each setting in turn (through the manager's queue), streaming into the cells.
 
     The last output is the cells' details (tokens, routing) for the Insight tab; it goes to a State, which
@@ -232,13 +232,14 @@ def run_lab(prompt: str, table: Any, request: gr.Request | None = None):
     if refused and all(s is None for s in stats):
         yield (*cells(), None, None, f"⚠️ {refused[0]}", details)  # nothing ran: nothing to save or tabulate
         return
-    save_run(prompt, settings, outputs, stats)
+    save_run(storage, prompt, settings, outputs, stats)
     frame = results_frame(prompt, settings, outputs, stats)
     yield (*cells(), frame, write_csv(frame), f"Done: {sum(s is not None for s in stats)} of {len(settings)} settings",
            details)
 
 
-def build_lab_tab():
+def build_lab_tab(storage: Storage | None = None):
+    """The Sampling lab tab; finished runs are saved to `storage` (None: not saved)."""
     with gr.Tab("Sampling lab", id="lab"):
         gr.Markdown(
             "Run one prompt under several sampling settings side by side. Each row of the table is one setting "
@@ -294,7 +295,10 @@ def build_lab_tab():
         preset.focus(lambda current: gr.update(choices=preset_names(), value=current), preset, preset,
                      api_name=False, show_progress="hidden", queue=False)
         sweep_button.click(fill_sweep, [table, sweep_parameter, sweep_values], [table, status], api_name="lab_sweep")
-        run.click(run_lab, [prompt, table], [*texts, *notes, results, csv_file, status, details], api_name="lab_run",
+        def run_and_save(prompt: str, table: Any, request: gr.Request | None = None):
+            yield from run_lab(storage, prompt, table, request)
+
+        run.click(run_and_save, [prompt, table], [*texts, *notes, results, csv_file, status, details], api_name="lab_run",
                   concurrency_limit=None)
         stop.click(stop_lab, None, status, api_name="lab_stop", queue=False)
         build_next_token_explorer(prompt)
