@@ -23,7 +23,3 @@ class ParameterError(PlaygroundError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
-
-
-class GenerationCancelled(PlaygroundError):
-    """The caller cancelled the generation."""

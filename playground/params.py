@@ -171,8 +171,3 @@ def parameter_error(exc: ValidationError) -> ParameterError:
             message = f"must be {RANGES[field][2]} ({message})"
         parts.append(f"{field}: {message}")
     return ParameterError("; ".join(parts), field=first_field)
-
-
-def field_help() -> dict[str, str]:
-    """Each field's allowed range in words, for tooltips and API docs."""
-    return {name: words for name, (_, _, words) in RANGES.items()}

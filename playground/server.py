@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from playground import __version__
 from playground.api import include_api
 from playground.api.auth import api_key_check
-from playground.api.errors import ApiRoute
+from playground.api.http_errors import ApiRoute
 from playground.config import Settings
 from playground.errors import PlaygroundError
 from playground.manager import get_manager

@@ -80,7 +80,7 @@ def wait_for(server: LaunchedServer, running: int, queued: int, timeout: float =
         time.sleep(0.05)
 
 
-# ------------------------------------------------------------------------------------ the seed endpoint
+# ---------------------------------------------------------------------------------- the prompt endpoint
 
 
 def test_seed_endpoint_answers_greedily_and_extends_history(server):

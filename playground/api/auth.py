@@ -8,7 +8,7 @@ from typing import Callable
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from playground.api.errors import ApiError
+from playground.api.http_errors import ApiError
 
 # auto_error=False: a missing header is answered by us, in OpenAI's error shape, not with FastAPI's 403.
 _bearer = HTTPBearer(auto_error=False, description="the server's --api-key, when it was started with one")

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 
-from playground.api.errors import ClientDisconnected
+from playground.api.http_errors import ClientDisconnected
 from playground.manager import GenerationEvent, GenerationHandle, get_manager
 
 T = TypeVar("T")

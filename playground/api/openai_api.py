@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from fastapi import APIRouter, Request
 
 from playground.api import sse
-from playground.api.errors import ApiError, ApiRoute, from_parameter_error, generation_failed, to_api_error
+from playground.api.http_errors import ApiError, ApiRoute, from_parameter_error, generation_failed, to_api_error
 from playground.api.events import collect, first_event, generation_events, unless_disconnected
 from playground.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from playground.errors import ParameterError

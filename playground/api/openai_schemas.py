@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from playground.api.errors import from_parameter_error
+from playground.api.http_errors import from_parameter_error
 from playground.errors import ParameterError
 from playground.params import SamplingParams
 

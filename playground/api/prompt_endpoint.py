@@ -15,7 +15,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from playground.api.errors import ApiRoute, generation_failed
+from playground.api.http_errors import ApiRoute, generation_failed
 from playground.api.events import collect, generation_events, unless_disconnected
 from playground.params import SamplingParams
 
