@@ -397,7 +397,7 @@ def check_yuan_folder(path: str | Path) -> YuanFolder:
     if (folder / TOKENIZER_FILE).stat().st_size == 0:
         raise ModelFolderError(f"{TOKENIZER_FILE} is empty")
     try:
-        config = YuanConfig.from_pretrained(str(folder), local_files_only=True)
+        config = YuanConfig.from_dict(config_dict)  # the dict read above: config.json is read once
     except Exception as err:  # strict validation errors name the field
         raise ModelFolderError(f"{CONFIG_FILE}: {err}") from err
     gptq = _gptq_settings(folder, config_dict)
