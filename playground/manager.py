@@ -45,7 +45,7 @@ from playground.model_loading import (  # noqa: F401  (EMBEDDED, resolve_* re-ex
     resolve_dtype,
 )
 from playground.params import SamplingParams
-from playground.spaces_support import run_on_gpu
+from playground.spaces_support import GpuCalls
 
 
 # ------------------------------------------------------------------------------------------- the manager
@@ -63,6 +63,7 @@ class ModelManager:
         self._handles: dict[int, GenerationHandle] = {}
         self._handles_lock = threading.Lock()
         self._memory: MemorySampler | None = None
+        self.gpu_calls = GpuCalls()  # model calls go through it (ZeroGPU); it keeps the last call's CUDA figures
 
     # --------------------------------------------------------------------------------------- loading
 
@@ -94,7 +95,7 @@ class ModelManager:
             loaded = self._build(target, resolved_device, dtype, report)
             loaded.load_time_s = time.perf_counter() - started
             report(1.0, "ready")
-            self._switch_to(LocalBackend(loaded, self._worker))
+            self._switch_to(LocalBackend(loaded, self._worker, self.gpu_calls))
             del loaded  # a running generation keeps its own reference until it ends
             scheduling.free_device_memory()
         except Exception as exc:
@@ -387,7 +388,7 @@ class ModelManager:
                             output = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
                             return output.logits[0, -1].float().cpu()
 
-                    result.append(run_on_gpu(last_logits))
+                    result.append(self.gpu_calls.run(last_logits))
                 except BaseException as exc:
                     result.append(exc)
 

@@ -1,9 +1,9 @@
 """Hugging Face Spaces support, kept apart from the rest: the ZeroGPU shim and its memory figures.
 
 On a ZeroGPU Space a GPU is attached only while a function decorated with `spaces.GPU` runs, so the manager runs
-each model call (generate, the explorer's forward pass) through `run_on_gpu`. When the `spaces` package is not
-importable (everywhere else) `run_on_gpu` just calls the job. torch.cuda figures read outside such a call say
-nothing on ZeroGPU, so the shim records them at the end of each call for the memory panel.
+each model call (generate, the explorer's forward pass) through `GpuCalls.run`. When the `spaces` package is not
+importable (everywhere else) `GpuCalls.run` just calls the job. torch.cuda figures read outside such a call say
+nothing on ZeroGPU, so it records them at the end of each call for the memory panel.
 """
 
 from __future__ import annotations
@@ -27,66 +27,49 @@ class GpuCallMemory:
     zero_gpu: bool
 
 
-_lock = threading.Lock()
-_runner: Callable[[Callable[[], Any]], Any] | None = None
-_zero_gpu = False
-_last_memory: GpuCallMemory | None = None
+class GpuCalls:
+    """Runs model calls inside `spaces.GPU` when the spaces package is importable (a ZeroGPU Space), else directly,
+    and keeps torch's CUDA figures from the end of the last call. The model manager holds the process's one."""
 
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._runner: Callable[[Callable[[], Any]], Any] | None = None
+        self.zero_gpu = False  # True once the first call found the spaces package
+        self.last_memory: GpuCallMemory | None = None  # None: no CUDA, or nothing ran yet
 
-def _call_and_record(job: Callable[[], Any]) -> Any:
-    """Run the job; then, with CUDA, keep its memory figures (read inside the GPU call, where they mean something)."""
-    import torch
+    def run(self, job: Callable[[], Any]) -> Any:
+        """Run `job()` (inside `spaces.GPU` on ZeroGPU); returns its result."""
+        with self._lock:
+            if self._runner is None:  # decorated once, on first use (ZeroGPU registers the function when decorated)
+                self._runner = self._build_runner()
+            runner = self._runner
+        return runner(job)
 
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        return job()
-    finally:
+    def _build_runner(self) -> Callable[[Callable[[], Any]], Any]:
+        try:
+            import spaces  # the Hugging Face Spaces package; present on Spaces only
+        except ImportError:
+            self.zero_gpu = False
+            return self._call_and_record
+        self.zero_gpu = True
+        return spaces.GPU(self._call_and_record)
+
+    def _call_and_record(self, job: Callable[[], Any]) -> Any:
+        """Run the job; then, with CUDA, keep its memory figures (read inside the GPU call, where they mean
+        something)."""
+        import torch
+
+        cuda = torch.cuda.is_available()
         if cuda:
-            global _last_memory
-            _last_memory = GpuCallMemory(
-                allocated_mib=torch.cuda.memory_allocated() / MIB,
-                peak_allocated_mib=torch.cuda.max_memory_allocated() / MIB,
-                reserved_mib=torch.cuda.memory_reserved() / MIB,
-                at=time.time(),
-                zero_gpu=_zero_gpu,
-            )
-
-
-def _build_runner() -> Callable[[Callable[[], Any]], Any]:
-    global _zero_gpu
-    try:
-        import spaces  # the Hugging Face Spaces package; present on Spaces only
-    except ImportError:
-        _zero_gpu = False
-        return _call_and_record
-    _zero_gpu = True
-    return spaces.GPU(_call_and_record)
-
-
-def run_on_gpu(job: Callable[[], Any]) -> Any:
-    """Run `job()` inside `spaces.GPU` when the spaces package is importable, else directly; returns its result."""
-    global _runner
-    with _lock:
-        if _runner is None:  # decorated once, on first use (ZeroGPU registers the function when decorated)
-            _runner = _build_runner()
-        runner = _runner
-    return runner(job)
-
-
-def zero_gpu_active() -> bool:
-    """True once `run_on_gpu` has found the spaces package (it looks on its first call)."""
-    return _zero_gpu
-
-
-def last_call_memory() -> GpuCallMemory | None:
-    """Memory figures from the end of the last wrapped call, or None (no CUDA, or nothing ran yet)."""
-    return _last_memory
-
-
-def reset() -> None:
-    """Forget the runner and figures, so the next call looks for `spaces` again (tests inject a fake module)."""
-    global _runner, _zero_gpu, _last_memory
-    with _lock:
-        _runner, _zero_gpu, _last_memory = None, False, None
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            return job()
+        finally:
+            if cuda:
+                self.last_memory = GpuCallMemory(
+                    allocated_mib=torch.cuda.memory_allocated() / MIB,
+                    peak_allocated_mib=torch.cuda.max_memory_allocated() / MIB,
+                    reserved_mib=torch.cuda.memory_reserved() / MIB,
+                    at=time.time(),
+                    zero_gpu=self.zero_gpu,
+                )

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from playground import spaces_support
+from playground.manager import get_manager
+from playground.spaces_support import GpuCalls
 from playground.config import parse_args, resolve_hub_model
 from tests.conftest import REPO
 
@@ -96,17 +97,16 @@ def fake_spaces(monkeypatch):
 
     module.GPU = GPU
     monkeypatch.setitem(sys.modules, "spaces", module)
-    spaces_support.reset()
+    # A fresh shim for the process's manager: it looks for `spaces` on its first call.
+    monkeypatch.setattr(get_manager(), "gpu_calls", GpuCalls())
     yield calls
-    spaces_support.reset()
 
 
 def test_without_spaces_jobs_run_directly(monkeypatch):
     monkeypatch.setitem(sys.modules, "spaces", None)  # import spaces -> ImportError
-    spaces_support.reset()
-    assert spaces_support.run_on_gpu(lambda: 41 + 1) == 42
-    assert not spaces_support.zero_gpu_active()
-    spaces_support.reset()
+    gpu_calls = GpuCalls()
+    assert gpu_calls.run(lambda: 41 + 1) == 42
+    assert not gpu_calls.zero_gpu
 
 
 def test_spaces_gpu_wraps_the_generation_and_records_memory(fake_spaces, monkeypatch):
@@ -116,9 +116,10 @@ def test_spaces_gpu_wraps_the_generation_and_records_memory(fake_spaces, monkeyp
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 3 * 2**20)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 5 * 2**20)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 8 * 2**20)
-    assert spaces_support.run_on_gpu(lambda: "generated") == "generated"
-    assert fake_spaces == ["_call_and_record"] and spaces_support.zero_gpu_active()
-    figures = spaces_support.last_call_memory()
+    gpu_calls = get_manager().gpu_calls
+    assert gpu_calls.run(lambda: "generated") == "generated"
+    assert fake_spaces == ["_call_and_record"] and gpu_calls.zero_gpu
+    figures = gpu_calls.last_memory
     assert (figures.allocated_mib, figures.peak_allocated_mib, figures.reserved_mib) == (3, 5, 8) and figures.zero_gpu
     monkeypatch.setattr("playground.memory.MemorySampler.record", lambda self: self.sample())
     from playground.ui.memory_tab import memory_report

@@ -18,6 +18,7 @@ from playground.generation.remote import stream_remote
 from playground.generation.scheduling import DeviceWorker, GenerationHandle
 from playground.model_loading import LoadedModel
 from playground.params import SamplingParams
+from playground.spaces_support import GpuCalls
 
 
 class LocalBackend:
@@ -25,9 +26,10 @@ class LocalBackend:
 
     batches = False
 
-    def __init__(self, loaded: LoadedModel, worker_for: Callable[[str], DeviceWorker]):
+    def __init__(self, loaded: LoadedModel, worker_for: Callable[[str], DeviceWorker], gpu_calls: GpuCalls):
         self.loaded = loaded
         self._worker_for = worker_for
+        self._gpu_calls = gpu_calls
 
     @property
     def gate_key(self) -> str:
@@ -45,7 +47,7 @@ class LocalBackend:
     def stream(self, prepared: Any, messages, prompt, params: SamplingParams, handle: GenerationHandle,
                queue_wait: float, logprobs: int | None, capture_routing: bool) -> Iterator[GenerationEvent]:
         return stream_local(self.loaded, prepared, params, handle, queue_wait, logprobs, capture_routing,
-                            self._worker_for(self.loaded.device))
+                            self._worker_for(self.loaded.device), self._gpu_calls)
 
     def unavailable_params(self) -> list[str]:
         return []

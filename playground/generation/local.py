@@ -30,7 +30,7 @@ from playground.generation.events import (
 )
 from playground.generation.scheduling import DeviceWorker, GenerationHandle
 from playground.params import SamplingParams
-from playground.spaces_support import run_on_gpu
+from playground.spaces_support import GpuCalls
 
 
 class CancelCriteria(StoppingCriteria):
@@ -129,9 +129,11 @@ def token_info(tokenizer, token_id, step, raw, processed) -> TokenInfo:
 
 
 def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle: GenerationHandle, queue_wait: float,
-                 logprobs: int | None, capture_routing: bool, worker: DeviceWorker) -> Iterator[GenerationEvent]:
-    """One reply from a local model: `generate` runs on the device's `worker` thread, this thread decodes and
-    yields `delta` events as tokens arrive, then the `done` event with the stats (and the routing if asked)."""
+                 logprobs: int | None, capture_routing: bool, worker: DeviceWorker,
+                 gpu_calls: GpuCalls) -> Iterator[GenerationEvent]:
+    """One reply from a local model: `generate` runs on the device's `worker` thread (through `gpu_calls`, for
+    ZeroGPU), this thread decodes and yields `delta` events as tokens arrive, then the `done` event with the stats
+    (and the routing if asked)."""
     model, tokenizer, chat_format = loaded.model, loaded.tokenizer, loaded.chat_format
     input_ids = input_ids.to(loaded.device)  # encoded (and checked) before the caller joined the queue
     attention_mask = torch.ones_like(input_ids)
@@ -164,7 +166,7 @@ def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle
             with torch.inference_mode(), (model.record_routing() if record_routing else nullcontext()) as trace:
                 torch.manual_seed(seed)  # serialised by the gate, so the global RNG is ours
                 # On a ZeroGPU Space the GPU exists only inside spaces.GPU; elsewhere this just calls.
-                run_on_gpu(lambda: model.generate(**generate_kwargs))
+                gpu_calls.run(lambda: model.generate(**generate_kwargs))
             if trace is not None:
                 traces.append(trace.stacked())  # stacked here, on the generation thread
         except BaseException as exc:  # reported to the consumer, never lost in the thread

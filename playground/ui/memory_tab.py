@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gradio as gr
 
-from playground import spaces_support
 from playground.manager import get_manager
 from playground.memory import remote_gauges
 
@@ -33,7 +32,7 @@ def memory_report() -> str:
         f"Process RSS **{reading.process_rss_mib:.0f} MiB** · system memory "
         f"**{reading.system_used_mib:.0f} / {reading.system_total_mib:.0f} MiB**"
     )
-    inside = spaces_support.last_call_memory()
+    inside = manager.gpu_calls.last_memory
     if inside is not None:
         where = "ZeroGPU call" if inside.zero_gpu else "generation"
         lines.append(
