@@ -309,16 +309,16 @@ def test_int8_checkpoint_loads_through_the_same_loader(tiny_int8_dir, dequantise
 def test_one_query_attention_over_a_low_precision_cache():
     """The decoding step's attention over a bf16 cache (mixed CPU mode) is SDPA's, computed in float32, across
     several key chunks and with a padding mask."""
-    from playground.models.yuan import modeling_yuan
+    from playground.models.yuan import mixed_precision
 
     generator = torch.Generator().manual_seed(3)
-    length = 2 * modeling_yuan._DECODE_KEY_CHUNK + 37
+    length = 2 * mixed_precision._DECODE_KEY_CHUNK + 37
     query = torch.randn(2, 4, 1, 32, generator=generator)
     key = torch.randn(2, 4, length, 32, generator=generator).bfloat16()
     value = torch.randn(2, 4, length, 32, generator=generator).bfloat16()
     mask = torch.ones(2, 1, 1, length, dtype=torch.bool)
     mask[1, ..., :100] = False  # a left-padded row
-    got = modeling_yuan.attend_one_query(query, key, value, mask, scale=32**-0.5)
+    got = mixed_precision.attend_one_query(query, key, value, mask, scale=32**-0.5)
     expected = torch.nn.functional.scaled_dot_product_attention(
         query.double(), key.double(), value.double(), attn_mask=mask, scale=32**-0.5
     )
@@ -349,14 +349,14 @@ def test_packed_weights_refuse_another_device():
 
 def test_fp16_head_logits_for_one_row_and_for_many():
     """An fp16 head on CPU: a few rows through the fp16 GEMV, many through bf16 slices; both give the head's logits."""
-    from playground.models.yuan import modeling_yuan
+    from playground.models.yuan import mixed_precision
 
     generator = torch.Generator().manual_seed(4)
-    head = torch.nn.Linear(64, 3 * modeling_yuan._HEAD_SLICE + 5, bias=False).half()
+    head = torch.nn.Linear(64, 3 * mixed_precision._HEAD_SLICE + 5, bias=False).half()
     head.weight.data = (torch.randn(head.weight.shape, generator=generator) * 0.1).half()
-    for rows in (1, modeling_yuan._FP16_GEMV_ROWS + 1):
+    for rows in (1, mixed_precision._FP16_GEMV_ROWS + 1):
         hidden = torch.randn(1, rows, 64, generator=generator)
         expected = hidden.double() @ head.weight.double().t()
-        got = modeling_yuan.vocabulary_logits(head, hidden)
+        got = mixed_precision.vocabulary_logits(head, hidden)
         assert got.dtype == torch.float32 and got.shape == expected.shape
         assert _relative_error(got, expected) < 1e-2

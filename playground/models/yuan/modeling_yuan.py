@@ -16,126 +16,21 @@ attention mask's cumulative sum.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .cache_yuan import YuanCache, YuanCacheLayer  # noqa: F401  (part of this module's API)
 from .configuration_yuan import YuanConfig
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Cache
-
-
-_MIN_CACHE_GROWTH = 256  # positions added at least when a layer's key/value buffer must grow
-
-
-class YuanCacheLayer(DynamicLayer):
-    """One layer's keys/values plus its LFA memory `lf_mem` [batch, 2, hidden].
-
-    Keys and values live in buffers that grow geometrically and are filled in place, so a decoding step copies one
-    position instead of the whole history (`DynamicLayer` concatenates every step). `keys`/`values` stay views of
-    exactly the cached length, so the inherited bookkeeping keeps working.
-    """
-
-    # The LFA memory cannot be rolled back token by token.
-    is_croppable = False
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.lf_mem: torch.Tensor | None = None
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
-
-    def _buffers_hold(self, past: int, total: int, key_states: torch.Tensor) -> bool:
-        buffer = self._key_buffer
-        return (
-            buffer is not None
-            and total <= buffer.shape[-2]
-            and buffer.shape[:2] == key_states.shape[:2]
-            and buffer.dtype == key_states.dtype
-            and buffer.device == key_states.device
-            # `keys` may have been replaced (beam reordering, offloading...): then the buffer is stale.
-            and (past == 0 or self.keys.data_ptr() == buffer.data_ptr())
-        )
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        past = self.get_seq_length()
-        total = past + key_states.shape[-2]
-        if not self._buffers_hold(past, total, key_states):
-            capacity = total + max(_MIN_CACHE_GROWTH, total // 4)
-            batch, heads, _, head_dim = key_states.shape
-            self._key_buffer = key_states.new_empty(batch, heads, capacity, head_dim)
-            self._value_buffer = value_states.new_empty(batch, heads, capacity, value_states.shape[-1])
-            if past:
-                self._key_buffer[:, :, :past] = self.keys
-                self._value_buffer[:, :, :past] = self.values
-        self._key_buffer[:, :, past:total] = key_states
-        self._value_buffer[:, :, past:total] = value_states
-        self.keys = self._key_buffer[:, :, :total]
-        self.values = self._value_buffer[:, :, :total]
-        return self.keys, self.values
-
-    def reset(self) -> None:
-        super().reset()
-        self.lf_mem = None
-        self._key_buffer = self._value_buffer = None
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove != 0:
-            raise NotImplementedError("Yuan's cache cannot be cropped: the LFA memory has no history")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.lf_mem is not None:
-            self.lf_mem = self.lf_mem.index_select(0, beam_idx.to(self.lf_mem.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.lf_mem is not None:
-            self.lf_mem = self.lf_mem.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.lf_mem is not None:
-            self.lf_mem = self.lf_mem[indices, ...]
-
-    def offload(self):
-        super().offload()
-        self._key_buffer = self._value_buffer = None  # `keys` now lives on the CPU; free the device buffers
-        if self.lf_mem is not None:
-            self.lf_mem = self.lf_mem.to("cpu", non_blocking=True)
-
-    def prefetch(self):
-        super().prefetch()
-        if self.lf_mem is not None and self.is_initialized and self.lf_mem.device != self.device:
-            self.lf_mem = self.lf_mem.to(self.device, non_blocking=True)
-
-
-class YuanCache(DynamicCache):
-    """`DynamicCache` whose layers also keep the LFA memory. `generate` creates one automatically."""
-
-    def __init__(self, config: YuanConfig | None = None, num_layers: int | None = None, offloading: bool = False):
-        if num_layers is None:
-            if config is None:
-                raise ValueError("YuanCache needs the model config or num_layers")
-            num_layers = config.num_hidden_layers
-        Cache.__init__(self, layers=[YuanCacheLayer() for _ in range(num_layers)], offloading=offloading)
-
-    def get_lf_memory(self, layer_idx: int) -> torch.Tensor | None:
-        return self.layers[layer_idx].lf_mem
-
-    def set_lf_memory(self, memory: torch.Tensor, layer_idx: int) -> None:
-        self.layers[layer_idx].lf_mem = memory
-
+from .mixed_precision import attend_one_query, vocabulary_logits
+from .routing_yuan import YuanRoutingTrace
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -263,33 +158,6 @@ class YuanLocalizedFiltering(nn.Module):
         o2 = self.conv2(o1)[:, :, 2 : seq_len + 2]
         o2 = o2.squeeze(-1).transpose(1, 2)
         return self.output_layernorm(o2 + hidden_states), window[:, -2:]
-
-
-_DECODE_KEY_CHUNK = 256  # keys upcast at a time by `attend_one_query` (4 MB of float32 at full size: cache-resident)
-
-
-def attend_one_query(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """A decoding step's attention [b, h, 1, d] over a cache held in lower precision, computed in float32.
-
-    PyTorch's CPU SDPA is several times slower for one query over bf16 keys than over float32 ones, and upcasting the
-    whole cache would read twice its bytes; so keys and values are upcast a chunk at a time, while they are in the
-    CPU caches, and the scores and softmax stay float32. `mask` is SDPA's boolean mask (True = attend) or None.
-    """
-    length = key.shape[-2]
-    chunks = range(0, length, _DECODE_KEY_CHUNK)
-    scaled = (query.to(torch.float32) * scale).transpose(-1, -2)  # [b, h, d, 1]
-    scores = torch.cat([torch.matmul(key[:, :, i : i + _DECODE_KEY_CHUNK].float(), scaled) for i in chunks], dim=-2)
-    scores = scores.transpose(-1, -2)  # [b, h, 1, length]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    output = None
-    for i in chunks:
-        part = torch.matmul(weights[..., i : i + _DECODE_KEY_CHUNK], value[:, :, i : i + _DECODE_KEY_CHUNK].float())
-        output = part if output is None else output + part
-    return output.to(query.dtype)
 
 
 class YuanAttention(nn.Module):
@@ -501,38 +369,6 @@ def _build_batch_masks(attention_mask: torch.Tensor | None, batch: int, past: in
     return _BatchMasks(allowed[:, None], False, key_valid[:, past:], window_valid)
 
 
-@dataclass
-class YuanRoutingTrace:
-    """Experts chosen for every token in every layer, recorded by `YuanForCausalLM.record_routing()`.
-
-    Each forward pass appends one entry per layer (prefill: the prompt, then one token per decoding step); rows of a
-    left-padded batch include their padding positions. The tensors stay on the model's device until read.
-    """
-
-    num_layers: int
-    _experts: list[list[torch.Tensor]] = field(init=False, repr=False)
-    _weights: list[list[torch.Tensor]] = field(init=False, repr=False)
-
-    def __post_init__(self):
-        self._experts = [[] for _ in range(self.num_layers)]
-        self._weights = [[] for _ in range(self.num_layers)]
-
-    def add(self, layer_idx: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
-        self._experts[layer_idx].append(experts.detach())
-        self._weights[layer_idx].append(weights.detach())
-
-    def __len__(self) -> int:
-        return sum(chunk.shape[1] for chunk in self._experts[0]) if self.num_layers else 0
-
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(experts int64, weights float32), each [layers, batch, tokens, top_k], on the CPU."""
-        if not self._experts or not self._experts[0]:
-            raise ValueError("no routing was recorded")
-        experts = torch.stack([torch.cat(chunks, dim=1) for chunks in self._experts]).cpu()
-        weights = torch.stack([torch.cat(chunks, dim=1) for chunks in self._weights]).cpu()
-        return experts, weights
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 
@@ -632,28 +468,6 @@ class YuanModel(YuanPreTrainedModel):
             router_logits=all_router_logits,
         )
         return output if return_dict else output.to_tuple()
-
-
-_FP16_GEMV_ROWS = 8  # up to this many rows, PyTorch's CPU fp16 matmul is the fast one
-_HEAD_SLICE = 4096  # vocabulary rows converted to bf16 at a time beyond that
-
-
-def vocabulary_logits(lm_head: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`lm_head(hidden_states)` in the hidden states' dtype, the head possibly held in another one.
-
-    A head held in fp16 on CPU (the mixed CPU mode) is read by PyTorch's fp16 GEMV at memory speed for a token or
-    a few, but its fp16 GEMM is an order of magnitude slower than bf16 for many rows (whole-prompt logits): those go
-    through bf16 slices of the weight instead.
-    """
-    weight = lm_head.weight
-    rows = hidden_states.shape[:-1].numel()
-    if weight.dtype == torch.float16 and weight.device.type == "cpu" and rows > _FP16_GEMV_ROWS:
-        x = hidden_states.to(torch.bfloat16)
-        slices = range(0, weight.shape[0], _HEAD_SLICE)
-        logits = torch.cat([F.linear(x, weight[i : i + _HEAD_SLICE].to(torch.bfloat16)) for i in slices], dim=-1)
-    else:
-        logits = lm_head(hidden_states.to(weight.dtype))
-    return logits.to(hidden_states.dtype)
 
 
 class YuanForCausalLM(YuanPreTrainedModel, GenerationMixin):

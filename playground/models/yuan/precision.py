@@ -9,7 +9,7 @@ For INT4 folders with `dtype` left to "auto":
 
 On CPU PyTorch's fp16 GEMV reads the 553 MB head about 1.6x faster than its bf16 one (and fp16 is the stored
 dtype), but its fp16 GEMM is slow beyond a few rows, which is why the LFA (run over whole prompts) is bf16 and why
-the head computes several rows through bf16 slices (`modeling_yuan.vocabulary_logits`). fp32 weights would read
+the head computes several rows through bf16 slices (`mixed_precision.vocabulary_logits`). fp32 weights would read
 twice the bytes. The residual stream stays float32 because it is cheap (one 2048-vector per token) and it is where
 rounding accumulates.
 The router's projections are dequantised once to float32 (a few hundred KB per layer) so the expert choice does not
