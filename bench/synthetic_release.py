@@ -220,10 +220,7 @@ def projection_by_truncation(model: nn.Module, context: int, steps: int, synchro
     finally:
         model.model.layers = layers
     per_layer = max((medians[len(layers)] - medians[half]) / (len(layers) - half), 1e-9)
-    fixed = max(medians[len(layers)] - len(layers) * per_layer, 0.0)
-    projected = fixed + RELEASE_LAYERS * per_layer
-    return {"per_layer_ms": per_layer * 1e3, "fixed_ms": fixed * 1e3, "step_ms": medians[len(layers)] * 1e3,
-            "projected_ms": projected * 1e3, "projected_tokens_per_s": 1.0 / projected}
+    return _projected(medians[len(layers)], per_layer, len(layers))
 
 
 def component_profile(model: nn.Module, timer: DecodeTimer, steps: int, synchronize=lambda: None) -> list[tuple]:
@@ -270,9 +267,11 @@ def component_profile(model: nn.Module, timer: DecodeTimer, steps: int, synchron
 
 def projection(model: nn.Module, step_seconds: list[float], layer_seconds: list[float]) -> dict:
     """Per-layer and fixed decode cost of a model with few layers, projected to the release's 24."""
-    layers = len(model.model.layers)
-    per_layer = statistics.median(layer_seconds)
-    step = statistics.median(step_seconds)
+    return _projected(statistics.median(step_seconds), statistics.median(layer_seconds), len(model.model.layers))
+
+
+def _projected(step: float, per_layer: float, layers: int) -> dict:
+    """A step of `layers` layers costing `step` seconds, `per_layer` of them each, as a 24-layer step."""
     fixed = max(step - layers * per_layer, 0.0)
     projected = fixed + RELEASE_LAYERS * per_layer
     return {"per_layer_ms": per_layer * 1e3, "fixed_ms": fixed * 1e3, "step_ms": step * 1e3,

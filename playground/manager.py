@@ -33,7 +33,6 @@ from playground.generation.events import (  # noqa: F401  (re-exported: the mana
     TokenInfo,
 )
 from playground.generation.backends import LocalBackend, RemoteBackend
-from playground.generation.local import encode_prompt
 from playground.generation.scheduling import DeviceWorker, FifoGate, GenerationHandle
 from playground.memory import MemorySampler
 from playground.model_loading import (  # noqa: F401  (EMBEDDED, resolve_* re-exported)
@@ -368,9 +367,10 @@ class ModelManager:
         """
         if (messages is None) == (prompt is None):
             raise ParameterError("give either messages or a prompt")
-        loaded = self.require_local("the next-token explorer")
-        text = loaded.chat_format.build_prompt(normalise_messages(messages)) if messages is not None else prompt
-        input_ids = encode_prompt(loaded, text, SamplingParams(max_new_tokens=1))
+        backend = self._require_backend()
+        loaded = backend.local("the next-token explorer")
+        messages = normalise_messages(messages) if messages is not None else None
+        input_ids = backend.prepare(messages, prompt, SamplingParams(max_new_tokens=1))  # as a reply's prompt
         handle = GenerationHandle(owner)
         gate = self._gate(loaded.device)
         gate.join(handle)

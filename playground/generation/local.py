@@ -96,6 +96,7 @@ class TokenStreamer(BaseStreamer):
     def end(self):
         self.queue.put(None)
 
+
 def encode_prompt(loaded, text: str, params: SamplingParams) -> torch.Tensor:
     """The prompt's ids [1, n]; rejects an empty prompt or one that leaves no room for the reply."""
     if not text or not text.strip():
@@ -116,6 +117,7 @@ def encode_prompt(loaded, text: str, params: SamplingParams) -> torch.Tensor:
             field="prompt",
         )
     return input_ids
+
 
 def token_info(tokenizer, token_id, step, raw, processed) -> TokenInfo:
     info = TokenInfo(id=token_id, text=tokenizer.decode([token_id]))
