@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from playground.remote import CHAT_FORMATS, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, EXTENSION_FIELDS
+from playground.params import EXTENSION_FIELDS, VLLM_EXTENSIONS
+from playground.remote import CHAT_FORMATS, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S
 from playground.storage import default_data_dir
 
 # A Hugging Face model repo id: "owner/name" (letters, digits, "-", "_", "."), not an existing path.
@@ -169,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         default=env.get("PLAYGROUND_REMOTE_EXTENSIONS") or None,
                         help="the sampling fields beyond OpenAI's that the remote takes, comma-separated from "
                              f"{','.join(EXTENSION_FIELDS)}, or none; default: known from the engine's owned_by "
-                             "(vllm: top_k,min_p,repetition_penalty) [PLAYGROUND_REMOTE_EXTENSIONS]")
+                             f"(vllm: {','.join(sorted(VLLM_EXTENSIONS))}) [PLAYGROUND_REMOTE_EXTENSIONS]")
     args = parser.parse_args(argv)
     if args.backend == "openai" and not args.base_url:
         parser.error("--backend openai needs --base-url (or PLAYGROUND_BASE_URL)")

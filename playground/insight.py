@@ -14,9 +14,8 @@ from typing import Any
 
 import pandas as pd
 import torch
-from transformers import RepetitionPenaltyLogitsProcessor
 
-from playground.params import SamplingParams
+from playground.params import DISTRIBUTION_FIELDS, SamplingParams
 
 INSPECT_TOP = 5  # alternatives recorded per token for the inspector (TokenInfo.top / sampled_top)
 MAX_EXPLORER_TOP = 50
@@ -129,23 +128,10 @@ def alternatives_frame(token: dict[str, Any]) -> pd.DataFrame:
 
 
 def distributions(logits: torch.Tensor, prompt_ids: list[int], params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """(model probabilities, probabilities after the settings), each [vocab], with transformers' own processors.
-
-    The repetition penalty comes first, then the warpers in generate's order; temperature 0 (greedy) keeps only
-    the most likely token after the penalty, as generate does.
-    """
+    """(model probabilities, probabilities after the settings), each [vocab], with transformers' own processors."""
     scores = logits.detach().float().reshape(1, -1)
-    model_probs = scores.softmax(-1)[0]
-    input_ids = torch.tensor([prompt_ids or [0]], dtype=torch.long)
-    if params.repetition_penalty != 1.0 and prompt_ids:
-        scores = RepetitionPenaltyLogitsProcessor(penalty=params.repetition_penalty)(input_ids, scores.clone())
-    if params.greedy:
-        sampled = torch.zeros_like(model_probs)
-        sampled[int(scores[0].argmax())] = 1.0
-        return model_probs, sampled
-    for warper in params.logits_warpers():
-        scores = warper(input_ids, scores)
-    return model_probs, scores.softmax(-1)[0]
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long).reshape(1, -1)
+    return scores.softmax(-1)[0], params.next_token_scores(input_ids, scores).softmax(-1)[0]
 
 
 def explore_distribution(logits: torch.Tensor, prompt_ids: list[int], params: SamplingParams, tokenizer,
@@ -175,11 +161,10 @@ def explore_distribution(logits: torch.Tensor, prompt_ids: list[int], params: Sa
 def explorer_summary(frame: pd.DataFrame, params: SamplingParams) -> str:
     """A line under the chart: how many of the shown tokens the settings keep, and how much mass they carry."""
     kept = frame[~frame["cut"]]
-    mode = "greedy (temperature 0): only the most likely token is kept" if params.greedy else (
-        f"temperature {params.temperature}, top_k {params.top_k}, top_p {params.top_p}, min_p {params.min_p}")
+    settings = params.describe(DISTRIBUTION_FIELDS)
+    mode = f"greedy: only the most likely token is kept; {settings}" if params.greedy else settings
     return (
-        f"{len(kept)} of the top {len(frame)} tokens are kept ({mode}; repetition penalty "
-        f"{params.repetition_penalty}). They hold {kept['model p'].sum():.1%} of the model's probability and "
+        f"{len(kept)} of the top {len(frame)} tokens are kept ({mode}). They hold {kept['model p'].sum():.1%} of the model's probability and "
         f"{kept['sampled p'].sum():.1%} after the settings."
     )
 
@@ -190,7 +175,7 @@ def explorer_summary(frame: pd.DataFrame, params: SamplingParams) -> str:
 def routing_to_state(routing: Any, tokenizer, reply_only: bool = True) -> dict[str, Any] | None:
     """ExpertRouting -> a small dict of lists for the session state (the reply's tokens only, by default).
 
-    The tensors are [layers, tokens, top_k] and small, so slicing them here is cheap on any thread.
+    The tensors are [layers, tokens, chosen experts] and small, so slicing them here is cheap on any thread.
     """
     if routing is None:
         return None
@@ -206,7 +191,7 @@ def routing_to_state(routing: Any, tokenizer, reply_only: bool = True) -> dict[s
 
 def expert_load_frame(routing: dict[str, Any]) -> pd.DataFrame:
     """How many of the reply's tokens each expert served, per layer: rows (layer, expert, tokens, share)."""
-    experts = torch.tensor(routing["experts"], dtype=torch.long)  # [layers, tokens, top_k]
+    experts = torch.tensor(routing["experts"], dtype=torch.long)  # [layers, tokens, chosen experts]
     layers = experts.shape[0] if experts.ndim == 3 else 0
     rows = []
     for layer in range(layers):

@@ -235,10 +235,6 @@ class ModelManager:
         loaded = self.require_local("building the prompt in the model's chat format")
         return loaded.chat_format.build_prompt(normalise_messages(messages))
 
-    def count_tokens(self, text: str) -> int:
-        loaded = self.require_local("counting tokens")
-        return len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def cancel(self, owner: str) -> int:
         """Cancel every queued or running generation of `owner` (a UI session); returns how many."""
         with self._handles_lock:
@@ -370,7 +366,7 @@ class ModelManager:
         backend = self._require_backend()
         loaded = backend.local("the next-token explorer")
         messages = normalise_messages(messages) if messages is not None else None
-        input_ids = backend.prepare(messages, prompt, SamplingParams(max_new_tokens=1))  # as a reply's prompt
+        input_ids = backend.prepare(messages, prompt, SamplingParams.one_forward_pass())  # as a reply's prompt
         handle = GenerationHandle(owner)
         gate = self._gate(loaded.device)
         gate.join(handle)

@@ -17,14 +17,11 @@ from typing import Any, Iterator
 import httpx
 
 from playground.errors import ParameterError, PlaygroundError
-from playground.params import SamplingParams
+from playground.params import EXTENSION_FIELDS, SAMPLING_FIELDS, VLLM_EXTENSIONS, SamplingParams, to_wire
 
-# Extensions beyond OpenAI's standard fields, by the engine's `owned_by` in GET /v1/models.
-EXTENSIONS_BY_OWNER = {
-    "vllm": {"top_k", "min_p", "repetition_penalty"},
-    "yuan-playground": {"top_k", "min_p", "repetition_penalty"},  # what its /v1 request schema accepts
-}
-EXTENSION_FIELDS = ["top_k", "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size"]
+# Extensions beyond OpenAI's standard fields, by the engine's `owned_by` in GET /v1/models (the registry says
+# which; this server's /v1 request schema takes the same ones as vLLM's).
+EXTENSIONS_BY_OWNER = {"vllm": VLLM_EXTENSIONS, "yuan-playground": VLLM_EXTENSIONS}
 # Before any token arrives a request can be sent again safely: a refused connection, or an engine that says it
 # is overloaded or restarting. A few tries only, with back-off; Retry-After is honoured up to a cap.
 RETRIES = 2
@@ -193,22 +190,14 @@ class RemoteEngine:
         Extensions the engine takes are always sent, so it applies what the controls show rather than its own
         defaults (vLLM's top_k default is off, the playground's is 50).
         """
-        body: dict[str, Any] = {"temperature": params.temperature, "top_p": params.top_p,
-                                "max_tokens": params.max_new_tokens}
-        if params.seed is not None:
-            body["seed"] = params.seed
-        if params.stop:
-            body["stop"] = list(params.stop)
-        defaults = SamplingParams()
-        for name in EXTENSION_FIELDS:
-            value = getattr(params, name)
-            if name in self.extensions():
-                body[name] = -1 if (name == "top_k" and value == 0 and self.owner == "vllm") else value  # vLLM: -1 is off
-            elif value != getattr(defaults, name):
-                raise ParameterError(
-                    f"{name} is not available on the remote engine ({self.owner or 'unknown'}); "
-                    f"set it back to {getattr(defaults, name)}", field=name,
-                )
+        for name in self.unavailable_params():
+            default = SAMPLING_FIELDS[name].default
+            if getattr(params, name) != default:
+                raise ParameterError(f"{name} is not available on the remote engine ({self.owner or 'unknown'}); "
+                                     f"set it back to {default}", field=name)
+        body = to_wire(params, [name for name in SAMPLING_FIELDS if name not in self.unavailable_params()])
+        if self.owner == "vllm" and body.get("top_k") == 0:
+            body["top_k"] = -1  # vLLM's "off" is -1, the playground's (and transformers') is 0
         return body
 
     def build_request(self, messages: list[dict[str, Any]] | None, prompt: str | None, params: SamplingParams,

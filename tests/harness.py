@@ -18,6 +18,11 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 
 
+def count_tokens(manager, text: str) -> int:
+    """The loaded local model's token count for `text`, as a prompt (no special tokens added)."""
+    return len(manager.require_local("counting tokens").tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -98,7 +98,8 @@ def sweep(parameter: str, values: str) -> Callable[[Client], str]:
 
 
 def explore(text: str) -> Callable[[Client], str]:
-    return lambda client: ui_message(lambda: client.predict(text, 1.0, 50, 1.0, 0.0, 1.0, 10, api_name="/explore"),
+    return lambda client: ui_message(lambda: client.predict(text, temperature=1.0, top_k=50, top_p=1.0, min_p=0.0,
+                                                                     repetition_penalty=1.0, top_n=10, api_name="/explore"),
                                      lambda out: out[3])
 
 
@@ -149,13 +150,14 @@ UI_CASES = [
     Case("chat-system-over-context", chat("Hi", system=OVER_CONTEXT), "context is 8192 tokens"),
     Case("chat-lone-surrogate", raw_chat("hello \ud800"), "surrogate"),
     # Values a slider cannot take are refused by Gradio itself, naming the bound.
-    Case("chat-temperature-high", chat(temperature=9.0), "maximum value 2"),
+    Case("chat-temperature-high", chat(temperature=9.0), "temperature: must be between 0 and 5 (0 means greedy), got 9.0"),
     Case("chat-temperature-nan", raw_chat(temperature=math.nan), "temperature"),
-    Case("chat-temperature-text", chat(temperature="hot"), "expected a `float`"),
-    Case("chat-top-p-zero", chat(top_p=0.0), "minimum value 0.01"),
-    Case("chat-top-k-negative", chat(top_k=-1), "minimum value 0"),
-    Case("chat-max-new-tokens-zero", chat(max_new_tokens=0), "minimum value 1"),
-    Case("chat-repetition-penalty-zero", chat(repetition_penalty=0.0), "minimum value 0.5"),
+    Case("chat-temperature-text", chat(temperature="hot"), "temperature: must be between 0 and 5"),
+    Case("chat-top-p-zero", chat(top_p=0.0), "top_p: must be greater than 0 and at most 1"),
+    Case("chat-top-k-negative", chat(top_k=-1), "top_k: must be an integer between 0 and 10000"),
+    Case("chat-max-new-tokens-zero", chat(max_new_tokens=0), "max_new_tokens: must be an integer between 1 and 8192"),
+    Case("chat-max-new-tokens-over", chat(max_new_tokens=9000), "max_new_tokens: must be an integer between 1 and 8192"),
+    Case("chat-repetition-penalty-zero", chat(repetition_penalty=0.0), "repetition_penalty: must be greater than 0"),
     Case("chat-seed-negative", chat(seed=-1), "seed"),
     Case("chat-seed-too-big", chat(seed=2**40), "seed"),
     Case("chat-seed-fraction", chat(seed=1.5), "seed"),
@@ -163,7 +165,7 @@ UI_CASES = [
     Case("chat-stop-too-long", chat(stop="x" * 300), "stop"),
     Case("lab-empty-prompt", lab("   "), "empty"),
     Case("lab-1mb-prompt", lab(ONE_MB), "context is 8192 tokens"),
-    Case("lab-text-in-number-cell", lab(rows=[{**LAB_ROW, "temperature": "warm"}]), "temperature must be a number"),
+    Case("lab-text-in-number-cell", lab(rows=[{**LAB_ROW, "temperature": "warm"}]), "setting 1: temperature: must be between 0 and 5"),
     Case("lab-negative-cell", lab(rows=[{**LAB_ROW, "top_p": -1}]), "setting 1: top_p"),
     Case("lab-fractional-int", lab(rows=[{**LAB_ROW, "max_new_tokens": 2.5}]), "whole number"),
     Case("lab-too-many-rows", lab(rows=[LAB_ROW] * 7), "1 to 6 settings"),

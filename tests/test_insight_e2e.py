@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 GREEDY = [0.0, 0.9, 50, 0.0, 1.0, 1.0, 0, 12, 1, ""]
 # explorer settings: temperature, top_k, top_p, min_p, repetition_penalty, tokens shown
-EXPLORE = [1.0, 0, 1.0, 0.0, 1.0, 20]
+EXPLORE = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, top_n=20)
 
 
 def frame(table) -> pd.DataFrame:
@@ -46,23 +46,23 @@ def test_inspect_a_chat_reply_token_by_token(client):
 def test_explorer_draws_redraws_and_appends(client):
     text = client.predict("Write a short poem about the sea.", api_name="/explore_chat_prompt")
     assert "<|im_start|>assistant" in text
-    chart, table, choice, summary = client.predict(text, *EXPLORE, api_name="/explore")
+    chart, table, choice, summary = client.predict(text, **EXPLORE, api_name="/explore")
     first = frame(table)
     assert len(first) == 20 and set(first["status"]) == {"kept"}  # no cuts at temperature 1, all off
     assert list(first["model p"]) == sorted(first["model p"], reverse=True) and first["model p"].sum() <= 1
     # a setting change redraws from the same forward pass: top_k=3 leaves exactly three
-    _, table, _, summary = client.predict(1.0, 3, 1.0, 0.0, 1.0, 20, api_name="/explore_redraw")
+    _, table, _, summary = client.predict(**{**EXPLORE, "top_k": 3}, api_name="/explore_redraw")
     redrawn = frame(table)
     assert (redrawn["status"] == "kept").sum() == 3 and list(redrawn["id"]) == list(first["id"])
     assert redrawn.loc[redrawn["status"] == "kept", "sampled p"].sum() == pytest.approx(1, abs=1e-4)
     assert "3 of the top 20 tokens are kept" in summary
-    _, table, _, _ = client.predict(0.0, 50, 0.9, 0.0, 1.0, 20, api_name="/explore_redraw")
+    _, table, _, _ = client.predict(**{**EXPLORE, "temperature": 0.0}, api_name="/explore_redraw")
     assert (frame(table)["status"] == "kept").sum() == 1  # greedy
     appended = client.predict(int(first.iloc[0]["id"]), api_name="/explore_append")
     assert appended.startswith(text) and len(appended) > len(text)
-    _, table, _, _ = client.predict(appended, *EXPLORE, api_name="/explore")
+    _, table, _, _ = client.predict(appended, **EXPLORE, api_name="/explore")
     assert list(frame(table)["id"]) != list(first["id"])
-    _, _, _, summary = client.predict("   ", *EXPLORE, api_name="/explore")
+    _, _, _, summary = client.predict("   ", **EXPLORE, api_name="/explore")
     assert "empty" in summary
 
 

@@ -13,6 +13,8 @@ from playground.embedded import ensure_converted
 from playground.errors import LoadInProgressError, ModelFolderError, ModelNotLoadedError, ParameterError
 from playground.manager import FifoGate, GenerationHandle, ModelManager
 
+from harness import count_tokens
+
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
@@ -110,7 +112,7 @@ def test_stream_yields_deltas_then_stats(manager):
     stats = events[-1].stats
     assert deltas == events[-1].text
     assert stats.new_tokens == 12 and stats.finish_reason == "length"
-    assert stats.prompt_tokens == manager.count_tokens("Hello there")
+    assert stats.prompt_tokens == count_tokens(manager, "Hello there")
     assert stats.time_to_first_token_s > 0 and stats.decode_tokens_per_s > 0
 
 

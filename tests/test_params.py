@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from playground.errors import ParameterError
-from playground.params import RANGES, SamplingParams
+from playground.params import SAMPLING_FIELDS, SamplingParams
 from playground.ui.controls import params_from_controls
 
 BAD_VALUES = [
@@ -52,7 +55,10 @@ def test_unknown_field_is_named():
 
 
 def test_every_range_boundary_is_accepted():
-    for field, (low, high, _) in RANGES.items():
+    for field, spec in SAMPLING_FIELDS.items():
+        if not spec.numeric:
+            continue
+        low, high = spec.limits.low, spec.limits.high
         if field in ("top_p", "typical_p", "repetition_penalty"):
             low = 0.01
         assert getattr(SamplingParams.parse({field: low}), field) == low
@@ -78,10 +84,104 @@ def test_sampling_uses_transformers_warpers_in_order():
 
 
 def test_controls_convert_ui_values():
-    values = [0.7, 0.9, 40.0, 0.0, 1.0, 1.1, 0.0, 64.0, None, "END\n\\n\\n"]
+    names = ["temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size",
+             "max_new_tokens", "seed", "stop"]
+    values = dict(zip(names, [0.7, 0.9, 40.0, 0.0, 1.0, 1.1, 0.0, 64.0, None, "END\n\\n\\n"]))
     params = params_from_controls(values)
     assert params.top_k == 40 and isinstance(params.top_k, int)
     assert params.max_new_tokens == 64 and params.seed is None
     assert params.stop == ["END", "\n\n"]
     with pytest.raises(ParameterError, match="max_new_tokens"):
-        params_from_controls([0.7, 0.9, 40, 0, 1, 1, 0, 0, None, ""])
+        params_from_controls({**values, "max_new_tokens": 0})
+
+
+# ------------------------------------------------------------------------------------------- the registry
+
+
+def test_registry_is_derived_from_sampling_params():
+    assert list(SAMPLING_FIELDS) == list(SamplingParams.model_fields)
+    defaults = SamplingParams()
+    for name, field in SAMPLING_FIELDS.items():
+        assert field.default == getattr(defaults, name) and field.help and field.limits.reads
+    assert SAMPLING_FIELDS["max_new_tokens"].wire_name == "max_tokens" and SAMPLING_FIELDS["top_k"].integer
+    assert not SAMPLING_FIELDS["temperature"].integer and not SAMPLING_FIELDS["stop"].numeric
+
+
+def test_every_consumer_takes_its_fields_from_the_registry():
+    from playground.api.http_errors import ApiError
+    from playground.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+    from playground.api.prompt_endpoint import SeedRequest
+    from playground.integrations.langchain import PlaygroundChatModel
+    from playground.params import EXTENSION_FIELDS, NUMERIC_FIELDS, OPENAI_FIELDS, VLLM_EXTENSIONS
+    from playground.remote import EXTENSIONS_BY_OWNER
+    from playground.ui.lab_tab import SETTING_FIELDS
+
+    wire = {SAMPLING_FIELDS[name].wire_name for name in OPENAI_FIELDS}
+    assert wire == {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed", "stop"}
+    for schema in (ChatCompletionRequest, CompletionRequest):
+        assert wire <= set(schema.model_fields)
+    assert wire <= set(PlaygroundChatModel.model_fields)
+    assert set(SAMPLING_FIELDS) <= set(SeedRequest.model_fields)
+    assert SETTING_FIELDS == NUMERIC_FIELDS == [name for name in SAMPLING_FIELDS if name != "stop"]
+    assert EXTENSIONS_BY_OWNER["vllm"] == VLLM_EXTENSIONS == set(OPENAI_FIELDS) & set(EXTENSION_FIELDS)
+    # one range everywhere: the OpenAI schema refuses what SamplingParams refuses, under the wire's name
+    with pytest.raises(ApiError, match="max_tokens: must be an integer between 1 and 8192"):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], max_tokens=0).sampling_params()
+    with pytest.raises(ValueError, match="true/false"):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], top_k=True)
+    assert SeedRequest(prompt="x").sampling_params().greedy  # the tutorial's default
+    assert PlaygroundChatModel(max_tokens=5, stop="END")._sampling(["\n"]) == {"max_tokens": 5, "stop": ["END", "\n"]}
+
+
+def test_forms_keep_defaults_for_blanks_and_convert_one_way():
+    import numpy as np
+
+    params = SamplingParams.from_form({"top_k": np.int64(5), "temperature": "0.25", "seed": None, "min_p": " "})
+    assert (params.top_k, params.temperature, params.seed, params.min_p) == (5, 0.25, None, 0.0)
+    with pytest.raises(ParameterError, match=r"top_k: must be an integer .* got 2\.5 \(not a whole number\)"):
+        SamplingParams.from_form({"top_k": 2.5})
+    with pytest.raises(ParameterError, match=r"temperature: must be between 0 and 5 .* \(not a number\)"):
+        SamplingParams.from_form({"temperature": "warm"})
+    with pytest.raises(ParameterError, match="temperature: must be between 0 and 5"):
+        SamplingParams.from_form({"temperature": math.nan})  # NaN is a value (JSON's), not a blank
+
+
+def spelled_words(code: str) -> set[str]:
+    """The identifiers and words of string literals in `code`, leaving out docstrings and comments."""
+    tree = ast.parse(code)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    words: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            words.update(re.findall(r"\w+", node.value))
+        elif isinstance(node, ast.Name):
+            words.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            words.add(node.attr)
+        elif isinstance(node, (ast.keyword, ast.arg)) and node.arg:
+            words.add(node.arg)
+    return words
+
+
+def test_no_ui_api_or_integration_module_lists_the_fields():
+    """The done-when of the registry: outside params.py a field's name appears in code only where a wire format
+    needs it (docstrings and comments may mention fields)."""
+    root = Path(__file__).resolve().parents[1] / "playground"
+    allowed = {"remote.py": {"top_k"},  # vLLM's "off" for top_k is -1
+               "memory.py": {"temperature"}, "memory_tab.py": {"temperature"}}  # the GPU's, in degrees
+    for folder in ("ui", "api", "integrations", "."):
+        for path in sorted((root / folder).glob("*.py")):
+            if path.name == "params.py":
+                continue
+            words = spelled_words(path.read_text())
+            for name in SAMPLING_FIELDS:
+                if name not in ("seed", "stop") and name in words and name not in allowed.get(path.name, set()):
+                    raise AssertionError(f"{path.relative_to(root)} spells the sampling field {name!r}")
+
+
+def test_readme_table_lists_the_registry():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Sampling parameters", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"^\| `(\w+)` \|", section, flags=re.M) == list(SAMPLING_FIELDS)

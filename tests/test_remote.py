@@ -7,7 +7,7 @@ import pytest
 from gradio_client import Client
 
 from fake_engine import FakeEngine
-from harness import LaunchedServer, free_port
+from harness import LaunchedServer, count_tokens, free_port
 from playground.errors import ParameterError, PlaygroundError
 from playground.manager import ModelManager
 from playground.remote import RemoteEngine, metrics_url, parse_prometheus
@@ -103,7 +103,7 @@ def test_min_p_is_rejected_by_a_vllm_remote(fake_vllm):
     with pytest.raises(ParameterError, match=r"typical_p is not available on the remote engine \(vllm\)"):
         list(manager.stream(prompt="Hi", params={"typical_p": 0.5}))
     with pytest.raises(PlaygroundError, match="remote"):
-        manager.count_tokens("Hi")
+        count_tokens(manager, "Hi")
     with pytest.raises(PlaygroundError, match="remote"):
         manager.next_token_logits(prompt="Hi")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from gradio_client import Client
 
-from harness import LaunchedServer
+from harness import LaunchedServer, count_tokens
 from playground.errors import ModelFolderError
 from playground.manager import ModelManager
 from playground.models.yuan.make_tiny import make_tiny_checkpoint
@@ -32,7 +32,7 @@ def test_manager_serves_yuan_in_its_prompt_format(tiny_int4):
     prompt = manager.build_prompt(messages)
     assert prompt == "你好<n>Hi!<n>How are you?<n>Tell me more<sep>"
     result = manager.generate(messages=messages, params={"temperature": 0, "max_new_tokens": 12}, logprobs=1)
-    assert result.stats.prompt_tokens == manager.count_tokens(prompt)
+    assert result.stats.prompt_tokens == count_tokens(manager, prompt)
     assert result.stats.new_tokens == len(result.tokens) <= 12
     assert "<sep>" not in result.text and "<eod>" not in result.text and "<n>" not in result.text
     again = manager.generate(messages=messages, params={"temperature": 0, "max_new_tokens": 12})

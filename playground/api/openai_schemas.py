@@ -10,51 +10,38 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from playground.api.http_errors import from_parameter_error
 from playground.errors import ParameterError
-from playground.params import SamplingParams
+from playground.params import OPENAI_FIELDS, WIRE_NAMES, SamplingParams, from_wire, reject_bools, request_fields
 
 MAX_TOP_LOGPROBS = 20
-# Our SamplingParams names for the API's field names, for error messages that name what the client sent.
-PUBLIC_NAMES = {"max_new_tokens": "max_tokens"}
+# The OpenAI-style sampling fields, from the playground's registry (OpenAI's own, then vLLM-style extensions).
+SamplingFields = create_model("SamplingFields", **request_fields(OPENAI_FIELDS, wire=True))
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(SamplingFields):
     """What chat and text completions share: the model, sampling fields and streaming."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="the loaded model's id (GET /v1/models); omit for the loaded one")
-    max_tokens: int | None = Field(None, description="new tokens at most (default 256)")
-    temperature: float | None = Field(None, description="0 means greedy")
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
     n: int | None = Field(1, description="only 1 is supported")
     presence_penalty: float | None = Field(0, description="only 0 is supported")
     frequency_penalty: float | None = Field(0, description="only 0 is supported")
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Extensions beyond OpenAI's fields: transformers' own sampling knobs.
-    top_k: int | None = Field(None, description="extension: 0 turns it off")
-    min_p: float | None = Field(None, description="extension: 0 turns it off")
-    repetition_penalty: float | None = Field(None, description="extension: 1 turns it off")
 
-    @field_validator("max_tokens", "temperature", "top_p", "seed", "n", "presence_penalty", "frequency_penalty",
-                     "top_k", "min_p", "repetition_penalty", mode="before")
+    @field_validator("n", "presence_penalty", "frequency_penalty", mode="before")
     @classmethod
     def _no_bools(cls, value: Any) -> Any:
-        # pydantic would read true as 1; a boolean in a number field is a client bug.
-        if isinstance(value, bool):
-            raise ValueError("must be a number, not true/false")
-        return value
+        return reject_bools(value)
 
     @field_validator("n")
     @classmethod
@@ -69,7 +56,7 @@ class SamplingRequest(BaseModel):
         if value not in (None, 0):
             raise ValueError(
                 f"transformers has no {info.field_name.replace('_', ' ')} processor, so only 0 is accepted; "
-                "repetition_penalty (an extension of this server) is the nearest alternative"
+                "the repetition penalty (an extension of this server) is the nearest alternative"
             )
         return value
 
@@ -86,20 +73,10 @@ class SamplingRequest(BaseModel):
 
     def sampling_params(self) -> SamplingParams:
         """The validated SamplingParams; fields the client left out keep the playground's defaults."""
-        values: dict[str, Any] = {
-            "max_new_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
-            "repetition_penalty": self.repetition_penalty,
-            "seed": self.seed,
-            "stop": self.stop,
-        }
         try:
-            return SamplingParams.parse({k: v for k, v in values.items() if v is not None})
+            return SamplingParams.parse(from_wire(self.model_dump(include=set(SamplingFields.model_fields))))
         except ParameterError as exc:
-            raise from_parameter_error(exc, PUBLIC_NAMES) from None
+            raise from_parameter_error(exc, WIRE_NAMES) from None
 
 
 class TextPart(BaseModel):
@@ -158,6 +135,7 @@ class ChatCompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _settle(self) -> "ChatCompletionRequest":
+        # OpenAI's newer name for the wire's max_tokens; the older one wins if both are sent.
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         return self

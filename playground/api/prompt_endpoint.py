@@ -13,11 +13,11 @@ import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from playground.api.http_errors import ApiRoute, generation_failed
 from playground.api.events import collect, generation_events, unless_disconnected
-from playground.params import SamplingParams
+from playground.params import GREEDY, SAMPLING_FIELDS, SamplingParams, request_fields
 
 router = APIRouter(route_class=ApiRoute, tags=["tutorial endpoint"])
 
@@ -32,31 +32,17 @@ class Turn(BaseModel):
 History = list[Turn] | list[str] | list[tuple[str, str]]
 
 
-class SeedRequest(BaseModel):
+# Every sampling field under the playground's own names; like the tutorial, greedy unless told otherwise.
+TutorialSampling = create_model("TutorialSampling", **request_fields(
+    SAMPLING_FIELDS, defaults=GREEDY, described={name: "the default is greedy, as in the tutorial" for name in GREEDY}))
+
+
+class SeedRequest(TutorialSampling):
     # Strict on names: a misspelt sampling field should be an error, not silently ignored.
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1)
     history: History = Field(default_factory=list)
-    temperature: float = Field(0.0, description="0 (the default) is greedy, as in the tutorial")
-    max_new_tokens: int = 256
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    typical_p: float | None = None
-    repetition_penalty: float | None = None
-    no_repeat_ngram_size: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-
-    @field_validator("temperature", "max_new_tokens", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty",
-                     "no_repeat_ngram_size", "seed", mode="before")
-    @classmethod
-    def _no_bools(cls, value: Any) -> Any:
-        # pydantic would read true as 1; a boolean in a number field is a client bug.
-        if isinstance(value, bool):
-            raise ValueError("must be a number, not true/false")
-        return value
 
     @field_validator("prompt")
     @classmethod
@@ -76,8 +62,7 @@ class SeedRequest(BaseModel):
         return value
 
     def sampling_params(self) -> SamplingParams:
-        values = self.model_dump(exclude={"prompt", "history"}, exclude_none=True)
-        return SamplingParams.parse(values)
+        return SamplingParams.parse({**GREEDY, **self.model_dump(include=set(SAMPLING_FIELDS), exclude_none=True)})
 
     def messages(self) -> list[dict[str, str]]:
         return [*history_messages(self.history), {"role": "user", "content": self.prompt}]

@@ -56,7 +56,7 @@ class TokenInfo:
 class ExpertRouting:
     """Which experts each token went to, per layer (Mixture-of-Experts models, when asked for).
 
-    `experts` and `weights` are [layers, tokens, top_k] over the prompt's tokens then the reply's; `token_ids`
+    `experts` and `weights` are [layers, tokens, chosen experts] over the prompt's tokens then the reply's; `token_ids`
     names those tokens.
     """
 

@@ -24,9 +24,10 @@ from langchain_core.language_models.chat_models import BaseChatModel, generate_f
 from langchain_core.messages import AIMessageChunk, BaseMessage, ChatMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field, SecretStr
+from pydantic import ConfigDict, Field, SecretStr, create_model
 
 from playground.errors import PlaygroundError
+from playground.params import OPENAI_FIELDS, SAMPLING_FIELDS, SamplingParams, from_wire, request_fields
 
 # LangChain message types -> chat roles.
 ROLES = {"system": "system", "human": "user", "ai": "assistant"}
@@ -40,7 +41,13 @@ class PlaygroundAPIError(PlaygroundError):
         self.status_code = status_code
 
 
-class PlaygroundChatModel(BaseChatModel):
+# The OpenAI-style sampling fields (LangChain's names, as ChatOpenAI has them), from the playground's registry.
+WIRE_SAMPLING_NAMES = [SAMPLING_FIELDS[name].wire_name for name in OPENAI_FIELDS]
+_SamplingChatModel = create_model("_SamplingChatModel", __base__=BaseChatModel,
+                                  **request_fields(OPENAI_FIELDS, wire=True))
+
+
+class PlaygroundChatModel(_SamplingChatModel):
     """The playground's loaded model as a LangChain chat model (invoke, stream, batch and their async forms)."""
 
     model_config = ConfigDict(populate_by_name=True)
@@ -50,15 +57,6 @@ class PlaygroundChatModel(BaseChatModel):
                                                     "None: this process's model manager")
     api_key: SecretStr | None = Field(None, description="the server's --api-key, if it has one")
     timeout: float = Field(300.0, description="seconds to wait for a server (HTTP mode)")
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-    stop: list[str] | None = None
 
     @property
     def _llm_type(self) -> str:
@@ -70,11 +68,9 @@ class PlaygroundChatModel(BaseChatModel):
 
     def _sampling(self, stop: list[str] | None = None) -> dict[str, Any]:
         """The sampling fields that are set, in the OpenAI API's names; `stop` adds to the model's own."""
-        values = {
-            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-            "repetition_penalty": self.repetition_penalty, "max_tokens": self.max_tokens, "seed": self.seed,
-            "stop": [*(self.stop or []), *(stop or [])] or None,
-        }
+        values = {name: getattr(self, name) for name in WIRE_SAMPLING_NAMES}
+        own = [values["stop"]] if isinstance(values["stop"], str) else values["stop"] or []
+        values["stop"] = [*own, *(stop or [])] or None  # LangChain's stop argument adds to the model's own
         return {name: value for name, value in values.items() if value is not None}
 
     # ------------------------------------------------------------------------------------ LangChain hooks
@@ -108,15 +104,12 @@ class PlaygroundChatModel(BaseChatModel):
 
     def _local_chunks(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Iterator[ChatGenerationChunk]:
         from playground.manager import get_manager
-        from playground.params import SamplingParams
 
         manager = get_manager()
         name = manager.require_model().name
         if self.model_name and self.model_name != name:
             raise PlaygroundError(f"the model {self.model_name!r} is not loaded; the manager has {name!r}")
-        if "max_tokens" in sampling:
-            sampling["max_new_tokens"] = sampling.pop("max_tokens")
-        params = SamplingParams.parse(sampling)
+        params = SamplingParams.parse(from_wire(sampling))
         with closing(manager.stream(messages=messages, params=params, owner="langchain")) as events:
             for event in events:
                 if event.kind == "delta" and event.text:

@@ -101,7 +101,7 @@ def _messages(history: list[dict], system_prompt: str) -> list[dict]:
     return messages + [{"role": m["role"], "content": message_text(m["content"])} for m in history]
 
 
-def stream_reply(storage, history, stats, details, system_prompt, params_values, request, chat_id=None):
+def stream_reply(storage, history, stats, details, system_prompt, sampling, request, chat_id=None):
     """Generate the assistant turn after `history` (which ends with the user's turn); yields UI updates.
 
     `details` runs alongside `stats`: per reply, its tokens with their probabilities and (models with experts)
@@ -110,7 +110,7 @@ def stream_reply(storage, history, stats, details, system_prompt, params_values,
     """
     manager = get_manager()
     try:
-        params = params_from_controls(params_values)
+        params = params_from_controls(sampling)
         loaded = manager.require_model()
         events = manager.stream(messages=_messages(history, system_prompt), params=params, owner=_owner(request),
                                 logprobs=INSPECT_TOP, capture_routing=loaded.has_experts)
@@ -163,9 +163,10 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
         controls = sampling_controls()
         preset_controls(controls, api_prefix="chat")
 
-        def send_message(text, history, stats, details, system_prompt, temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed, stop,
-                         chat_id, request: gr.Request = None):
-            params_values = [temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed, stop]
+        # The sampling controls come as keyword arguments named after their fields (inputs_kwargs), so API
+        # clients see named parameters without this file listing them.
+        def send_message(text, history, stats, details, system_prompt, chat_id, request: gr.Request = None,
+                         **sampling):
             text = message_text(text)
             if not text.strip():
                 gr.Warning("Type a message first.")
@@ -181,7 +182,7 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
             # Saved as soon as it is sent, so a crash during the reply keeps the question.
             chat_id = save_turn(storage, chat_id, history, "user", text, system_prompt=system_prompt)
             final = None
-            for update in stream_reply(storage, turn, stats, details, system_prompt, params_values, request, chat_id):
+            for update in stream_reply(storage, turn, stats, details, system_prompt, sampling, request, chat_id):
                 final = update
                 yield (*update, chat_id, "")
             if final is not None and final[1] is turn:
@@ -189,9 +190,7 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
                 chat_id = forget_turns(storage, chat_id, len(history))
                 yield display(history, stats), history, stats, final[3], details, chat_id, text
 
-        def regenerate_reply(history, stats, details, system_prompt, temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed, stop,
-                             chat_id, request: gr.Request = None):
-            params_values = [temperature, top_p, top_k, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed, stop]
+        def regenerate_reply(history, stats, details, system_prompt, chat_id, request: gr.Request = None, **sampling):
             if not history:
                 yield display(history, stats), history, stats, "Nothing to regenerate yet.", details, chat_id
                 return
@@ -199,7 +198,7 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
                 history, stats, details = history[:-1], stats[:-1], details[: len(stats) - 1]
             # else: a reopened chat whose last reply was cut off (a crash): answer its last message now
             final = None
-            for update in stream_reply(storage, history, stats, details[: len(stats)], system_prompt, params_values,
+            for update in stream_reply(storage, history, stats, details[: len(stats)], system_prompt, sampling,
                                        request, chat_id):
                 final = update
                 yield (*update, chat_id)
@@ -227,11 +226,14 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
 
         # State outputs are not part of the API, so the endpoints' visible outputs stay as they were.
         outputs = [chatbot, history, stats, status, details, chat_id]
-        inputs = [history, stats, details, system_prompt, *controls, chat_id]
+        inputs = [history, stats, details, system_prompt, chat_id]
         # concurrency_limit=None: the manager's own queue orders generations and reports places in it.
-        message.submit(send_message, [message, *inputs], [*outputs, message], api_name="chat", concurrency_limit=None)
-        send.click(send_message, [message, *inputs], [*outputs, message], api_name=False, concurrency_limit=None)
-        regenerate.click(regenerate_reply, inputs, outputs, api_name="chat_regenerate", concurrency_limit=None)
+        message.submit(send_message, [message, *inputs], [*outputs, message], inputs_kwargs=controls, api_name="chat",
+                       concurrency_limit=None)
+        send.click(send_message, [message, *inputs], [*outputs, message], inputs_kwargs=controls, api_name=False,
+                   concurrency_limit=None)
+        regenerate.click(regenerate_reply, inputs, outputs, inputs_kwargs=controls, api_name="chat_regenerate",
+                         concurrency_limit=None)
         undo.click(undo_turn, [history, stats, details, chat_id], outputs, api_name="chat_undo")
         clear.click(clear_chat, None, outputs, api_name="chat_clear")
         stop.click(stop_generation, None, status, api_name="chat_stop", queue=False)

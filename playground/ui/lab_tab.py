@@ -21,24 +21,24 @@ from playground.insight import (
     tokens_to_state,
 )
 from playground.manager import get_manager
-from playground.params import SamplingParams
+from playground.params import DISTRIBUTION_FIELDS, EXAMPLE_BASE, EXAMPLE_FIELD, NUMERIC_FIELDS, SAMPLING_FIELDS, SamplingParams
 from playground.presets import load_presets
 from playground.storage import LabCell, Storage, StorageError
 from playground.ui.controls import preset_names
 
 MAX_COLUMNS = 6
-SETTING_FIELDS = [
-    "temperature", "top_p", "top_k", "min_p", "typical_p",
-    "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens", "seed",
-]
-INT_FIELDS = {"top_k", "no_repeat_ngram_size", "max_new_tokens", "seed"}
-SWEEPABLE = [f for f in SETTING_FIELDS]
+SETTING_FIELDS = NUMERIC_FIELDS  # the table's columns, and what can be swept
+
+
+def table_row(params: SamplingParams) -> dict[str, Any]:
+    """One setting as a table row (and as saved with a run): every column, without the stop strings."""
+    return params.model_dump(include=set(SETTING_FIELDS))
 
 
 def default_settings(count: int = 2) -> pd.DataFrame:
-    base = SamplingParams(seed=1234, max_new_tokens=64)
-    temperatures = [0.0, 0.7, 1.0, 1.3, 0.4, 1.6]
-    rows = [{**{f: getattr(base, f) for f in SETTING_FIELDS}, "temperature": temperatures[i]} for i in range(count)]
+    """The example: the same seed, the example field at its first `count` example values."""
+    base = SamplingParams(**EXAMPLE_BASE)
+    rows = [table_row(base.replace(**{EXAMPLE_FIELD.name: value})) for value in EXAMPLE_FIELD.limits.example[:count]]
     return pd.DataFrame(rows, columns=SETTING_FIELDS)
 
 
@@ -55,22 +55,9 @@ def settings_from_table(table: Any) -> list[SamplingParams]:
         raise ParameterError(f"unknown columns in the settings table: {', '.join(map(str, unknown))}")
     result = []
     for number, (_, row) in enumerate(frame.iterrows(), start=1):
-        values: dict[str, Any] = {}
-        for name in SETTING_FIELDS:
-            if name not in row or pd.isna(row[name]) or row[name] == "":
-                continue
-            value = row[name]
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise ParameterError(f"setting {number}: {name} must be a number, got {value!r}", field=name) from None
-            if name in INT_FIELDS:
-                if not value.is_integer():
-                    raise ParameterError(f"setting {number}: {name} must be a whole number, got {value}", field=name)
-                value = int(value)
-            values[name] = value
         try:
-            result.append(SamplingParams.parse(values))
+            cells = row.astype(object).where(row.notna(), None)  # an empty cell (NaN in pandas) is a blank
+            result.append(SamplingParams.from_form(cells.to_dict()))
         except ParameterError as exc:
             raise ParameterError(f"setting {number}: {exc}", field=exc.field) from None
     return result
@@ -78,20 +65,13 @@ def settings_from_table(table: Any) -> list[SamplingParams]:
 
 def sweep_table(base_table: Any, parameter: str, values_text: str) -> pd.DataFrame:
     """The first row of the table repeated, with `parameter` set to each listed value."""
-    if parameter not in SWEEPABLE:
-        raise ParameterError(f"{parameter!r} cannot be swept; choose one of {', '.join(SWEEPABLE)}")
+    if parameter not in SETTING_FIELDS:
+        raise ParameterError(f"{parameter!r} cannot be swept; choose one of {', '.join(SETTING_FIELDS)}")
     base = settings_from_table(base_table)[0]
     parts = [p.strip() for p in str(values_text).replace(";", ",").split(",") if p.strip()]
     if not 2 <= len(parts) <= MAX_COLUMNS:
         raise ParameterError(f"give 2 to {MAX_COLUMNS} values separated by commas, got {len(parts)}")
-    rows = []
-    for part in parts:
-        try:
-            value = float(part)
-        except ValueError:
-            raise ParameterError(f"sweep value {part!r} is not a number", field=parameter) from None
-        value = int(value) if parameter in INT_FIELDS and value.is_integer() else value
-        rows.append(base.replace(**{parameter: value}).model_dump(include=set(SETTING_FIELDS)))
+    rows = [table_row(base.replace(**{parameter: part})) for part in parts]
     return pd.DataFrame(rows, columns=SETTING_FIELDS)
 
 
@@ -107,8 +87,8 @@ def preset_in_row(table: Any, preset_name: str, row: Any) -> pd.DataFrame:
     number = int(row)
     if not 1 <= number <= min(len(current) + 1, MAX_COLUMNS):
         raise ParameterError(f"choose a row between 1 and {min(len(current) + 1, MAX_COLUMNS)}", field="row")
-    rows = [p.model_dump(include=set(SETTING_FIELDS)) for p in current]
-    values = presets[preset_name].params.model_dump(include=set(SETTING_FIELDS))
+    rows = [table_row(p) for p in current]
+    values = table_row(presets[preset_name].params)
     if number > len(rows):
         rows.append(values)
     else:
@@ -119,7 +99,7 @@ def preset_in_row(table: Any, preset_name: str, row: Any) -> pd.DataFrame:
 def results_frame(prompt: str, settings: list[SamplingParams], outputs: list[str], stats: list[Any]) -> pd.DataFrame:
     rows = []
     for number, (params, text, result) in enumerate(zip(settings, outputs, stats), start=1):
-        row = {"setting": number, **params.model_dump(include=set(SETTING_FIELDS))}
+        row = {"setting": number, **table_row(params)}
         if result is not None:
             row.update(
                 seed=result.seed,
@@ -153,12 +133,12 @@ def save_run(storage: Storage | None, prompt: str, settings: list[SamplingParams
     if storage is None:
         return None
     loaded = get_manager().loaded
-    cells = [LabCell(index, params.model_dump(include=set(SETTING_FIELDS)), outputs[index],
+    cells = [LabCell(index, table_row(params), outputs[index],
                      {**stats[index].as_dict(), "summary": stats[index].summary()})
              for index, params in enumerate(settings) if stats[index] is not None]
     try:
         return storage.save_lab_run(prompt, cells, model=loaded.name if loaded else None,
-                                    settings=[params.model_dump(include=set(SETTING_FIELDS)) for params in settings])
+                                    settings=[table_row(params) for params in settings])
     except StorageError as exc:
         gr.Warning(f"This run was not saved: {exc}")
         return None
@@ -256,8 +236,9 @@ def build_lab_tab(storage: Storage | None = None):
             preset_row = gr.Number(value=1, precision=0, minimum=1, maximum=MAX_COLUMNS, label="Row")
             preset_button = gr.Button("Put preset in row")
         with gr.Row():
-            sweep_parameter = gr.Dropdown(SWEEPABLE, value="temperature", label="Sweep parameter")
-            sweep_values = gr.Textbox(value="0.2, 0.7, 1.2", label="Values (comma separated)")
+            sweep_parameter = gr.Dropdown(SETTING_FIELDS, value=EXAMPLE_FIELD.name, label="Sweep parameter")
+            sweep_values = gr.Textbox(value=", ".join(map(str, EXAMPLE_FIELD.limits.example)),
+                                      label="Values (comma separated)")
             sweep_button = gr.Button("Fill table with sweep")
         with gr.Row():
             run = gr.Button("Run", variant="primary", elem_id="lab-run")
@@ -310,13 +291,7 @@ def build_lab_tab(storage: Storage | None = None):
 EXPLORER_COLOURS = {"kept": "#3b82f6", "cut": "#d1d5db"}
 
 
-def explorer_params(temperature, top_k, top_p, min_p, repetition_penalty) -> SamplingParams:
-    top_k = int(top_k) if isinstance(top_k, float) and top_k.is_integer() else top_k
-    return SamplingParams.parse(dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                     repetition_penalty=repetition_penalty))
-
-
-def draw_distribution(forward: dict | None, temperature, top_k, top_p, min_p, repetition_penalty, top_n):
+def draw_distribution(forward: dict | None, top_n, **settings):
     """(bar chart frame, table, token choices, summary) for the stored forward pass under these settings.
 
     No model run: the distribution is redrawn from the stored logits, on a short-lived thread (manager.compute).
@@ -324,7 +299,7 @@ def draw_distribution(forward: dict | None, temperature, top_k, top_p, min_p, re
     if not forward:
         return None, None, gr.update(choices=[], value=None), "Enter text and press **Next tokens** first."
     try:
-        params = explorer_params(temperature, top_k, top_p, min_p, repetition_penalty)
+        params = SamplingParams.from_form(settings)
         tokenizer = get_manager().require_model().tokenizer
     except PlaygroundError as exc:
         return None, None, gr.update(choices=[], value=None), f"⚠️ {exc}"
@@ -337,7 +312,7 @@ def draw_distribution(forward: dict | None, temperature, top_k, top_p, min_p, re
     return chart, table, gr.update(choices=choices, value=None), explorer_summary(frame, params)
 
 
-def next_tokens(text, temperature, top_k, top_p, min_p, repetition_penalty, top_n, request: gr.Request = None):
+def next_tokens(text, request: gr.Request = None, top_n=20, **settings):
     """One forward pass for `text` (queued like any generation), then the distribution under the settings."""
     if not text or not str(text).strip():
         return None, None, gr.update(choices=[], value=None), "⚠️ The text is empty.", None
@@ -346,7 +321,7 @@ def next_tokens(text, temperature, top_k, top_p, min_p, repetition_penalty, top_
     except PlaygroundError as exc:
         return None, None, gr.update(choices=[], value=None), f"⚠️ {exc}", None
     forward = {"text": str(text), "prompt_ids": prompt_ids, "logits": logits}
-    return (*draw_distribution(forward, temperature, top_k, top_p, min_p, repetition_penalty, top_n), forward)
+    return (*draw_distribution(forward, top_n, **settings), forward)
 
 
 def append_token(forward: dict | None, token_id) -> str | gr.update:
@@ -370,11 +345,12 @@ def build_next_token_explorer(lab_prompt: gr.Textbox) -> None:
             use_prompt = gr.Button("Use the lab prompt (chat format)", size="sm")
             go = gr.Button("Next tokens", variant="primary", elem_id="explorer-go")
         with gr.Row():
-            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature", info="0 means greedy")
-            top_k = gr.Slider(0, 200, value=50, step=1, label="top_k", info="0 turns it off")
-            top_p = gr.Slider(0.01, 1, value=0.9, step=0.01, label="top_p")
-            min_p = gr.Slider(0, 1, value=0.0, step=0.01, label="min_p")
-            repetition_penalty = gr.Slider(0.5, 2, value=1.0, step=0.01, label="repetition_penalty")
+            # Sliders here: moving one redraws at once. Their ranges are the useful part of each field's range.
+            settings = {
+                name: gr.Slider(*SAMPLING_FIELDS[name].limits.slider, value=SAMPLING_FIELDS[name].default,
+                                step=SAMPLING_FIELDS[name].limits.step, label=name)
+                for name in DISTRIBUTION_FIELDS
+            }
             top_n = gr.Slider(5, MAX_EXPLORER_TOP, value=20, step=1, label="tokens shown")
         summary = gr.Markdown("", elem_id="explorer-summary")
         chart = gr.BarPlot(x="label", y="bar", color="status", color_map=EXPLORER_COLOURS, x_title="next token",
@@ -386,8 +362,8 @@ def build_next_token_explorer(lab_prompt: gr.Textbox) -> None:
         table = gr.Dataframe(label="Top tokens (click a row to append it)", interactive=False, elem_id="explorer-table")
         forward = gr.State(None)  # the last forward pass: text, prompt ids, logits [vocab]
 
-        settings = [temperature, top_k, top_p, min_p, repetition_penalty, top_n]
         drawn = [chart, table, choice, summary]
+        shown = {**settings, "top_n": top_n}  # passed by name: API clients see each setting's name
 
         def prompt_in_chat_format(prompt):
             try:
@@ -404,15 +380,15 @@ def build_next_token_explorer(lab_prompt: gr.Textbox) -> None:
             return append_token(state, int(frame.iloc[row]["id"]))
 
         use_prompt.click(prompt_in_chat_format, lab_prompt, text, api_name="explore_chat_prompt")
-        go.click(next_tokens, [text, *settings], [*drawn, forward], api_name="explore")
-        text.submit(next_tokens, [text, *settings], [*drawn, forward], api_name=False)
-        for control in settings:
-            control.change(draw_distribution, [forward, *settings], drawn, api_name=False, show_progress="hidden",
-                           trigger_mode="always_last")
+        go.click(next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name="explore")
+        text.submit(next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name=False)
+        for control in [*settings.values(), top_n]:
+            control.change(draw_distribution, [forward], drawn, inputs_kwargs=shown, api_name=False,
+                           show_progress="hidden", trigger_mode="always_last")
         # A visible endpoint for the same redraw (the e2e test and API users change settings through it).
         redraw = gr.Button(visible=False)
-        redraw.click(draw_distribution, [forward, *settings], drawn, api_name="explore_redraw")
+        redraw.click(draw_distribution, [forward], drawn, inputs_kwargs=shown, api_name="explore_redraw")
         append.click(append_token, [forward, choice], text, api_name="explore_append").then(
-            next_tokens, [text, *settings], [*drawn, forward], api_name=False)
+            next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name=False)
         table.select(append_row, [forward, table], text, api_name=False).then(
-            next_tokens, [text, *settings], [*drawn, forward], api_name=False)
+            next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name=False)

@@ -300,10 +300,6 @@ class QuantLinear(nn.Module):
     def _group_index(self) -> torch.Tensor | None:
         return None if self.sequential_groups else self.g_idx.long()
 
-    def int_weights(self) -> torch.Tensor:
-        """The quantized integers [in, out] (int32)."""
-        return _unpack_rows(self.qweight, self.bits)
-
     def zero_points(self) -> torch.Tensor:
         """True zero-points [in/group, out] (int32)."""
         return _unpack_columns(self.qzeros, self.bits) + 1

@@ -74,6 +74,12 @@ class YuanFolder:
     gptq: GPTQSettings | None
     weights: WeightIndex
     tie_lm_head: bool  # lm_head shares the embedding (config default; also when the stored copy is identical)
+    skeleton: nn.Module | None = None  # the meta model the check compared the tensors with; the first load uses it
+
+    def take_skeleton(self) -> nn.Module | None:
+        """The checked skeleton, once: a later load of the same folder builds its own."""
+        skeleton, self.skeleton = self.skeleton, None
+        return skeleton
 
     @property
     def quantized(self) -> bool:
@@ -180,11 +186,11 @@ def check_yuan_folder(path: str | Path) -> YuanFolder:
             tie = tensors_equal(entries["lm_head.weight"], entries["model.embed_tokens.weight"])
             if not tie:
                 logger.info("%s: lm_head.weight differs from the embedding; loading it untied", folder)
-        skeleton = build_model_skeleton(config, gptq)
+        skeleton = build_model_skeleton(copy.deepcopy(config), gptq)  # its own config: the load settles it
         _check_tensors(weights, _expected_tensors(skeleton, tie), gptq)
     finally:
         weights.close()
-    return YuanFolder(folder, config, gptq, weights, tie)
+    return YuanFolder(folder, config, gptq, weights, tie, skeleton)
 
 
 def _check_tensors(weights: WeightIndex, expected: dict, gptq: GPTQSettings | None) -> None:
@@ -337,11 +343,11 @@ def load_yuan(
     try:
         device = torch.device(device)
         precision = resolve_precision(dtype, device, folder.quantized, folder.config.dtype)
-        config = copy.deepcopy(folder.config)  # the checked folder may be loaded again
+        report(0.03, "Building the model")
+        model = folder.take_skeleton() or build_model_skeleton(copy.deepcopy(folder.config), folder.gptq)
+        config = model.config
         config.tie_word_embeddings = folder.tie_lm_head
         config.dtype = precision.activations
-        report(0.03, "Building the model")
-        model = build_model_skeleton(config, folder.gptq)
         kernels = _materialise(model, folder, device, precision, progress)
     finally:
         folder.weights.close()
