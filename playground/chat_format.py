@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Protocol
 
+from playground.errors import ParameterError, not_unicode
+
 Message = dict[str, Any]  # {"role": "system"|"user"|"assistant", "content": str}
 
 
@@ -35,6 +37,23 @@ def normalise_messages(messages: Iterable[Message]) -> list[dict[str, str]]:
             raise ValueError(f"unknown message role {role!r}; use system, user or assistant")
         out.append({"role": role, "content": message_text(message.get("content"))})
     return out
+
+
+def checked_input(messages: Iterable[Message] | None, prompt: str | None, max_chars: int) -> list[dict[str, str]] | None:
+    """Messages normalised (None for a raw prompt); text too long or not Unicode is refused here, before a backend
+    tokenizes it (tokenizing megabytes costs seconds and memory the allocator keeps)."""
+    messages = normalise_messages(messages) if messages is not None else None
+    field = "messages" if messages is not None else "prompt"
+    texts = [(f"message {i + 1}", m["content"]) for i, m in enumerate(messages)] if messages else [("the prompt", prompt or "")]
+    size = sum(len(text) for _, text in texts)
+    if size > max_chars:
+        raise ParameterError(f"the prompt is {size} characters; the limit is {max_chars} (the server's "
+                             "--max-prompt-chars)", field=field)
+    for what, text in texts:
+        problem = not_unicode(text, what)
+        if problem:
+            raise ParameterError(problem, field=field)
+    return messages
 
 
 class ChatFormat(Protocol):

@@ -16,6 +16,12 @@ from playground.storage import default_data_dir
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+# Request limits: a body this size is parsed in well under a second; a prompt this long is more than any of the
+# served models' contexts (so nothing that could run is refused), and is refused before it is tokenized.
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_PROMPT_CHARS = 100_000
+
+
 @dataclass
 class Settings:
     model: str | None = None  # None: the embedded SmolLM2
@@ -36,6 +42,8 @@ class Settings:
     remote_concurrency: int = DEFAULT_CONCURRENCY  # this playground's requests the remote gets at once (it batches them)
     remote_chat_format: str = "auto"  # server: its chat template; yuan: the prompt is built here (auto: by model)
     remote_extensions: set[str] | None = None  # sampling fields beyond OpenAI's the remote takes (None: by owned_by)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger request body is refused with 413 (UI included)
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS  # a longer prompt (all messages) is refused before tokenizing
 
 
 def _positive(kind):
@@ -130,12 +138,21 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--share", action="store_true", default=_env_flag("PLAYGROUND_SHARE"),
                         help="also open a public Gradio share link (off by default) [PLAYGROUND_SHARE]")
     parser.add_argument("--api-key", default=env.get("PLAYGROUND_API_KEY") or None,
-                        help="require 'Authorization: Bearer KEY' on the APIs (POST / and /v1/*); "
-                             "off by default [PLAYGROUND_API_KEY]")
+                        help="require 'Authorization: Bearer KEY' on POST /, /v1/* and /healthz, and hide the schema "
+                             "pages; without --auth the browser UI and its Gradio API also ask for a login whose "
+                             "password is KEY (any user name); off by default [PLAYGROUND_API_KEY]")
     parser.add_argument("--auth", default=env.get("PLAYGROUND_AUTH") or None, metavar="USER:PASSWORD",
                         help="ask for this login before showing the browser UI; off by default [PLAYGROUND_AUTH]")
     parser.add_argument("--auth-file", default=env.get("PLAYGROUND_AUTH_FILE") or None, metavar="FILE",
                         help="like --auth, with one 'user:password' per line of FILE [PLAYGROUND_AUTH_FILE]")
+    parser.add_argument("--max-request-bytes", type=_positive(int), metavar="N",
+                        default=env.get("PLAYGROUND_MAX_REQUEST_BYTES", str(DEFAULT_MAX_REQUEST_BYTES)),
+                        help="refuse request bodies over N bytes with 413, on every route (uploads included) "
+                             "[PLAYGROUND_MAX_REQUEST_BYTES]")
+    parser.add_argument("--max-prompt-chars", type=_positive(int), metavar="N",
+                        default=env.get("PLAYGROUND_MAX_PROMPT_CHARS", str(DEFAULT_MAX_PROMPT_CHARS)),
+                        help="refuse a prompt (a chat's messages together) over N characters before tokenizing it "
+                             "[PLAYGROUND_MAX_PROMPT_CHARS]")
     parser.add_argument("--models-root", default=env.get("PLAYGROUND_MODELS_ROOT") or None, metavar="DIR",
                         help="the UI's model panel may load the folders under DIR (and nothing outside it); "
                              "without it the panel offers only the embedded model [PLAYGROUND_MODELS_ROOT]")

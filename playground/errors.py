@@ -23,3 +23,17 @@ class ParameterError(PlaygroundError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+def not_unicode(text: str, what: str) -> str | None:
+    """Why `text` cannot be stored or tokenized, naming `what`; None when it can.
+
+    JSON's "\\ud800" escapes decode to a lone UTF-16 surrogate: a Python str that no UTF-8 encoder takes, so the
+    tokenizer, SQLite and httpx would all fail on it further in.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"{what} contains {exc.object[exc.start]!r}, half of a UTF-16 surrogate pair, which is not a "
+                "character; send valid Unicode text")
+    return None

@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from playground.chat_format import normalise_messages
+from playground.chat_format import checked_input, normalise_messages
+from playground.config import DEFAULT_MAX_PROMPT_CHARS
 from playground.errors import (
     LoadInProgressError,
     ModelFolderError,
@@ -63,6 +64,7 @@ class ModelManager:
         self._handles_lock = threading.Lock()
         self._memory: MemorySampler | None = None
         self.gpu_calls = GpuCalls()  # model calls go through it (ZeroGPU); it keeps the last call's CUDA figures
+        self.max_prompt_chars = DEFAULT_MAX_PROMPT_CHARS  # the server sets --max-prompt-chars
 
     # --------------------------------------------------------------------------------------- loading
 
@@ -266,7 +268,7 @@ class ModelManager:
         if logprobs is not None and not 0 <= int(logprobs) <= 20:
             raise ParameterError("logprobs must be between 0 and 20", field="logprobs")
         backend = self._require_backend()
-        messages = normalise_messages(messages) if messages is not None else None
+        messages = checked_input(messages, prompt, self.max_prompt_chars)
         prepared = backend.prepare(messages, prompt, params)  # bad input fails here, before it is queued
         handle = handle or GenerationHandle(owner)
         with self._handles_lock:
@@ -365,7 +367,7 @@ class ModelManager:
             raise ParameterError("give either messages or a prompt")
         backend = self._require_backend()
         loaded = backend.local("the next-token explorer")
-        messages = normalise_messages(messages) if messages is not None else None
+        messages = checked_input(messages, prompt, self.max_prompt_chars)
         input_ids = backend.prepare(messages, prompt, SamplingParams.one_forward_pass())  # as a reply's prompt
         handle = GenerationHandle(owner)
         gate = self._gate(loaded.device)

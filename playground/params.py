@@ -17,7 +17,7 @@ from typing import Annotated, Any, Iterable, Literal, Mapping
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from playground.errors import ParameterError
+from playground.errors import ParameterError, not_unicode
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 200
@@ -134,6 +134,9 @@ class SamplingParams(BaseModel):
                 raise ValueError("stop strings must not be empty")
             if len(text) > MAX_STOP_LENGTH:
                 raise ValueError(f"each stop string must be at most {MAX_STOP_LENGTH} characters")
+            problem = not_unicode(text, "a stop string")
+            if problem:
+                raise ValueError(problem)
         return value
 
     @classmethod

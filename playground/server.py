@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
 import threading
+from typing import Any
 
 import gradio as gr
 from fastapi import APIRouter, Depends, FastAPI
@@ -11,6 +13,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from playground import __version__
 from playground.api import include_api
 from playground.api.auth import api_key_check
+from playground.api.guards import LoginPageGuard, MethodGuard, RequestSizeLimit
 from playground.api.http_errors import ApiRoute
 from playground.config import Settings
 from playground.errors import PlaygroundError
@@ -67,8 +70,33 @@ def open_storage(settings: Settings) -> Storage | None:
         return None
 
 
+# The schema pages; with an API key they are off (a browser cannot send the key), Gradio's copy included.
+SCHEMA_PAGES = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+
+
+def api_methods(routers: list[APIRouter]) -> dict[str, set[str]]:
+    """Each API path and the methods it takes ("/" is shared with the UI's page, so it is left out)."""
+    table: dict[str, set[str]] = {}
+    for router in routers:
+        for route in router.routes:
+            if route.path != "/":
+                table.setdefault(route.path, set()).update(route.methods)
+    return table
+
+
+def ui_login(settings: Settings) -> tuple[Any, str] | tuple[None, None]:
+    """Gradio's login for the browser UI and its API: the --auth users; with only --api-key, the key as the
+    password (any user name), so nothing that reaches the model or the saved chats answers without a credential."""
+    if settings.auth:
+        return settings.auth, "Yuan2.0-M32 Playground: log in with a user from --auth or --auth-file."
+    if settings.api_key:
+        key = settings.api_key.encode()
+        return ((lambda _user, password: secrets.compare_digest(password.encode(), key)),
+                "Yuan2.0-M32 Playground: log in with any user name and the server's API key as the password.")
+    return None, None
+
+
 def create_app(settings: Settings) -> FastAPI:
-    # With an API key every route of this app needs it, so the schema pages go too (a browser cannot send it).
     docs = {} if settings.api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = FastAPI(title=TITLE, version=__version__, **docs)
     health = APIRouter(route_class=ApiRoute, dependencies=[Depends(api_key_check(settings.api_key))])
@@ -79,11 +107,18 @@ def create_app(settings: Settings) -> FastAPI:
         return get_manager().status()
 
     app.include_router(health)
-    include_api(app, api_key=settings.api_key)  # before the mount, so POST / is the API's, GET / the UI's
-    get_manager().memory()  # start sampling now so the panel has history when first opened
+    routers = [health, *include_api(app, api_key=settings.api_key)]  # before the mount: POST / is the API's
+    # Outermost first: a body too large is refused before anything else reads it.
+    app.add_middleware(LoginPageGuard)
+    app.add_middleware(MethodGuard, routes=api_methods(routers), hidden=SCHEMA_PAGES if settings.api_key else set())
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    manager = get_manager()
+    manager.max_prompt_chars = settings.max_prompt_chars
+    manager.memory()  # start sampling now so the panel has history when first opened
     demo = build_app(settings, open_storage(settings))  # the History tab lists what is already saved
-    # The browser UI cannot send a bearer key; --auth / --auth-file put Gradio's login page in front of it.
-    app = gr.mount_gradio_app(app, demo, path="/", auth=settings.auth,
-                              auth_message="Yuan2.0-M32 Playground: log in with a user from --auth or --auth-file.")
+    # The browser UI cannot send a bearer key: a login page stands in front of it (see ui_login).
+    auth, auth_message = ui_login(settings)
+    app = gr.mount_gradio_app(app, demo, path="/", auth=auth, auth_message=auth_message,
+                              max_file_size=settings.max_request_bytes)
     calm_gradio_queue(demo)  # after mounting, which sets up the queue it starts
     return app

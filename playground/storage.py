@@ -11,7 +11,8 @@ Chat export format (JSON, UTF-8)::
                 "messages": [{"role": "user" | "assistant", "content": "…", "stats": {…} | null,
                               "created": "<ISO 8601>"}]}]}
 
-On import only "format", "version", "chats" and each message's "role" and "content" are required.
+On import only "format", "version", "chats" and each message's "role" and "content" are required. Files must be
+strict JSON (no NaN/Infinity; exports write null); text UTF-8 cannot hold (a lone surrogate, "\\ud800") is refused.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -30,12 +33,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from playground.errors import PlaygroundError
+from playground.errors import PlaygroundError, not_unicode
 
 EXPORT_FORMAT = "yuan-playground-chat"
 EXPORT_VERSION = 1
 MAX_IMPORT_BYTES = 10 * 1024 * 1024
 DATABASE_NAME = "playground.sqlite3"
+DATABASE_COMPANIONS = ("-wal", "-shm", "-journal")  # SQLite's side files next to the database
+PRIVATE_FOLDER_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 SCHEMA_VERSION = 1
 TITLE_CHARS = 60
 ROLES = ("user", "assistant")
@@ -145,8 +151,48 @@ def iso_time(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
-def _json_or_none(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False)
+def check_text(value: str | None, what: str, error: type[StorageError] = StorageError) -> None:
+    """Refuse text UTF-8 (so SQLite) cannot hold: a lone UTF-16 surrogate, e.g. decoded from a JSON "\\ud800"."""
+    problem = None if value is None else not_unicode(value, what)
+    if problem:
+        raise error(problem)
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN/Infinity float replaced by None, in nested dicts and lists too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
+def _dumps(value: Any, what: str, error: type[StorageError] = StorageError) -> str | None:
+    """Strict JSON for a column (None stays NULL): NaN/Infinity become null (jq, browsers refuse them), text UTF-8."""
+    if value is None:
+        return None
+    try:
+        text = json.dumps(finite(value), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:  # a value JSON has no form for (an object, a NaN dict key)
+        raise error(f"{what} cannot be saved as JSON: {exc}") from None
+    check_text(text, what, error)
+    return text
+
+
+def export_json(document: dict[str, Any]) -> str:
+    """An export (see Storage.export_chats) as the text of its .json file: strict JSON, non-finite numbers null."""
+    return json.dumps(finite(document), ensure_ascii=False, indent=2, allow_nan=False)
+
+
+def _make_private(path: Path, mode: int) -> None:
+    """Give `path` exactly `mode`, whatever the umask; where chmod is refused (not our file) it stays as it is."""
+    try:
+        if os.name != "nt" and stat.S_IMODE(path.stat().st_mode) != mode:  # Windows: ACLs decide, not modes
+            os.chmod(path, mode)
+    except OSError:
+        pass  # missing (a side file SQLite removed) or not ours to change: the store works all the same
 
 
 def _loads(text: str | None) -> Any:
@@ -160,7 +206,7 @@ class Storage:
         self.data_dir = Path(data_dir).expanduser()
         self.path = self.data_dir / DATABASE_NAME
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._open_private_files()
             # isolation_level=None: no implicit transactions; each write below opens and commits its own.
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -172,6 +218,19 @@ class Storage:
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the data folder {self.data_dir}: {exc}") from exc
         self._lock = threading.RLock()
+
+    def _open_private_files(self) -> None:
+        """Create the folder and database private, or tighten them where looser: chats are nobody else's to read."""
+        made = not self.data_dir.is_dir()
+        self.data_dir.mkdir(parents=True, exist_ok=True)  # only the data folder itself is made private, not parents
+        ours = {self.data_dir / (DATABASE_NAME + suffix) for suffix in ("", *DATABASE_COMPANIONS)}
+        # a folder the store did not make and shares with other things (a home folder, /tmp) keeps its mode
+        if made or set(self.data_dir.iterdir()) <= ours:
+            _make_private(self.data_dir, PRIVATE_FOLDER_MODE)
+        # created here with 0600 rather than by SQLite (0644 less the umask): never readable by others, not even briefly
+        os.close(os.open(self.path, os.O_RDONLY | os.O_CREAT, PRIVATE_FILE_MODE))
+        for path in ours:  # SQLite gives the side files it makes the database's mode; older ones may be looser
+            _make_private(path, PRIVATE_FILE_MODE)
 
     def close(self) -> None:
         with self._lock:
@@ -186,6 +245,8 @@ class Storage:
                 return cursor.fetchall()
             except sqlite3.Error as exc:
                 raise StorageError(f"reading the history failed: {exc}") from exc
+            except UnicodeEncodeError as exc:  # e.g. an id pasted with a lone surrogate
+                raise StorageError(not_unicode(exc.object, "the id")) from None
 
     def _write(self, steps) -> None:
         """Run `steps(db)` in one transaction: all of it is committed, or none of it."""
@@ -200,10 +261,14 @@ class Storage:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StorageError(f"saving to {self.path} failed: {exc}") from exc
+            except UnicodeEncodeError as exc:  # text the callers did not check_text; rolled back above
+                raise StorageError(not_unicode(exc.object, "the text to save")) from None
 
     # ----------------------------------------------------------------------------------------- chats
 
     def create_chat(self, model: str | None = None, system_prompt: str = "", title: str = "") -> str:
+        for value, what in ((model, "the model name"), (system_prompt, "the system prompt"), (title, "the title")):
+            check_text(value, what)
         chat_id, now = new_id(), time.time()
         self._write(lambda db: db.execute(
             "INSERT INTO chats (id, title, created, updated, model, system_prompt) VALUES (?, ?, ?, ?, ?, ?)",
@@ -219,6 +284,9 @@ class Storage:
         """
         if role not in ROLES:
             raise StorageError(f"a message's role must be 'user' or 'assistant', got {role!r}")
+        for value, what in ((content, "the message"), (model, "the model name"), (system_prompt, "the system prompt")):
+            check_text(value, what)
+        stats_json = _dumps(stats, "the message's stats")
         now = time.time()
 
         def steps(db: sqlite3.Connection) -> None:
@@ -227,7 +295,7 @@ class Storage:
             db.execute("DELETE FROM messages WHERE chat_id = ? AND position >= ?", (chat_id, position))
             db.execute(
                 "INSERT INTO messages (chat_id, position, role, content, stats, created) VALUES (?, ?, ?, ?, ?, ?)",
-                (chat_id, position, role, content, _json_or_none(stats), now))
+                (chat_id, position, role, content, stats_json, now))
             db.execute("UPDATE chats SET updated = ?, model = COALESCE(?, model), "
                        "system_prompt = COALESCE(?, system_prompt) WHERE id = ?",
                        (now, model, system_prompt, chat_id))
@@ -276,13 +344,21 @@ class Storage:
         """Store a finished run and its cells in one transaction; returns the run's id."""
         run_id, now = new_id(), time.time()
         settings = settings if settings is not None else [cell.params for cell in cells]
+        check_text(prompt, "the lab prompt")
+        check_text(model, "the model name")
+        settings_json = _dumps(settings, "the lab settings")
+        rows = []
+        for c in cells:  # every cell is checked before anything is written
+            where = f"setting {c.setting_index + 1}"
+            check_text(c.output, f"the output of {where}")
+            rows.append((run_id, c.setting_index, _dumps(c.params, f"the parameters of {where}"), c.output,
+                         _dumps(c.stats, f"the stats of {where}")))
 
         def steps(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO lab_runs (id, created, model, prompt, settings) VALUES (?, ?, ?, ?, ?)",
-                       (run_id, now, model, prompt, json.dumps(settings)))
+                       (run_id, now, model, prompt, settings_json))
             db.executemany(
-                "INSERT INTO lab_cells (run_id, setting_index, params, output, stats) VALUES (?, ?, ?, ?, ?)",
-                [(run_id, c.setting_index, json.dumps(c.params), c.output, _json_or_none(c.stats)) for c in cells])
+                "INSERT INTO lab_cells (run_id, setting_index, params, output, stats) VALUES (?, ?, ?, ?, ?)", rows)
 
         self._write(steps)
         return run_id
@@ -321,8 +397,8 @@ class Storage:
             chats.append({
                 "id": chat.id, "title": chat.title, "created": iso_time(chat.created),
                 "updated": iso_time(chat.updated), "model": chat.model, "system_prompt": chat.system_prompt,
-                "messages": [{"role": m.role, "content": m.content, "stats": m.stats, "created": iso_time(m.created)}
-                             for m in chat.messages],
+                "messages": [{"role": m.role, "content": m.content, "stats": finite(m.stats),
+                              "created": iso_time(m.created)} for m in chat.messages],
             })
         return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported": iso_time(time.time()),
                 "chats": chats}
@@ -332,6 +408,7 @@ class Storage:
 
         A chat keeps its id unless this store already has one by that id (importing a file twice gives copies).
         """
+        stats = [_checked_stats(chat, f"chat {number}") for number, chat in enumerate(chats, start=1)]
         taken = {row[0] for row in self._read("SELECT id FROM chats")}
         ids = []
         for chat in chats:
@@ -340,14 +417,14 @@ class Storage:
             ids.append(chat_id)
 
         def steps(db: sqlite3.Connection) -> None:
-            for chat_id, chat in zip(ids, chats):
+            for chat_id, chat, chat_stats in zip(ids, chats, stats):
                 db.execute(
                     "INSERT INTO chats (id, title, created, updated, model, system_prompt) VALUES (?, ?, ?, ?, ?, ?)",
                     (chat_id, chat.title, chat.created, chat.updated, chat.model, chat.system_prompt))
                 db.executemany(
                     "INSERT INTO messages (chat_id, position, role, content, stats, created) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(chat_id, position, m.role, m.content, _json_or_none(m.stats), m.created)
-                     for position, m in enumerate(chat.messages)])
+                    [(chat_id, position, m.role, m.content, m_stats, m.created)
+                     for position, (m, m_stats) in enumerate(zip(chat.messages, chat_stats))])
 
         self._write(steps)
         return ids
@@ -369,6 +446,15 @@ class Storage:
         writer.writeheader()
         writer.writerows(rows)
         return buffer.getvalue()
+
+
+def _checked_stats(chat: Chat, where: str) -> list[str | None]:
+    """Check a chat's text can be stored, before any chat is written; returns its messages' stats as column JSON."""
+    for value, name in ((chat.title, "title"), (chat.model, "model"), (chat.system_prompt, "system_prompt")):
+        check_text(value, f"{where}: {name!r}")
+    for index, message in enumerate(chat.messages, start=1):
+        check_text(message.content, f"{where}, message {index}: 'content'")
+    return [_dumps(m.stats, f"{where}, message {index}: 'stats'") for index, m in enumerate(chat.messages, start=1)]
 
 
 def run_rows(run: LabRun) -> list[dict[str, Any]]:
@@ -417,7 +503,13 @@ def _text(value: Any, where: str, name: str, default: str | None = None) -> str:
         return default
     if not isinstance(value, str):
         raise ImportFileError(f"{where}: {name!r} must be text, got {type(value).__name__}")
+    check_text(value, f"{where}: {name!r}", ImportFileError)
     return value
+
+
+def _not_strict_json(constant: str) -> None:
+    # Python's json reads NaN/Infinity/-Infinity, but they are not JSON: jq, browsers and other tools refuse them
+    raise ImportFileError(f"the file is not strict JSON: {constant} is not a JSON value")
 
 
 def parse_chat_export(data: bytes) -> list[Chat]:
@@ -431,7 +523,7 @@ def parse_chat_export(data: bytes) -> list[Chat]:
         raise ImportFileError(f"the file is not UTF-8 text (byte {exc.start} cannot be read); "
                               "choose a chat export (.json)") from None
     try:
-        document = json.loads(text)
+        document = json.loads(text, parse_constant=_not_strict_json)
     except json.JSONDecodeError as exc:
         raise ImportFileError(
             f"the file is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
@@ -466,11 +558,13 @@ def parse_chat_export(data: bytes) -> list[Chat]:
             stats = raw.get("stats")
             if stats is not None and not isinstance(stats, dict):
                 raise ImportFileError(f"{at}: \"stats\" must be an object or null")
+            _dumps(stats, f"{at}: \"stats\"", ImportFileError)  # its text (keys too) must be storable
             messages.append(Message(raw["role"], _text(raw.get("content"), at, "content"), stats,
                                     _timestamp(raw.get("created"), at, now)))
         model = item.get("model")
         if model is not None and not isinstance(model, str):
             raise ImportFileError(f"{where}: \"model\" must be text or null")
+        check_text(model, f"{where}: 'model'", ImportFileError)
         first_user = next((m.content for m in messages if m.role == "user"), "")
         created = _timestamp(item.get("created"), where, now)
         chat_id = item.get("id")

@@ -61,13 +61,13 @@ def chat(message: str = "Hello", system: str = "", **controls) -> Callable[[Clie
         lambda: client.predict(message, system, *values.values(), api_name="/chat"), lambda out: out[1])
 
 
-def raw_chat(message: str = "Hello", **controls) -> Callable[[Client], str]:
+def raw_chat(message: str = "Hello", system: str = "", **controls) -> Callable[[Client], str]:
     """Through Gradio's REST API, for values gradio_client refuses to send but a browser's JSON can hold
     (NaN, lone UTF-16 surrogates written as \\udxxx escapes)."""
 
     def run(client: Client) -> str:
         base = client.src.rstrip("/")
-        data = [message, "", *{**CHAT_CONTROLS, **controls}.values()]
+        data = [message, system, *{**CHAT_CONTROLS, **controls}.values()]
         body = json.dumps({"data": data}).encode()  # escapes surrogates; writes NaN as the literal NaN
         event_id = httpx.post(f"{base}/gradio_api/call/chat", content=body, timeout=30,
                               headers={"Content-Type": "application/json"}).json()["event_id"]
@@ -149,6 +149,7 @@ UI_CASES = [
     Case("chat-over-context", chat(OVER_CONTEXT), "context is 8192 tokens"),
     Case("chat-system-over-context", chat("Hi", system=OVER_CONTEXT), "context is 8192 tokens"),
     Case("chat-lone-surrogate", raw_chat("hello \ud800"), "surrogate"),
+    Case("chat-system-surrogate", raw_chat("hello", system="be kind \udc00"), "the system prompt contains"),
     # Values a slider cannot take are refused by Gradio itself, naming the bound.
     Case("chat-temperature-high", chat(temperature=9.0), "temperature: must be between 0 and 5 (0 means greedy), got 9.0"),
     Case("chat-temperature-nan", raw_chat(temperature=math.nan), "temperature"),
@@ -164,7 +165,7 @@ UI_CASES = [
     Case("chat-too-many-stops", chat(stop="\n".join(f"s{i}" for i in range(20))), "at most 16 stop strings"),
     Case("chat-stop-too-long", chat(stop="x" * 300), "stop"),
     Case("lab-empty-prompt", lab("   "), "empty"),
-    Case("lab-1mb-prompt", lab(ONE_MB), "context is 8192 tokens"),
+    Case("lab-1mb-prompt", lab(ONE_MB), "the limit is 100000"),
     Case("lab-text-in-number-cell", lab(rows=[{**LAB_ROW, "temperature": "warm"}]), "setting 1: temperature: must be between 0 and 5"),
     Case("lab-negative-cell", lab(rows=[{**LAB_ROW, "top_p": -1}]), "setting 1: top_p"),
     Case("lab-fractional-int", lab(rows=[{**LAB_ROW, "max_new_tokens": 2.5}]), "whole number"),
@@ -181,12 +182,18 @@ UI_CASES = [
     Case("preset-wrong-shape", preset_file(b'{"params": [0.5]}'), '"params" object'),
     Case("preset-save-path-name", save_preset("../../etc/evil"), "a preset name is"),
     Case("preset-save-empty-name", save_preset("  "), "give the preset a name"),
+    Case("import-nan", import_file(b'{"format": "yuan-playground-chat", "version": 1, "chats": [{"messages": '
+                                   b'[{"role": "user", "content": "x", "stats": {"total_s": NaN}}]}]}'),
+         "not strict JSON"),
+    Case("import-surrogate", import_file(b'{"format": "yuan-playground-chat", "version": 1, "chats": [{"messages": '
+                                         b'[{"role": "user", "content": "x \\ud800"}]}]}'), "surrogate"),
     Case("import-not-json", import_file(b'{"format": "yuan-playground-chat", '), "import failed"),
     Case("import-not-utf8", import_file(b'{"format": "yuan-playground-chat", "title": "\xff"}'), "import failed"),
     Case("import-wrong-format", import_file(b'{"format": "something-else", "version": 1, "chats": []}'),
          "import failed"),
     Case("import-unknown-role", import_file(json.dumps({"format": "yuan-playground-chat", "version": 1, "chats": [
         {"messages": [{"role": "robot", "content": "beep"}]}]}).encode()), "import failed"),
+    Case("model-load-long-name", load_model("m" * 5000), "at most 255 characters"),
     Case("model-load-path", load_model("/etc"), "--models-root"),
     Case("model-load-traversal", load_model("../../"), "--models-root"),
 ]
@@ -258,8 +265,22 @@ API_CASES = [
     Case("api-seed-negative", chat_api(seed=-5), "seed"),
     Case("api-stop-empty-string", chat_api(stop=[""]), "stop"),
     Case("api-stop-too-many", chat_api(stop=["x"] * 40), "at most 16"),
-    Case("api-message-1mb", chat_api(messages=[{"role": "user", "content": ONE_MB}]), "context is 8192 tokens"),
-    Case("api-seed-prompt-1mb", seed_api(prompt=ONE_MB), "context is 8192 tokens"),
+    Case("api-message-1mb", chat_api(messages=[{"role": "user", "content": ONE_MB}]), "the limit is 100000"),
+    Case("api-seed-prompt-1mb", seed_api(prompt=ONE_MB), "the limit is 100000"),
+    Case("api-history-over-limit", seed_api(history=["a" * 60_000, "b" * 60_000]), "the limit is 100000"),
+    Case("api-body-too-large", request("POST", "/v1/chat/completions", raw=b" " * (9 * 2**20), status=413),
+         "the limit is 8388608 bytes"),
+    Case("api-body-too-large-seed", request("POST", "/", raw=b" " * (9 * 2**20), status=413), "--max-request-bytes"),
+    Case("api-stop-surrogate", chat_api(stop=["\ud800"]), "surrogate"),
+    Case("api-stop-surrogate-streaming", chat_api(stop=["\ud800"], stream=True), "surrogate"),
+    Case("api-stop-surrogate-seed", seed_api(stop="end \udfff"), "surrogate"),
+    Case("api-system-surrogate", chat_api(messages=[{"role": "system", "content": "\ud800"}, *CHAT]), "surrogate"),
+    Case("api-get-chat-completions", request("GET", "/v1/chat/completions", status=405), "use POST"),
+    Case("api-put-chat-completions", request("PUT", "/v1/chat/completions", {}, status=405), "use POST"),
+    Case("api-delete-models", request("DELETE", "/v1/models", status=405), "use GET, HEAD"),
+    Case("api-post-models", request("POST", "/v1/models", {}, status=405), "use GET, HEAD"),
+    Case("api-post-healthz", request("POST", "/healthz", {}, status=405), "use GET, HEAD"),
+    Case("api-options-models", request("OPTIONS", "/v1/models", status=405), "not allowed"),
     Case("api-completion-over-context", request("POST", "/v1/completions", {"prompt": OVER_CONTEXT, "max_tokens": 4}),
          "context"),
     Case("api-whitespace-messages", chat_api(messages=[{"role": "user", "content": "  \n "}]), "whitespace"),

@@ -149,6 +149,8 @@ def test_panel_lists_only_what_lies_under_the_root(models_root):
     ("escape", "points outside the models root"),
     ("sneaky", "outside the models root"),
     ("nothing-here", "there is no"),
+    ("m" * 5000, "at most 255 characters"),
+    ("model \ud800", "surrogate pair"),
     ("", "choose a model"),
 ])
 def test_panel_refuses_paths_outside_the_root(models_root, choice, reason):

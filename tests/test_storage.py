@@ -5,22 +5,33 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
 import sqlite3
+import stat
 import threading
 
 import pytest
 
+from playground import storage as storage_module
 from playground.storage import (
+    DATABASE_NAME,
     EXPORT_FORMAT,
     MAX_IMPORT_BYTES,
+    Chat,
     ImportFileError,
     LabCell,
+    Message,
     Storage,
     StorageError,
     default_data_dir,
+    export_json,
     parse_chat_export,
     read_chat_file,
 )
+
+LONE_SURROGATE = "hi \ud800"  # half of a UTF-16 pair: a Python str can hold it, UTF-8 (so SQLite) cannot
+NOT_A_CHARACTER = r"contains '\\ud800', half of a UTF-16 surrogate pair, which is not a character"
 
 
 @pytest.fixture()
@@ -232,3 +243,209 @@ def test_chat_tab_saves_turns_and_drops_emptied_chats(store):
     db = sqlite3.connect(store.path)
     assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0  # its messages went with it
     db.close()
+
+
+# ------------------------------------------------------------------------------------------ private files
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def file_modes(folder):
+    return {path.name: mode(path) for path in folder.iterdir()}
+
+
+def test_fresh_store_is_private_whatever_the_umask(tmp_path):
+    old = os.umask(0o022)  # a usual umask: left to mkdir and SQLite, the folder would be 0755 and the files 0644
+    try:
+        storage = Storage(tmp_path / "parent" / "data")
+        storage.create_chat()  # the WAL and its index exist once something is written
+    finally:
+        os.umask(old)
+    assert mode(storage.data_dir) == 0o700
+    names = {DATABASE_NAME, DATABASE_NAME + "-wal", DATABASE_NAME + "-shm"}
+    assert file_modes(storage.data_dir) == dict.fromkeys(names, 0o600)
+    assert mode(tmp_path / "parent") == 0o755  # a parent it had to make is not the store's own
+    storage.close()
+
+
+def test_reopened_store_tightens_loose_modes(tmp_path):
+    first = Storage(tmp_path / "data")
+    first.create_chat()
+    os.chmod(first.data_dir, 0o755)
+    for path in first.data_dir.iterdir():
+        os.chmod(path, 0o644)
+    second = Storage(tmp_path / "data")  # a restart, with the side files still there
+    assert mode(second.data_dir) == 0o700 and set(file_modes(second.data_dir).values()) == {0o600}
+    first.close()
+    second.close()
+    os.chmod(tmp_path / "data", 0o755)
+    os.chmod(tmp_path / "data" / DATABASE_NAME, 0o644)
+    third = Storage(tmp_path / "data")  # a restart after a clean stop: only the database file
+    assert mode(third.data_dir) == 0o700 and set(file_modes(third.data_dir).values()) == {0o600}
+    assert len(third.list_chats()) == 1
+    third.close()
+
+
+def test_shared_folder_keeps_its_mode_but_the_database_is_private(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o755)
+    (shared / "notes.txt").write_text("someone else's")
+    os.chmod(shared / "notes.txt", 0o644)
+    storage = Storage(shared)
+    assert mode(shared) == 0o755 and mode(shared / "notes.txt") == 0o644
+    assert mode(storage.path) == 0o600
+    storage.close()
+
+
+def test_refused_chmod_is_not_fatal(tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    os.chmod(folder, 0o755)
+
+    def refuse(path, mode):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "chmod", refuse)  # as for a folder someone else owns
+    storage = Storage(folder)
+    chat_id = storage.create_chat()
+    storage.put_message(chat_id, 0, "user", "still saved")
+    assert mode(folder) == 0o755 and roles_and_texts(storage, chat_id) == [("user", "still saved")]
+    storage.close()
+
+
+def test_no_chmod_on_windows(tmp_path, monkeypatch):
+    path = tmp_path / "file"
+    path.write_text("")
+    os.chmod(path, 0o644)
+    monkeypatch.setattr(os, "chmod", lambda *args: pytest.fail("chmod on Windows"))
+    monkeypatch.setattr(os, "name", "nt")
+    storage_module._make_private(path, 0o600)
+    monkeypatch.undo()
+    assert mode(path) == 0o644
+
+
+# ------------------------------------------------------------------------------------------- strict JSON
+
+
+def strict_loads(text):
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_strict_json_import_is_refused(store, tmp_path, constant):
+    text = ('{"format": "%s", "version": 1, "chats": [{"messages": [{"role": "user", "content": "a"}, '
+            '{"role": "assistant", "content": "b", "stats": {"total_s": %s}}]}]}') % (EXPORT_FORMAT, constant)
+    path = tmp_path / "chats.json"
+    path.write_text(text)
+    with pytest.raises(ImportFileError, match=f"not strict JSON: {re.escape(constant)} is not a JSON value"):
+        store.import_chats(read_chat_file(path))
+    assert store.list_chats() == []
+
+
+def test_exports_write_non_finite_numbers_as_null(store):
+    chat_id = store.create_chat()
+    store.put_message(chat_id, 0, "user", "hi")
+    store.put_message(chat_id, 1, "assistant", "yo",
+                      stats={"decode_tokens_per_s": float("nan"), "spans": [float("inf"), 1.5]})
+    db = sqlite3.connect(store.path)
+    # a row as the store wrote it before: Python's json writes NaN unless told not to
+    db.execute("UPDATE messages SET stats = '{\"x\": -Infinity}' WHERE position = 0")
+    db.commit()
+    text = export_json(store.export_chats())
+    document = strict_loads(text)
+    assert [m["stats"] for m in document["chats"][0]["messages"]] == [
+        {"x": None}, {"decode_tokens_per_s": None, "spans": [None, 1.5]}]
+    assert parse_chat_export(text.encode())[0].messages[1].content == "yo"  # an export imports again
+
+    run_id = store.save_lab_run("p", [LabCell(0, {"temperature": float("nan")}, "out", {"total_s": float("inf")})],
+                                settings=[{"temperature": float("-inf")}])
+    columns = db.execute("SELECT r.settings, c.params, c.stats FROM lab_runs r JOIN lab_cells c ON c.run_id = r.id "
+                         "WHERE r.id = ?", (run_id,)).fetchone()
+    assert [strict_loads(column) for column in columns] == [[{"temperature": None}], {"temperature": None},
+                                                           {"total_s": None}]
+    db.close()
+    assert list(csv.DictReader(io.StringIO(store.export_runs_csv([run_id]))))[0]["output"] == "out"
+
+
+# ------------------------------------------------------------------------------------ lone UTF-16 surrogates
+
+
+def test_surrogate_in_a_message_is_refused_before_writing(store):
+    chat_id = store.create_chat()
+    store.put_message(chat_id, 0, "user", "fine")
+    store.put_message(chat_id, 1, "assistant", "reply")
+    attempts = [
+        ({"content": LONE_SURROGATE}, "the message " + NOT_A_CHARACTER),
+        ({"stats": {"finish": LONE_SURROGATE}}, "the message's stats " + NOT_A_CHARACTER),
+        ({"stats": {LONE_SURROGATE: 1}}, "the message's stats " + NOT_A_CHARACTER),
+        ({"system_prompt": LONE_SURROGATE}, "the system prompt " + NOT_A_CHARACTER),
+        ({"model": LONE_SURROGATE}, "the model name " + NOT_A_CHARACTER),
+    ]
+    for change, message in attempts:
+        arguments = {"content": "new", **change}
+        with pytest.raises(StorageError, match=message):
+            store.put_message(chat_id, 0, "user", **arguments)  # position 0: would drop both stored messages
+    assert roles_and_texts(store, chat_id) == [("user", "fine"), ("assistant", "reply")]
+    assert store.load_chat(chat_id).system_prompt == "" and store.list_chats()[0]["model"] is None
+
+
+def test_surrogate_in_a_new_chat_is_refused(store):
+    for field in ("model", "system_prompt", "title"):
+        with pytest.raises(StorageError, match=NOT_A_CHARACTER):
+            store.create_chat(**{field: LONE_SURROGATE})
+    assert store.list_chats() == []
+    # an id pasted with one is an error, not a crash
+    for call in (store.load_chat, store.delete_chat, lambda chat_id: store.export_chats([chat_id])):
+        with pytest.raises(StorageError, match=NOT_A_CHARACTER):
+            call(LONE_SURROGATE)
+
+
+def test_surrogate_in_a_lab_run_is_refused(store):
+    with pytest.raises(StorageError, match="the lab prompt " + NOT_A_CHARACTER):
+        store.save_lab_run(LONE_SURROGATE, [LabCell(0, {}, "out")])
+    with pytest.raises(StorageError, match="the output of setting 2 " + NOT_A_CHARACTER):
+        store.save_lab_run("p", [LabCell(0, {}, "out"), LabCell(1, {}, LONE_SURROGATE)])
+    assert store.list_runs() == []
+
+
+def test_import_with_a_surrogate_is_refused_as_a_whole(store):
+    kept = store.create_chat(title="kept")
+    before = store.list_chats()
+
+    def export(*messages):
+        return json.dumps({"format": EXPORT_FORMAT, "version": 1, "chats": [
+            {"messages": [{"role": "user", "content": "fine"}]}, {"messages": list(messages)}]}).encode()
+
+    # json.dumps writes the lone surrogate as the escape "\ud800", which json.loads turns back into one
+    for data, where in [
+        (export({"role": "user", "content": "ok"}, {"role": "assistant", "content": LONE_SURROGATE}),
+         "chat 2, message 2: 'content' "),
+        (export({"role": "user", "content": "ok", "stats": {LONE_SURROGATE: 1}}), "chat 2, message 1: \"stats\" "),
+    ]:
+        assert b"\\ud800" in data
+        with pytest.raises(ImportFileError, match=where + NOT_A_CHARACTER):
+            store.import_chats(parse_chat_export(data))
+    bad_title = json.loads(export({"role": "user", "content": "ok"}))
+    bad_title["chats"][1]["title"] = LONE_SURROGATE
+    with pytest.raises(ImportFileError, match="chat 2: 'title' " + NOT_A_CHARACTER):
+        parse_chat_export(json.dumps(bad_title).encode())
+    # chats made some other way than parse_chat_export are checked by import_chats itself
+    chats = [Chat("", "fine", 1.0, 1.0, None, "", [Message("user", "ok")]),
+             Chat("", "fine", 1.0, 1.0, None, "", [Message("user", "ok"), Message("assistant", LONE_SURROGATE)])]
+    with pytest.raises(StorageError, match="chat 2, message 2: 'content' " + NOT_A_CHARACTER):
+        store.import_chats(chats)
+    assert store.list_chats() == before and store.load_chat(kept).title == "kept"
+
+
+def test_a_whole_surrogate_pair_in_a_file_is_one_character(store):
+    data = json.dumps({"format": EXPORT_FORMAT, "version": 1,
+                       "chats": [{"messages": [{"role": "user", "content": "smile \U0001F600"}]}]}).encode()
+    assert b"\\ud83d\\ude00" in data  # written as a UTF-16 pair of escapes
+    (chat_id,) = store.import_chats(parse_chat_export(data))
+    assert roles_and_texts(store, chat_id) == [("user", "smile \U0001F600")]

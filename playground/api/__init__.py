@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 
 from playground.api import openai_api, prompt_endpoint
 from playground.api.auth import api_key_check
 
 
-def include_api(app: FastAPI, api_key: str | None = None) -> None:
-    """Add the API routes; call before Gradio is mounted at "/" so `POST /` reaches the prompt endpoint."""
+def include_api(app: FastAPI, api_key: str | None = None) -> list[APIRouter]:
+    """Add the API routes and return their routers; call before Gradio is mounted at "/" so `POST /` reaches the
+    prompt endpoint."""
     guard = [Depends(api_key_check(api_key))]
-    app.include_router(prompt_endpoint.router, dependencies=guard)
-    app.include_router(openai_api.router, dependencies=guard)
+    routers = [prompt_endpoint.router, openai_api.router]
+    for router in routers:
+        app.include_router(router, dependencies=guard)
+    return routers

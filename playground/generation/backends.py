@@ -30,6 +30,7 @@ class LocalBackend:
         self.loaded = loaded
         self._worker_for = worker_for
         self._gpu_calls = gpu_calls
+        self._last_encoded: tuple[str, Any] | None = None  # (prompt text, ids): the lab's settings share a prompt
 
     @property
     def gate_key(self) -> str:
@@ -42,7 +43,9 @@ class LocalBackend:
     def prepare(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams) -> Any:
         """The prompt's token ids: bad input fails here, before it takes a place in the queue."""
         text = self.loaded.chat_format.build_prompt(messages) if messages is not None else prompt
-        return encode_prompt(self.loaded, text, params)
+        input_ids = encode_prompt(self.loaded, text, params, known=self._last_encoded)
+        self._last_encoded = (text, input_ids)  # one pair, replaced whole: safe to read from other threads
+        return input_ids
 
     def stream(self, prepared: Any, messages, prompt, params: SamplingParams, handle: GenerationHandle,
                queue_wait: float, logprobs: int | None, capture_routing: bool) -> Iterator[GenerationEvent]:

@@ -97,26 +97,40 @@ class TokenStreamer(BaseStreamer):
         self.queue.put(None)
 
 
-def encode_prompt(loaded, text: str, params: SamplingParams) -> torch.Tensor:
-    """The prompt's ids [1, n]; rejects an empty prompt or one that leaves no room for the reply."""
+# A prompt longer than this many characters per context token is first tokenized in part: when that part alone
+# fills the context the prompt is refused without tokenizing the rest. No tokenizer averages 16 characters a token
+# on real text, so a prompt that could fit is always tokenized whole.
+CHARS_PER_TOKEN_BOUND = 16
+
+
+def encode_prompt(loaded, text: str, params: SamplingParams, known: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The prompt's ids [1, n]; rejects an empty prompt or one that leaves no room for the reply.
+
+    `known`: (text, ids) of an earlier encoding; the same text is not tokenized again (the lab's settings share
+    one prompt)."""
     if not text or not text.strip():
         raise ParameterError("the prompt is empty", field="prompt")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a lone UTF-16 surrogate (e.g. "\ud800" in JSON) makes tokenizers fail
-        raise ParameterError(
-            f"the prompt contains {exc.object[exc.start]!r}, half of a UTF-16 surrogate pair, which is not a "
-            "character; send valid Unicode text", field="prompt",
-        ) from None
-    input_ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    prompt_tokens = int(input_ids.shape[1])
-    if prompt_tokens + params.max_new_tokens > loaded.context_length:
-        raise ParameterError(
-            f"the prompt is {prompt_tokens} tokens and max_new_tokens is {params.max_new_tokens}, "
-            f"but the model's context is {loaded.context_length} tokens; shorten the prompt or the reply",
-            field="prompt",
-        )
+    room = loaded.context_length - params.max_new_tokens
+    if known is not None and known[0] == text:
+        input_ids = known[1]
+    else:
+        bound = loaded.context_length * CHARS_PER_TOKEN_BOUND
+        if len(text) > bound:
+            part = loaded.tokenizer(text[:bound], add_special_tokens=False)["input_ids"]
+            if len(part) > room:
+                raise context_error(loaded, f"more than {len(part)}", params)
+        input_ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if int(input_ids.shape[1]) > room:
+        raise context_error(loaded, str(int(input_ids.shape[1])), params)
     return input_ids
+
+
+def context_error(loaded, tokens: str, params: SamplingParams) -> ParameterError:
+    return ParameterError(
+        f"the prompt is {tokens} tokens and max_new_tokens is {params.max_new_tokens}, "
+        f"but the model's context is {loaded.context_length} tokens; shorten the prompt or the reply",
+        field="prompt",
+    )
 
 
 def token_info(tokenizer, token_id, step, raw, processed) -> TokenInfo:

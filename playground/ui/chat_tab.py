@@ -8,13 +8,11 @@ from typing import Any
 import gradio as gr
 
 from playground.chat_format import message_text
-from playground.errors import PlaygroundError
+from playground.errors import PlaygroundError, not_unicode
 from playground.insight import INSPECT_TOP, routing_to_state, tokens_to_state
 from playground.manager import GenerationStats, get_manager
 from playground.storage import Storage, StorageError
 from playground.ui.controls import params_from_controls, preset_controls, sampling_controls
-
-MAX_MESSAGE_CHARS = 100_000
 
 
 def display(history: list[dict], stats: list[str]) -> list[dict]:
@@ -172,11 +170,12 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
                 gr.Warning("Type a message first.")
                 yield display(history, stats), history, stats, "⚠️ The message is empty.", details, chat_id, text
                 return
-            if len(text) > MAX_MESSAGE_CHARS:
-                gr.Warning("The message is too long.")
-                yield (display(history, stats), history, stats,
-                       f"⚠️ The message is {len(text)} characters; the limit is {MAX_MESSAGE_CHARS}.", details,
-                       chat_id, text)
+            limit = get_manager().max_prompt_chars
+            problem = (f"The message is {len(text)} characters; the limit is {limit}." if len(text) > limit
+                       else not_unicode(text, "the message") or not_unicode(system_prompt or "", "the system prompt"))
+            if problem:  # refused before anything is saved: no empty chat is left behind
+                gr.Warning(problem)
+                yield display(history, stats), history, stats, f"⚠️ {problem}", details, chat_id, text
                 return
             turn = history + [{"role": "user", "content": text}]
             # Saved as soon as it is sent, so a crash during the reply keeps the question.

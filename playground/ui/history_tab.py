@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 import time
@@ -17,6 +16,7 @@ import pandas as pd
 from playground.manager import get_manager
 from playground.storage import (
     MAX_IMPORT_BYTES,
+    export_json,
     Storage,
     StorageError,
     read_chat_file,
@@ -125,7 +125,7 @@ class HistoryViews:
         if not document["chats"]:
             return None, "No chats are saved yet."
         path = _download_path(f"chat-{chat_id}" if chat_id else "chats", ".json")
-        path.write_text(json.dumps(document, ensure_ascii=False, indent=2), encoding="utf-8")
+        path.write_text(export_json(document), encoding="utf-8")
         count = len(document["chats"])
         return str(path), f"Exported {count} chat{'s' if count != 1 else ''} to `{path.name}`."
 

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import gradio as gr
 
-from playground.errors import ModelFolderError, PlaygroundError
+from playground.errors import ModelFolderError, PlaygroundError, not_unicode
 from playground.manager import EMBEDDED, get_manager
 
 ENABLE_HINT = ("Loading model folders from the UI is off: start the server with `--models-root DIR` "
@@ -23,6 +23,9 @@ POLL_S = 0.5
 
 class ModelChoiceError(PlaygroundError):
     """A model the panel will not load; the message says why."""
+
+
+MAX_NAME_CHARS = 255
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -54,13 +57,22 @@ def resolve_choice(choice: str | None, models_root: str | None) -> str | None:
         raise ModelChoiceError("choose a model first")
     if name == EMBEDDED:
         return None
+    if len(name) > MAX_NAME_CHARS:  # file systems allow 255 bytes a name; the message does not echo it all
+        raise ModelChoiceError(f"a model name is at most {MAX_NAME_CHARS} characters; this one has {len(name)}")
+    problem = not_unicode(name, "the model name")
+    if problem:
+        raise ModelChoiceError(problem)
     if not models_root:
         raise ModelChoiceError(f"{name!r} cannot be loaded: {ENABLE_HINT}")
     if "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
         raise ModelChoiceError(f"{name!r} is refused: give the name of a folder under the models root, not a path")
     root = Path(models_root).expanduser()
     candidate = root / name
-    if not candidate.exists():
+    try:
+        exists = candidate.exists()
+    except OSError as exc:  # e.g. a name longer than the file system takes
+        raise ModelChoiceError(f"{name!r} cannot be looked up: {exc.strerror}") from None
+    if not exists:
         raise ModelChoiceError(f"there is no {name!r} under the models root")
     if not _inside(candidate, root):
         raise ModelChoiceError(f"{name!r} is refused: it points outside the models root")
