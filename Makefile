@@ -9,7 +9,7 @@ PORT ?= 7860
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-space bench clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ $(CHROMIUM):
 
 test: install $(CHROMIUM)
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+# The Space simulation and the `pip install .` check alone (tests/test_space_simulation.py; `make test` runs them too).
+test-space: install
+	$(PY) -m pytest -q -rs -m fresh_venv $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/stream_overhead.py

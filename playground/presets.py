@@ -17,7 +17,16 @@ from playground.embedded import cache_root
 from playground.errors import ParameterError
 from playground.params import SamplingParams
 
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "presets"
+
+def _shipped_dir() -> Path:
+    """assets/presets: inside the package when installed (pyproject.toml maps assets/ to playground/assets), else
+    beside the package in a source checkout (or an editable install, which imports from the checkout)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "assets" / "presets"
+    return installed if installed.is_dir() else package.parent / "assets" / "presets"
+
+
+SHIPPED_DIR = _shipped_dir()
 PRESETS_ENV = "PLAYGROUND_PRESETS_DIR"
 MAX_NAME_LENGTH = 64
 _NAME_PATTERN = re.compile(r"^[\w][\w .\-]*$")

