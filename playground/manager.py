@@ -18,21 +18,10 @@ import torch
 
 from playground.chat_format import checked_input, normalise_messages
 from playground.config import DEFAULT_MAX_PROMPT_CHARS
-from playground.errors import (
-    LoadInProgressError,
-    ModelFolderError,
-    ModelNotLoadedError,
-    ParameterError,
-    PlaygroundError,
-)
+from playground.errors import LoadInProgressError, ModelFolderError, ModelNotLoadedError, ParameterError, PlaygroundError
 from playground.generation import scheduling
 from playground.generation.events import (  # noqa: F401  (re-exported: the manager's callers use these types)
-    ExpertRouting,
-    GenerationEvent,
-    GenerationResult,
-    GenerationStats,
-    TokenInfo,
-)
+    ExpertRouting, GenerationEvent, GenerationResult, GenerationStats, TokenInfo)
 from playground.generation.backends import LocalBackend, RemoteBackend
 from playground.generation.scheduling import DeviceWorker, FifoGate, GenerationHandle
 from playground.memory import MemorySampler
@@ -46,6 +35,7 @@ from playground.model_loading import (  # noqa: F401  (EMBEDDED, resolve_* re-ex
 )
 from playground.params import SamplingParams
 from playground.spaces_support import GpuCalls
+from playground.structured import ResponseFormat
 
 
 # ------------------------------------------------------------------------------------------- the manager
@@ -237,6 +227,11 @@ class ModelManager:
         loaded = self.require_local("building the prompt in the model's chat format")
         return loaded.chat_format.build_prompt(normalise_messages(messages))
 
+    def busy(self, owner: str) -> bool:
+        """Whether `owner` (a UI session) has a generation queued or running."""
+        with self._handles_lock:
+            return any(h.owner == owner for h in self._handles.values())
+
     def cancel(self, owner: str) -> int:
         """Cancel every queued or running generation of `owner` (a UI session); returns how many."""
         with self._handles_lock:
@@ -254,22 +249,25 @@ class ModelManager:
         handle: GenerationHandle | None = None,
         logprobs: int | None = None,
         capture_routing: bool = False,
+        response_format: ResponseFormat | dict | None = None,
     ) -> Iterator[GenerationEvent]:
         """Stream one reply: `queued` events while waiting, `delta` events, then one `done` event.
 
         Give chat `messages` (formatted by the model's chat format) or a raw `prompt`. Closing the iterator
         early (a client going away) cancels the generation. `logprobs`: how many top alternatives to attach
         to each token (0 for only the chosen token's logprob, None for none). `capture_routing`: attach the
-        experts every token went to (models with experts only) to the `done` event.
+        experts every token went to (models with experts only) to the `done` event. `response_format`: hold the
+        reply to a JSON schema, any JSON object, a regex or a grammar (`playground.structured.ResponseFormat`, or its
+        OpenAI-shaped dict such as {"type": "json_object"}); a format that cannot be compiled is a ParameterError.
         """
-        params = SamplingParams.parse(params)
+        params, response_format = SamplingParams.parse(params), ResponseFormat.parse(response_format)
         if (messages is None) == (prompt is None):
             raise ParameterError("give either messages or a prompt")
         if logprobs is not None and not 0 <= int(logprobs) <= 20:
             raise ParameterError("logprobs must be between 0 and 20", field="logprobs")
         backend = self._require_backend()
         messages = checked_input(messages, prompt, self.max_prompt_chars)
-        prepared = backend.prepare(messages, prompt, params)  # bad input fails here, before it is queued
+        prepared = backend.prepare(messages, prompt, params, response_format)  # bad input fails here, not queued
         handle = handle or GenerationHandle(owner)
         with self._handles_lock:
             self._handles[handle.id] = handle
@@ -291,7 +289,7 @@ class ModelManager:
             # The model may have been swapped while this caller waited: use the current one if this gate orders it.
             current = self._require_backend()
             if current is not backend and current.gate_key == backend.gate_key:
-                backend, prepared = current, current.prepare(messages, prompt, params)
+                backend, prepared = current, current.prepare(messages, prompt, params, response_format)
             yield from backend.stream(prepared, messages, prompt, params, handle, time.perf_counter() - queued_at,
                                       logprobs, capture_routing)
         finally:
@@ -368,7 +366,8 @@ class ModelManager:
         backend = self._require_backend()
         loaded = backend.local("the next-token explorer")
         messages = checked_input(messages, prompt, self.max_prompt_chars)
-        input_ids = backend.prepare(messages, prompt, SamplingParams.one_forward_pass())  # as a reply's prompt
+        # The prompt's ids, prepared as a reply's prompt.
+        input_ids = backend.prepare(messages, prompt, SamplingParams.one_forward_pass()).input_ids
         handle = GenerationHandle(owner)
         gate = self._gate(loaded.device)
         gate.join(handle)

@@ -18,6 +18,7 @@ import httpx
 
 from playground.errors import ParameterError, PlaygroundError
 from playground.params import EXTENSION_FIELDS, SAMPLING_FIELDS, VLLM_EXTENSIONS, SamplingParams, to_wire
+from playground.structured import ResponseFormat
 
 # Extensions beyond OpenAI's standard fields, by the engine's `owned_by` in GET /v1/models (the registry says
 # which; this server's /v1 request schema takes the same ones as vLLM's).
@@ -32,6 +33,7 @@ DEFAULT_TIMEOUT_S = 120.0  # the longest the remote may stay silent (first token
 DEFAULT_CONCURRENCY = 16
 CANCEL_POLL_S = 0.1
 CHAT_FORMATS = ("auto", "server", "yuan")
+OPENAI_FORMATS = ("json_object", "json_schema")  # the response formats of OpenAI's API, which vLLM takes too
 
 
 class RemoteError(PlaygroundError):
@@ -200,11 +202,23 @@ class RemoteEngine:
             body["top_k"] = -1  # vLLM's "off" is -1, the playground's (and transformers') is 0
         return body
 
+    def check_response_format(self, response_format: ResponseFormat | None) -> None:
+        """OpenAI's formats go to any engine (vLLM decodes them under a grammar); regex and grammar, this server's
+        own extensions, only to another playground."""
+        if response_format is None or response_format.type in OPENAI_FORMATS or self.owner == "yuan-playground":
+            return
+        raise ParameterError(f"response_format type {response_format.type} is not available on the remote engine "
+                             f"({self.owner or 'unknown'}); it takes {' and '.join(OPENAI_FORMATS)}",
+                             field="response_format")
+
     def build_request(self, messages: list[dict[str, Any]] | None, prompt: str | None, params: SamplingParams,
-                      logprobs: int | None) -> tuple[str, dict[str, Any], bool]:
+                      logprobs: int | None, response_format: ResponseFormat | None = None
+                      ) -> tuple[str, dict[str, Any], bool]:
         """(path, JSON body, chat-shaped answer?) for one streamed request."""
         body = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
                 **self.request_fields(params)}
+        if response_format is not None:  # vLLM takes it on both endpoints
+            body["response_format"] = response_format.to_wire()
         if messages is not None and self.local_format is None:
             body["messages"] = messages
             if logprobs is not None:
@@ -224,13 +238,14 @@ class RemoteEngine:
     # -------------------------------------------------------------------------------------- streaming
 
     def stream(self, messages: list[dict[str, Any]] | None, prompt: str | None, params: SamplingParams,
-               logprobs: int | None, cancelled: threading.Event) -> Iterator[tuple[str, Any]]:
+               logprobs: int | None, cancelled: threading.Event,
+               response_format: ResponseFormat | None = None) -> Iterator[tuple[str, Any]]:
         """Yield ("delta", (text, [token dicts])) then ("usage", dict) / ("finish", reason) from one streamed request.
 
         Token dicts: {"text", "logprob", "top": [(text, logprob)]}. Raises RemoteError on failure. Setting
         `cancelled` (or closing the iterator) ends the request within CANCEL_POLL_S, even while the remote is silent.
         """
-        path, body, chat = self.build_request(messages, prompt, params, logprobs)
+        path, body, chat = self.build_request(messages, prompt, params, logprobs, response_format)
         items: queue.SimpleQueue = queue.SimpleQueue()
         future = asyncio.run_coroutine_threadsafe(self._produce(path, body, chat, items.put), self._loop)
         try:

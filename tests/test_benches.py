@@ -40,3 +40,13 @@ def test_gpu_decode_bench_runs_its_code_on_cpu_and_says_when_there_is_no_gpu():
     if not torch.cuda.is_available():
         missing = _run("gpu_decode.py", "--tiny")
         assert missing.returncode == 2 and "no CUDA device" in missing.stdout
+
+
+@pytest.mark.slow
+def test_structured_output_bench_reports_the_cost_of_a_json_schema():
+    result = _run("structured_output.py", "--tokens", "8", "--rounds", "1")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "compile: first" in out and "round 1: free" in out and "ms per token" in out
+    result_line = out.strip().splitlines()[-1]
+    assert result_line.startswith("RESULT structured output on SmolLM2-135M-Instruct") and "ratio" in result_line

@@ -1,17 +1,23 @@
-"""The LangChain chat model: in-process through this process's manager, and over HTTP to the launched server."""
+"""The LangChain chat model: in-process through this process's manager, and over HTTP to the launched server;
+structured output and LangSmith's standard parameters in both."""
 
 from __future__ import annotations
 
 import asyncio
 
+from typing import TypedDict
+
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from pydantic import BaseModel, Field
 
 from playground.errors import ParameterError, PlaygroundError
 from playground.integrations.langchain import PlaygroundAPIError, PlaygroundChatModel
 from playground.manager import get_manager
 
 COLOURS = [SystemMessage("You are terse."), HumanMessage("Name three colours.")]
+PERSON_SCHEMA = {"title": "PersonDict", "type": "object", "required": ["name", "age"],
+                 "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +106,46 @@ def test_breaking_out_of_a_stream_frees_the_manager(local_model):
             break
     status = manager.status()
     assert (status["running"], status["queued"]) == (0, 0)
+
+
+class Person(BaseModel):
+    """A person."""
+
+    name: str = Field(description="first name", max_length=30)
+    age: int
+
+
+class PersonDict(TypedDict):
+    name: str
+    age: int
+
+
+def test_structured_output_in_both_modes(chat):
+    chat = chat.model_copy(update={"max_tokens": 60})
+    ask = "Describe a person with a name and an age."
+    person = chat.with_structured_output(Person).invoke(ask)
+    assert isinstance(person, Person)
+    as_dict = chat.with_structured_output(PersonDict).invoke(ask)
+    assert as_dict == person.model_dump()  # the same schema, the same greedy reply
+    streamed = list(chat.with_structured_output(PERSON_SCHEMA).stream(ask))
+    assert streamed[-1] == as_dict
+    raw = chat.with_structured_output(Person, include_raw=True).invoke(ask)
+    assert raw["parsed"] == person and raw["parsing_error"] is None and isinstance(raw["raw"], AIMessage)
+    assert isinstance(chat.with_structured_output(None, method="json_mode").invoke(ask), dict)
+
+
+def test_include_raw_keeps_a_reply_that_does_not_parse(local_model):
+    cut = PlaygroundChatModel(temperature=0, max_tokens=3).with_structured_output(Person, include_raw=True)
+    result = cut.invoke("Describe a person.")  # three tokens cannot close the object
+    assert result["parsed"] is None and result["parsing_error"] is not None
+    assert result["raw"].response_metadata["finish_reason"] == "length"
+
+
+def test_langsmith_params_name_the_model(chat):
+    params = chat.model_copy(update={"stop": ["\n"]})._get_ls_params(stop=["END"])
+    assert params["ls_provider"] == "yuan-playground" and params["ls_model_type"] == "chat"
+    assert params["ls_temperature"] == 0 and params["ls_max_tokens"] == 12 and params["ls_stop"] == ["\n", "END"]
+    if chat.base_url:  # over HTTP: the server's URL until a reply names the model
+        chat.invoke("Hi")
+    assert chat._get_ls_params()["ls_model_name"] == "SmolLM2-135M-Instruct"
+    assert chat._get_ls_params(model="other")["ls_model_name"] == "other"

@@ -186,7 +186,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     model = serving_model(body.model)
     envelope = Envelope("chat.completion.chunk" if body.stream else "chat.completion", model, new_id("chatcmpl"))
     events = generation_events(
-        messages=body.message_dicts(), params=body.sampling_params(), logprobs=body.logprobs_count
+        messages=body.message_dicts(), params=body.sampling_params(), logprobs=body.logprobs_count,
+        response_format=body.response_format,
     )
     if body.stream:
         with prompt_errors_named("messages"):
@@ -227,7 +228,8 @@ async def completions(body: CompletionRequest, request: Request):
     """Continue raw prompt text (no chat format); `stream: true` for server-sent events."""
     model = serving_model(body.model)
     envelope = Envelope("text_completion", model, new_id("cmpl"))
-    events = generation_events(prompt=body.prompt_text, params=body.sampling_params(), logprobs=body.logprobs)
+    events = generation_events(prompt=body.prompt_text, params=body.sampling_params(), logprobs=body.logprobs,
+                               response_format=body.response_format)
     with_logprobs = body.logprobs is not None
     offsets = TextOffsets()
     if body.stream:

@@ -3,7 +3,8 @@
 Fields OpenAI defines that this server cannot honour are rejected with a reason (n > 1, non-zero
 presence/frequency penalties, tools...) rather than silently ignored; unknown extra fields are ignored,
 as OpenAI clients send some (user, metadata...). Ranges of the sampling fields are checked by
-SamplingParams, the type every part of the playground shares.
+SamplingParams, the type every part of the playground shares; `response_format` is the playground's
+ResponseFormat (json_object, json_schema, and the extensions regex and grammar), on both routes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from playground.api.http_errors import from_parameter_error
 from playground.errors import ParameterError
 from playground.params import OPENAI_FIELDS, WIRE_NAMES, SamplingParams, from_wire, reject_bools, request_fields
+from playground.structured import ResponseFormat
 
 MAX_TOP_LOGPROBS = 20
 # The OpenAI-style sampling fields, from the playground's registry (OpenAI's own, then vLLM-style extensions).
@@ -37,6 +39,10 @@ class SamplingRequest(SamplingFields):
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = Field(
+        None, description='structured output: {"type": "json_object"}, {"type": "json_schema", "json_schema": '
+                          '{"name", "schema", "strict"}}, or this server\'s {"type": "regex", "regex": ...} and '
+                          '{"type": "grammar", "grammar": EBNF}')
 
     @field_validator("n", "presence_penalty", "frequency_penalty", mode="before")
     @classmethod
@@ -102,20 +108,12 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
     @field_validator("tools")
     @classmethod
     def _no_tools(cls, value: list | None) -> list | None:
         if value:
             raise ValueError("tool calling is not supported by this server")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict | None) -> dict | None:
-        if value and value.get("type", "text") != "text":
-            raise ValueError(f"only the text response format is supported, got {value.get('type')!r}")
         return value
 
     @field_validator("top_logprobs")

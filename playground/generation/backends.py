@@ -8,17 +8,29 @@ take and what the status shows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+
+import torch
 
 from playground.chat_format import PlainChatFormat
 from playground.errors import ParameterError, PlaygroundError
 from playground.generation.events import GenerationEvent
-from playground.generation.local import encode_prompt, stream_local
+from playground.generation.local import encode_prompt, end_token_ids, stream_local
 from playground.generation.remote import stream_remote
 from playground.generation.scheduling import DeviceWorker, GenerationHandle
 from playground.model_loading import LoadedModel
 from playground.params import SamplingParams
 from playground.spaces_support import GpuCalls
+from playground.structured import CompiledFormat, ResponseFormat, StructuredDecoding
+
+
+@dataclass(frozen=True)
+class LocalRequest:
+    """A local request checked before it is queued: the prompt's ids and the compiled response format, if any."""
+
+    input_ids: torch.Tensor
+    grammar: CompiledFormat | None = None
 
 
 class LocalBackend:
@@ -31,6 +43,7 @@ class LocalBackend:
         self._worker_for = worker_for
         self._gpu_calls = gpu_calls
         self._last_encoded: tuple[str, Any] | None = None  # (prompt text, ids): the lab's settings share a prompt
+        self._structured: StructuredDecoding | None = None  # made on the first structured request
 
     @property
     def gate_key(self) -> str:
@@ -40,17 +53,30 @@ class LocalBackend:
         """The loaded model, for `what` needs its tokenizer or weights."""
         return self.loaded
 
-    def prepare(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams) -> Any:
-        """The prompt's token ids: bad input fails here, before it takes a place in the queue."""
+    def prepare(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams,
+                response_format: ResponseFormat | None = None) -> LocalRequest:
+        """The prompt's token ids and the compiled format: bad input (a schema xgrammar cannot compile too) fails
+        here, before it takes a place in the queue."""
         text = self.loaded.chat_format.build_prompt(messages) if messages is not None else prompt
         input_ids = encode_prompt(self.loaded, text, params, known=self._last_encoded)
         self._last_encoded = (text, input_ids)  # one pair, replaced whole: safe to read from other threads
-        return input_ids
+        grammar = self.structured().compile(response_format) if response_format is not None else None
+        return LocalRequest(input_ids, grammar)
 
-    def stream(self, prepared: Any, messages, prompt, params: SamplingParams, handle: GenerationHandle,
+    def structured(self) -> StructuredDecoding:
+        """The model's grammar compiler (its compiled formats are cached there)."""
+        if self._structured is None:
+            loaded = self.loaded
+            head = loaded.model.get_output_embeddings()
+            vocab_size = getattr(head, "out_features", None) or loaded.model.config.vocab_size
+            ends = end_token_ids(loaded.model, loaded.tokenizer) | set(loaded.chat_format.stop_token_ids)
+            self._structured = StructuredDecoding(loaded.tokenizer, loaded.chat_format, vocab_size, ends)
+        return self._structured
+
+    def stream(self, prepared: LocalRequest, messages, prompt, params: SamplingParams, handle: GenerationHandle,
                queue_wait: float, logprobs: int | None, capture_routing: bool) -> Iterator[GenerationEvent]:
-        return stream_local(self.loaded, prepared, params, handle, queue_wait, logprobs, capture_routing,
-                            self._worker_for(self.loaded.device), self._gpu_calls)
+        return stream_local(self.loaded, prepared.input_ids, params, handle, queue_wait, logprobs, capture_routing,
+                            self._worker_for(self.loaded.device), self._gpu_calls, prepared.grammar)
 
     def unavailable_params(self) -> list[str]:
         return []
@@ -89,15 +115,19 @@ class RemoteBackend:
             f"{what} needs a local model; the model {self.loaded.name} is remote ({self.loaded.path})"
         )
 
-    def prepare(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams) -> Any:
+    def prepare(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams,
+                response_format: ResponseFormat | None = None) -> ResponseFormat | None:
+        """Checks what the engine can take, before the queue; the response format is what `stream` needs."""
         if messages is None and (not prompt or not prompt.strip()):
             raise ParameterError("the prompt is empty", field="prompt")
         self.engine.request_fields(params)  # a field the engine cannot take fails here, before the queue
-        return None
+        self.engine.check_response_format(response_format)
+        return response_format
 
-    def stream(self, prepared: Any, messages, prompt, params: SamplingParams, handle: GenerationHandle,
-               queue_wait: float, logprobs: int | None, capture_routing: bool) -> Iterator[GenerationEvent]:
-        return stream_remote(self.loaded, messages, prompt, params, handle, queue_wait, logprobs)
+    def stream(self, prepared: ResponseFormat | None, messages, prompt, params: SamplingParams,
+               handle: GenerationHandle, queue_wait: float, logprobs: int | None,
+               capture_routing: bool) -> Iterator[GenerationEvent]:
+        return stream_remote(self.loaded, messages, prompt, params, handle, queue_wait, logprobs, prepared)
 
     def unavailable_params(self) -> list[str]:
         return self.engine.unavailable_params()

@@ -27,17 +27,22 @@ class GenerationStats:
         return asdict(self)
 
     def summary(self) -> str:
-        """The line shown under a reply."""
+        """The line shown under a reply, in words a person reads at a glance."""
         parts = [f"{self.new_tokens} tokens"]
-        if self.time_to_first_token_s is not None:
-            parts.append(f"first token {self.time_to_first_token_s:.2f} s")
         if self.decode_tokens_per_s:
-            parts.append(f"{self.decode_tokens_per_s:.1f} tok/s")
-        parts.append(f"prompt {self.prompt_tokens}")
+            parts.append(f"{self.decode_tokens_per_s:.1f} tokens/s")
+        if self.time_to_first_token_s is not None:
+            parts.append(f"first token after {self.time_to_first_token_s:.2f} s")
+        parts.append(f"prompt {self.prompt_tokens} tokens")
         if self.seed is not None:
             parts.append(f"seed {self.seed}")
-        parts.append(self.finish_reason)
+        parts.append(FINISH_WORDS.get(self.finish_reason, self.finish_reason))
         return " · ".join(parts)
+
+
+# How each finish reason reads under a reply (a bare "stop" reads like a button).
+FINISH_WORDS = {"stop": "ended by the model", "length": "ended at the token limit", "cancelled": "stopped by you",
+                "error": "failed"}
 
 
 @dataclass

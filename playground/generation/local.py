@@ -31,6 +31,7 @@ from playground.generation.events import (
 from playground.generation.scheduling import DeviceWorker, GenerationHandle
 from playground.params import SamplingParams
 from playground.spaces_support import GpuCalls
+from playground.structured import CompiledFormat
 
 
 class CancelCriteria(StoppingCriteria):
@@ -146,10 +147,10 @@ def token_info(tokenizer, token_id, step, raw, processed) -> TokenInfo:
 
 def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle: GenerationHandle, queue_wait: float,
                  logprobs: int | None, capture_routing: bool, worker: DeviceWorker,
-                 gpu_calls: GpuCalls) -> Iterator[GenerationEvent]:
+                 gpu_calls: GpuCalls, grammar: CompiledFormat | None = None) -> Iterator[GenerationEvent]:
     """One reply from a local model: `generate` runs on the device's `worker` thread (through `gpu_calls`, for
     ZeroGPU), this thread decodes and yields `delta` events as tokens arrive, then the `done` event with the stats
-    (and the routing if asked)."""
+    (and the routing if asked). `grammar`: a compiled response format the reply is held to (structured output)."""
     model, tokenizer, chat_format = loaded.model, loaded.tokenizer, loaded.chat_format
     input_ids = input_ids.to(loaded.device)  # encoded (and checked) before the caller joined the queue
     attention_mask = torch.ones_like(input_ids)
@@ -162,12 +163,17 @@ def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle
     kwargs = params.generate_kwargs()
     if params.stop:
         kwargs["tokenizer"] = tokenizer
+    # The grammar masks first, so the warpers (temperature, top-k, top-p...) sample among allowed tokens only, and
+    # its stopping criterion ends the reply when the structure is complete.
+    constraint = grammar.constraint(prompt_tokens) if grammar else None
     generate_kwargs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
         streamer=streamer,
-        stopping_criteria=StoppingCriteriaList([CancelCriteria(handle.cancelled)]),
-        logits_processor=LogitsProcessorList([*params.logits_warpers(), *([processed] if processed else [])]),
+        stopping_criteria=StoppingCriteriaList(
+            [CancelCriteria(handle.cancelled), *([constraint.stopping_criterion()] if constraint else [])]),
+        logits_processor=LogitsProcessorList(
+            [*([constraint] if constraint else []), *params.logits_warpers(), *([processed] if processed else [])]),
         eos_token_id=sorted(eos_ids) or None,
         pad_token_id=tokenizer.pad_token_id,
         **kwargs,

@@ -10,17 +10,19 @@ from playground.generation.events import GenerationEvent, GenerationStats, Token
 from playground.generation.scheduling import GenerationHandle
 from playground.params import SamplingParams
 from playground.remote import RemoteError, RemoteRejected, RemoteTimeout
+from playground.structured import ResponseFormat
 
 
 def stream_remote(loaded, messages, prompt, params: SamplingParams, handle: GenerationHandle, queue_wait: float,
-                  logprobs: int | None) -> Iterator[GenerationEvent]:
-    """One reply from the remote engine, as the same events a local generation yields."""
+                  logprobs: int | None, response_format: ResponseFormat | None = None) -> Iterator[GenerationEvent]:
+    """One reply from the remote engine, as the same events a local generation yields; `response_format` is sent
+    along (the engine does the constrained decoding)."""
     engine, chat_format = loaded.model, loaded.chat_format
     stats = GenerationStats(queue_wait_s=queue_wait, seed=params.seed)
     started = time.perf_counter()
     first_at = last_at = None
     raw, emitted, deltas, reason = "", "", 0, None
-    items = engine.stream(messages, prompt, params, logprobs, handle.cancelled)
+    items = engine.stream(messages, prompt, params, logprobs, handle.cancelled, response_format)
     try:
         for kind, value in items:
             if kind == "delta":

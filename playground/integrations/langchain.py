@@ -6,31 +6,42 @@
     chat = PlaygroundChatModel(base_url="http://127.0.0.1:7860",        # a running playground server
                                api_key="...", temperature=0)
     chat.invoke("Hello"); chat.stream("Hello"); chat.batch(["Hi", "Bye"])
+    chat.with_structured_output(Person).invoke("Describe a person")    # a Person, decoded under its JSON schema
 
 In-process, the manager must have a model loaded (`get_manager().load()`); generations queue with every
 other caller of the manager. Over HTTP it speaks the server's /v1/chat/completions with server-sent events.
-Sampling fields left unset keep the playground's defaults (SamplingParams).
+Sampling fields left unset keep the playground's defaults (SamplingParams). Structured output sends a
+`response_format` (playground.structured) and parses the reply; there is no tool calling.
 """
 
 from __future__ import annotations
 
 import json
 from contextlib import closing
-from typing import Any, Iterator
+from operator import itemgetter
+from typing import Any, Iterator, Literal
 
 import httpx
 from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import BaseChatModel, generate_from_stream
 from langchain_core.messages import AIMessageChunk, BaseMessage, ChatMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field, SecretStr, create_model
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.utils.function_calling import convert_to_json_schema
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, create_model
 
 from playground.errors import PlaygroundError
 from playground.params import OPENAI_FIELDS, SAMPLING_FIELDS, SamplingParams, from_wire, request_fields
+from playground.structured import ResponseFormat
 
 # LangChain message types -> chat roles.
 ROLES = {"system": "system", "human": "user", "ai": "assistant"}
+LS_PROVIDER = "yuan-playground"  # what LangSmith traces name as the provider
 
 
 class PlaygroundAPIError(PlaygroundError):
@@ -57,10 +68,73 @@ class PlaygroundChatModel(_SamplingChatModel):
                                                     "None: this process's model manager")
     api_key: SecretStr | None = Field(None, description="the server's --api-key, if it has one")
     timeout: float = Field(300.0, description="seconds to wait for a server (HTTP mode)")
+    _last_served: str | None = PrivateAttr(None)  # the model the server named in its latest reply (HTTP mode)
 
     @property
     def _llm_type(self) -> str:
         return "yuan-playground"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        """LangSmith's standard fields: which model answered, its temperature, token limit and stop strings."""
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        model = kwargs.get("model")
+        params.update(ls_provider=LS_PROVIDER, ls_model_type="chat",
+                      ls_model_name=model if isinstance(model, str) else self.served_model())
+        stops = self._sampling(stop).get("stop")
+        if stops:
+            params["ls_stop"] = stops
+        return params
+
+    def served_model(self) -> str:
+        """The model's name: the one asked for, else the loaded one (in-process) or the one the server named in its
+        latest reply (over HTTP; the server's URL before any reply)."""
+        if self.model_name:
+            return self.model_name
+        if self.base_url is None:
+            from playground.manager import get_manager
+
+            loaded = get_manager().loaded
+            return loaded.name if loaded is not None else "no model loaded"
+        return self._last_served or server_root(self.base_url)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """A runnable whose output is `schema`'s type: a pydantic model's instance, else a dict.
+
+        `schema`: a pydantic model class, a TypedDict or a JSON Schema dict. `method`: "json_schema" (the default)
+        holds the reply to the schema by constrained decoding; "function_calling" does the same (there is no tool
+        calling here, so the schema is decoded directly); "json_mode" only makes the reply a JSON object (ask for
+        the keys in the prompt). `strict` is accepted; the schema is always enforced. `include_raw`: return
+        {"raw": AIMessage, "parsed": ..., "parsing_error": ...} as LangChain's own models do.
+        """
+        if kwargs:
+            raise ValueError(f"unexpected arguments to with_structured_output: {', '.join(sorted(kwargs))}")
+        if method not in ("json_schema", "function_calling", "json_mode"):
+            raise ValueError(f"method must be json_schema, function_calling or json_mode, got {method!r}")
+        if schema is None and method != "json_mode":
+            raise ValueError(f"method {method} needs a schema")
+        if method == "json_mode":
+            response_format = ResponseFormat.json_object()
+        else:
+            json_schema = convert_to_json_schema(schema)
+            response_format = ResponseFormat.for_schema(json_schema, name=json_schema.get("title"))
+        # LangSmith records the schema of a structured call (LangChain's own models do the same).
+        traced = {} if schema is None else {
+            "ls_structured_output_format": {"kwargs": {"method": method, "strict": strict}, "schema": schema}}
+        bound = self.bind(response_format=response_format.to_wire(), **traced)
+        parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic_class(schema) else JsonOutputParser()
+        if not include_raw:
+            return bound | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=bound) | parsed.with_fallbacks([unparsed], exception_key="parsing_error")
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -92,8 +166,11 @@ class PlaygroundChatModel(_SamplingChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         chat = [chat_message(message) for message in messages]
+        model = kwargs.pop("model", None) or self.model_name  # a per-call model, as LangChain's models take
+        response_format = ResponseFormat.parse(kwargs.pop("response_format", None))
         sampling = {**self._sampling(stop), **kwargs}
-        chunks = self._remote_chunks(chat, sampling) if self.base_url else self._local_chunks(chat, sampling)
+        chunks = (self._remote_chunks(chat, sampling, model, response_format) if self.base_url
+                  else self._local_chunks(chat, sampling, model, response_format))
         with closing(chunks):  # stopping early (a caller breaking out) cancels the generation
             for chunk in chunks:
                 if run_manager and chunk.text:
@@ -102,15 +179,17 @@ class PlaygroundChatModel(_SamplingChatModel):
 
     # ------------------------------------------------------------------------------------------ backends
 
-    def _local_chunks(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Iterator[ChatGenerationChunk]:
+    def _local_chunks(self, messages: list[dict[str, str]], sampling: dict[str, Any], model: str | None,
+                      response_format: ResponseFormat | None) -> Iterator[ChatGenerationChunk]:
         from playground.manager import get_manager
 
         manager = get_manager()
         name = manager.require_model().name
-        if self.model_name and self.model_name != name:
-            raise PlaygroundError(f"the model {self.model_name!r} is not loaded; the manager has {name!r}")
+        if model and model != name:
+            raise PlaygroundError(f"the model {model!r} is not loaded; the manager has {name!r}")
         params = SamplingParams.parse(from_wire(sampling))
-        with closing(manager.stream(messages=messages, params=params, owner="langchain")) as events:
+        events = manager.stream(messages=messages, params=params, owner="langchain", response_format=response_format)
+        with closing(events):
             for event in events:
                 if event.kind == "delta" and event.text:
                     yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
@@ -121,14 +200,16 @@ class PlaygroundChatModel(_SamplingChatModel):
                     reason = "length" if stats.finish_reason == "length" else "stop"
                     yield last_chunk(name, reason, stats.prompt_tokens, stats.new_tokens)
 
-    def _remote_chunks(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Iterator[ChatGenerationChunk]:
+    def _remote_chunks(self, messages: list[dict[str, str]], sampling: dict[str, Any], model: str | None,
+                       response_format: ResponseFormat | None) -> Iterator[ChatGenerationChunk]:
         payload = {
-            **({"model": self.model_name} if self.model_name else {}),
+            **({"model": model} if model else {}),
             "messages": messages, **sampling,
+            **({"response_format": response_format.to_wire()} if response_format else {}),
             "stream": True, "stream_options": {"include_usage": True},
         }
         headers = {"Authorization": f"Bearer {self.api_key.get_secret_value()}"} if self.api_key else {}
-        model, reason, usage = self.model_name or "", "stop", {}
+        model, reason, usage = model or "", "stop", {}
         with httpx.Client(base_url=server_root(self.base_url), headers=headers, timeout=self.timeout) as client:
             with client.stream("POST", "/v1/chat/completions", json=payload) as response:
                 if response.status_code != 200:
@@ -137,7 +218,7 @@ class PlaygroundChatModel(_SamplingChatModel):
                 for data in sse_data(response.iter_lines()):
                     if "error" in data:
                         raise PlaygroundAPIError(500, data["error"].get("message", "the stream failed"))
-                    model = data.get("model", model)
+                    model = self._last_served = data.get("model", model)
                     usage = data.get("usage") or usage
                     for choice in data.get("choices", []):
                         reason = choice.get("finish_reason") or reason
@@ -148,6 +229,11 @@ class PlaygroundChatModel(_SamplingChatModel):
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
+
+def is_pydantic_class(schema: Any) -> bool:
+    """A pydantic model class (v2, or v1 through pydantic.v1): parsed into an instance, not a dict."""
+    return isinstance(schema, type) and is_basemodel_subclass(schema)
 
 
 def chat_message(message: BaseMessage) -> dict[str, str]:

@@ -1,0 +1,94 @@
+"""LangChain's own conformance suite (`langchain-tests`) for PlaygroundChatModel, in-process against the embedded model.
+
+The capability flags say what the model does: structured output and JSON mode yes (constrained decoding), tool
+calling, images, audio, video and PDFs no. Every test the flags leave on must pass; the suite skips the others.
+"""
+
+from __future__ import annotations
+
+import pytest
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from playground.integrations.langchain import PlaygroundChatModel
+from playground.manager import get_manager
+
+# A 135M model decoding greedily falls into loops ("sampu, sampu, ...") that never close a JSON string; a light
+# repetition penalty (an extension the model takes) keeps its replies finite.
+OWN_PARAMS = {"repetition_penalty": 1.1}
+# Greedy and short: what the unit suite's standard parameters already say (and its test of them adds max_tokens).
+STANDARD_PARAMS = {"temperature": 0, "max_tokens": 100}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def embedded_model():
+    """This test process's manager with the embedded model loaded (once)."""
+    manager = get_manager()
+    if manager.loaded is None:
+        manager.load()
+
+
+class Capabilities:
+    """The flags both suites read, stated rather than inferred."""
+
+    @property
+    def chat_model_class(self) -> type[PlaygroundChatModel]:
+        return PlaygroundChatModel
+
+    @property
+    def chat_model_params(self) -> dict:
+        return dict(OWN_PARAMS)
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False  # a playground serves the one model it has loaded; naming another is an error
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_image_urls(self) -> bool:
+        return False
+
+    @property
+    def supports_pdf_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_audio_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_video_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_anthropic_inputs(self) -> bool:
+        return False
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
+
+
+class TestPlaygroundChatModelUnit(Capabilities, ChatModelUnitTests):
+    pass
+
+
+class TestPlaygroundChatModelIntegration(Capabilities, ChatModelIntegrationTests):
+    @property
+    def chat_model_params(self) -> dict:
+        return {**STANDARD_PARAMS, **OWN_PARAMS}
