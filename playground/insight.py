@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from pandas.io.formats.style import Styler
 
 from playground.params import DISTRIBUTION_FIELDS, SamplingParams
 
@@ -40,6 +41,37 @@ def probability_colour(probability: float | None) -> str:
 
 def _probability(logprob: float | None) -> float | None:
     return None if logprob is None else math.exp(logprob)
+
+
+def for_people(value: Any) -> str:
+    """A number rounded to 3 significant digits, without an exponent unless it is tiny (0.364, 11.2, 1230);
+    whole numbers stay as they are."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isinf(value):
+        return str(value)
+    if float(value).is_integer():  # counts, ids and seeds stay exact
+        return str(int(value))
+    if abs(value) < 1e-4:
+        return f"{value:.2e}"
+    magnitude = math.floor(math.log10(abs(value)))
+    text = f"{round(value, 2 - magnitude):.{max(0, 2 - magnitude)}f}"  # 1234.5 -> 1230, 0.36364 -> 0.364
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def readable(frame: pd.DataFrame | None) -> Styler | None:
+    """A table as people read it: decimals shown to 3 significant digits. The data underneath keep their full
+    precision (API clients and the CSV get those); only what the browser displays is rounded."""
+    if frame is None:
+        return None
+    decimals = [column for column in frame.columns if pd.api.types.is_float_dtype(frame[column])]
+    return frame.style.format(for_people, subset=decimals)
+
+
+def mean_logprob(tokens: list[dict[str, Any]]) -> float | None:
+    """The mean log-probability per token under the model's own distribution (None when none was recorded)."""
+    values = [t["logprob"] for t in tokens if t.get("logprob") is not None]
+    return sum(values) / len(values) if values else None
 
 
 # --------------------------------------------------------------------------------------- token inspector
@@ -151,7 +183,7 @@ def explore_distribution(logits: torch.Tensor, prompt_ids: list[int], params: Sa
         text = tokenizer.decode([token_id])
         rows.append({
             "rank": rank, "id": token_id, "token": visible_token(text), "text": text,
-            "label": f"{rank}. {visible_token(text)}",
+            "label": f"{rank:02d}. {visible_token(text)}",  # zero-padded: the chart sorts its bars by label
             "model p": model_p, "sampled p": sampled_p, "cut": cut,
             "bar": model_p if cut else sampled_p, "status": "cut" if cut else "kept",
         })

@@ -1,4 +1,4 @@
-"""Device memory readings for the GPU memory panel.
+"""Device memory readings for the Memory tab.
 
 With NVML (nvidia-ml-py) it reads each GPU's used/total memory, utilisation, temperature and this process's
 share, plus torch's own allocator figures. Without NVML (no driver, no GPU) it says why and reads the

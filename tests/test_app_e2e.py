@@ -48,7 +48,7 @@ def test_chat_streams_a_reply_with_stats(client):
     assert partial_lengths == sorted(partial_lengths) and partial_lengths[0] < partial_lengths[-1]
     assert [m["role"] for m in chat] == ["user", "assistant"]
     assert "Paris" in reply_text(chat)
-    assert "tokens" in reply_text(chat) and "tok/s" in reply_text(chat)  # the stats line under the reply
+    assert "tokens" in reply_text(chat) and "tokens/s" in reply_text(chat)  # the stats line under the reply
     assert status.startswith("Done:") and box == ""
 
 
@@ -95,7 +95,7 @@ def test_stop_button_really_stops(client, launched_server):
         time.sleep(0.05)
         assert time.perf_counter() - pressed < 10
     chat, status, _ = job.outputs()[-1]
-    assert "cancelled" in status
+    assert "stopped by you" in status
     tokens = int(status.split("Done: ")[1].split(" tokens")[0])
     assert tokens < 1500
     assert launched_server.status()["running"] == 0
@@ -115,11 +115,17 @@ def test_lab_two_settings_seeded_and_reproducible(client):
     assert [t["visible"] for t in texts] == [True, True, False, False, False, False]
     assert texts[0]["value"] and texts[1]["value"] and texts[0]["value"] != texts[1]["value"]
     assert [t["value"] for t in second[:2]] == [t["value"] for t in texts[:2]]  # same seeds, same text
-    assert "tok/s" in notes[0]["value"] and "seed 42" in notes[1]["value"]
+    assert "tokens/s" in notes[0]["value"] and "seed 42" in notes[1]["value"]
+    # each output is headed by what its setting changes; what they share is said once
+    assert texts[0]["label"] == "Setting 1 · temperature 0, top_p 0.9, seed 1"
+    assert first[15].startswith("**Same in every setting:**") and "top_k 50" in first[15]
+    # the table on screen: the settings that differ, then the metrics under short headers
     frame = pd.DataFrame(results["data"], columns=results["headers"])
-    assert list(frame["seed"]) == [1, 42] and list(frame["temperature"]) == [0.0, 1.2]
-    assert {"new_tokens", "time_to_first_token_s", "decode_tokens_per_s", "finish_reason"} <= set(frame.columns)
-    exported = pd.read_csv(csv_path)
+    assert list(frame["settings"]) == ["temperature 0, top_p 0.9, seed 1", "temperature 1.2, top_p 0.95, seed 42"]
+    assert {"tokens", "tok/s", "first token s", "mean logprob", "finish", "output"} <= set(frame.columns)
+    assert all(frame["mean logprob"] < 0)
+    exported = pd.read_csv(csv_path)  # the CSV has every column
+    assert {"top_k", "new_tokens", "time_to_first_token_s", "decode_tokens_per_s", "finish_reason"} <= set(exported)
     assert list(exported["output"]) == [texts[0]["value"], texts[1]["value"]]
 
 
@@ -131,8 +137,18 @@ def test_lab_sweep_and_invalid_settings(client):
     _, status = client.predict(settings_table([0.7, 0.9, 50, 0, 1, 1, 0, 16, 5]), "temperature", "7, 8",
                                api_name="/lab_sweep")
     assert "temperature" in status and "between 0 and 5" in status
+    # a run of the swept table plots its metrics against the swept value
+    swept = client.predict("Hi", {**table, "data": [row[:7] + [4] + row[8:] for row in table["data"]]},
+                           api_name="/lab_run")
+    assert swept[14] == "Done: 3 of 3 settings" and swept[16].startswith("**Sweep of temperature** over 0.1, 0.5, 0.9")
+    for plot in swept[17:20]:
+        points = pd.DataFrame(plot["data"], columns=plot["columns"])
+        assert list(points["swept value"]) == [0.1, 0.5, 0.9] and list(points["new tokens"]) == [4, 4, 4]
+        assert (points["tokens/s"] > 0).all() and (points["mean logprob"] < 0).all()
+    # a refused run changes only its status line: the results above stay on screen
     out = client.predict("Hi", settings_table([0.7, 2.0, 50, 0, 1, 1, 0, 16, 5]), api_name="/lab_run")
     assert "setting 1: top_p" in out[14]
+    assert all(value == {"__type__": "update"} for index, value in enumerate(out) if index != 14)
 
 
 def test_memory_panel_gains_points(client):

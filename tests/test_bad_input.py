@@ -67,7 +67,7 @@ def raw_chat(message: str = "Hello", system: str = "", **controls) -> Callable[[
 
     def run(client: Client) -> str:
         base = client.src.rstrip("/")
-        data = [message, system, *{**CHAT_CONTROLS, **controls}.values()]
+        data = [message, system, *{**CHAT_CONTROLS, **controls}.values(), ""]  # the last: no structured output
         body = json.dumps({"data": data}).encode()  # escapes surrogates; writes NaN as the literal NaN
         event_id = httpx.post(f"{base}/gradio_api/call/chat", content=body, timeout=30,
                               headers={"Content-Type": "application/json"}).json()["event_id"]

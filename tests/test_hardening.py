@@ -102,7 +102,7 @@ def test_head_is_answered_where_get_is(keyed):
 def test_a_chat_with_a_lone_surrogate_leaves_no_empty_chat(keyed):
     before = saved_chat_count(keyed)
     # the escape travels as a browser sends it
-    body = json.dumps({"data": ["hello", "be kind \udc00", *CONTROLS.values()]}).encode()
+    body = json.dumps({"data": ["hello", "be kind \udc00", *CONTROLS.values(), ""]}).encode()
     with httpx.Client(base_url=keyed.url, timeout=30) as browser:
         browser.post("/login", data={"username": "me", "password": API_KEY})
         event = browser.post("/gradio_api/call/chat", content=body,

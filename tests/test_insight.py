@@ -12,6 +12,9 @@ from playground.insight import (
     distributions,
     expert_load_frame,
     explore_distribution,
+    for_people,
+    mean_logprob,
+    readable,
     routing_heatmap_html,
     routing_to_state,
     tokens_html,
@@ -84,6 +87,28 @@ def test_min_p_greedy_and_repetition_penalty(logits):
     runner_up = logits.topk(2).indices[1].item()
     assert penalised.loc[~penalised["cut"], "id"].tolist() == [runner_up]
     assert penalised.iloc[0]["id"] == top and penalised.iloc[0]["cut"]  # ranked by the model's own probability
+
+
+def test_explorer_labels_sort_in_rank_order(logits):
+    # The chart sorts its bars by label (its sort never changes, see ui/explorer.py): ranks are zero-padded.
+    frame = explore_distribution(logits, [1], SamplingParams(), FakeTokenizer(), 12)
+    assert list(frame["label"]) == sorted(frame["label"]) and frame["label"].iloc[9].startswith("10. ")
+
+
+def test_numbers_are_shown_to_three_significant_digits(logits):
+    shown = {0.3636457920074463: "0.364", 11.03: "11", 1234.5: "1230", 9.996: "10", -1.23456: "-1.23",
+             0.000012345: "1.23e-05", 64.0: "64", 1234: "1234", 0.0: "0", float("nan"): "", None: ""}
+    assert {value: for_people(value) for value in shown} == shown
+    frame = explore_distribution(logits, [1], SamplingParams(), FakeTokenizer(), 5)
+    styled = readable(frame[["rank", "token", "model p"]])
+    assert styled.data["model p"].tolist() == frame["model p"].tolist()  # the data keep their precision
+    html = styled.to_html()
+    assert f">{for_people(frame['model p'][0])}<" in html and f"{frame['model p'][0]!r}" not in html
+
+
+def test_mean_logprob_skips_tokens_without_one():
+    assert mean_logprob([{"logprob": -1.0}, {"logprob": None}, {"logprob": -2.0}]) == -1.5
+    assert mean_logprob([{"logprob": None}]) is None and mean_logprob([]) is None
 
 
 def test_token_html_escapes_and_colours():

@@ -70,7 +70,9 @@ def test_chats_and_runs_survive_a_restart(tmp_path):
         chats = frame(client.predict(api_name="/history_chats"))
         assert list(chats["title"]) == ["My name is Ada. Say hi."] and list(chats["messages"]) == [4]
         runs = frame(client.predict(api_name="/history_runs"))
-        assert list(runs["prompt"]) == ["Write a haiku about rain."] and list(runs["cells"]) == [2]
+        # readable columns first, the id last; an untitled run shows its prompt
+        assert list(chats.columns) == ["title", "updated", "messages", "model", "id"]
+        assert list(runs["title"]) == ["Write a haiku about rain."] and list(runs["cells"]) == [2]
 
         # reopen the chat: the chatbot shows it (stats lines included) and the next turn continues it
         chat_id = chats["id"][0]
@@ -104,6 +106,31 @@ def test_chats_and_runs_survive_a_restart(tmp_path):
         bad.write_bytes(b"\xff\xfe not text")
         note, listed = client.predict(handle_file(str(bad)), api_name="/chat_import")
         assert "Import failed" in note and "UTF-8" in note and len(frame(listed)) == 2
+
+        # the copy says it is one; rename, search and delete (the page asks for a second click; the API does not)
+        titles = frame(listed).set_index("id")["title"]
+        copy_id = next(row_id for row_id in titles.index if row_id != chat_id)
+        assert titles[chat_id] == "My name is Ada. Say hi." and titles[copy_id] == "My name is Ada. Say hi. (imported)"
+        note, listed = client.predict(chat_id, "Ada's chat", api_name="/history_rename_chat")
+        assert note.startswith("Renamed") and frame(listed).set_index("id")["title"][chat_id] == "Ada's chat"
+        note, listed = client.predict(chat_id, "", api_name="/history_rename_chat")
+        assert note.startswith("⚠️") and "empty" in note
+        run_id = runs["id"][0]
+        note, _ = client.predict(run_id, "Zyxwv rain", api_name="/history_rename_run")
+        note, found_chats, found_runs = client.predict("MY NAME IS ADA", api_name="/history_search")
+        assert set(frame(found_chats)["id"]) == {chat_id, copy_id} and frame(found_runs).empty
+        note, found_chats, found_runs = client.predict("zyxwv", api_name="/history_search")
+        assert frame(found_chats).empty and list(frame(found_runs)["title"]) == ["Zyxwv rain"]
+        note, listed = client.predict(copy_id, api_name="/history_delete_chat")
+        assert note.startswith("Deleted") and list(frame(listed)["id"]) == [chat_id]
+
+        # a run goes back into the lab: its prompt and its settings table as it was run
+        note, prompt, settings = client.predict(run_id, api_name="/history_run_to_lab")
+        assert prompt == "Write a haiku about rain." and frame(settings).values.tolist() == table["data"]
+        note, listed = client.predict(run_id, api_name="/history_delete_run")
+        assert note.startswith("Deleted") and frame(listed).empty
+        note, listed = client.predict(run_id, api_name="/history_delete_run")
+        assert note.startswith("⚠️") and "no saved lab run" in note
     finally:
         server.stop()
 

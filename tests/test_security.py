@@ -177,6 +177,9 @@ def test_panel_loads_from_the_root_only_safetensors(guarded):
     assert guarded.status()["name"] == "tiny"
     assert client.predict(EMBEDDED, api_name="/model_load").startswith("✅ Loaded")
     assert guarded.status()["name"] == "SmolLM2-135M-Instruct"
+    load_time = guarded.status()["load_time_s"]
+    assert "already loaded" in client.predict(EMBEDDED, api_name="/model_load")  # not loaded a second time
+    assert guarded.status()["load_time_s"] == load_time
 
 
 # ----------------------------------------------------------------------------------------- remote code

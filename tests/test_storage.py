@@ -1,4 +1,5 @@
-"""The chat and lab store (playground/storage.py): schema, saving, undo/regenerate, export/import, threads."""
+"""The chat and lab store (playground/storage.py): schema, saving, undo/regenerate, rename, delete, search,
+export/import, threads. Migrating older databases: test_storage_migration.py."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from playground.storage import (
     DATABASE_NAME,
     EXPORT_FORMAT,
     MAX_IMPORT_BYTES,
+    MAX_TITLE_CHARS,
     Chat,
     ImportFileError,
     LabCell,
@@ -124,7 +126,7 @@ def test_lab_run_with_cells_and_csv(store):
     run = store.load_run(run_id)
     assert run.prompt == "Write a haiku." and run.model == "tiny" and len(run.settings) == 2
     assert [(c.setting_index, c.output) for c in run.cells] == [(0, "one"), (1, "two, with \"quotes\"\nand a newline")]
-    assert store.list_runs()[0] | {"created": None} == {"id": run_id, "created": None, "model": "tiny",
+    assert store.list_runs()[0] | {"created": None} == {"id": run_id, "title": None, "created": None, "model": "tiny",
                                                           "prompt": "Write a haiku.", "cells": 2}
     rows = list(csv.DictReader(io.StringIO(store.export_runs_csv())))
     assert [r["run_id"] for r in rows] == [run_id, run_id]
@@ -243,6 +245,137 @@ def test_chat_tab_saves_turns_and_drops_emptied_chats(store):
     db = sqlite3.connect(store.path)
     assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0  # its messages went with it
     db.close()
+
+
+# ----------------------------------------------------------------------------------- rename, delete, search
+
+
+def a_run(store, prompt="Write a haiku.", output="out", title=None):
+    run_id = store.save_lab_run(prompt, [LabCell(0, {"temperature": 0.0}, output)], model="tiny")
+    if title:
+        store.rename_run(run_id, title)
+    return run_id
+
+
+def test_rename_chat_and_run(store):
+    chat_id = store.create_chat()
+    store.put_message(chat_id, 0, "user", "first message names it")
+    store.rename_chat(chat_id, "  My  chat\nabout things ")
+    assert store.load_chat(chat_id).title == "My chat about things"  # one line, as typed
+    store.put_message(chat_id, 2, "user", "a later message does not rename it")
+    assert store.list_chats()[0]["title"] == "My chat about things"
+    run_id = a_run(store)
+    assert store.load_run(run_id).title is None and store.list_runs()[0]["title"] is None
+    store.rename_run(run_id, "Haiku test")
+    assert store.load_run(run_id).title == "Haiku test" and store.list_runs()[0]["title"] == "Haiku test"
+    assert store.load_run(run_id).prompt == "Write a haiku."
+
+
+@pytest.mark.parametrize("title, message", [
+    ("", "the title is empty"),
+    (" \n\t", "the title is empty"),
+    ("x" * (MAX_TITLE_CHARS + 1), f"at most {MAX_TITLE_CHARS}"),
+    (LONE_SURROGATE, "the title " + NOT_A_CHARACTER),
+    (None, "must be text"),
+])
+def test_bad_titles_are_refused(store, title, message):
+    chat_id, run_id = store.create_chat(title="kept"), a_run(store, title="kept too")
+    with pytest.raises(StorageError, match=message):
+        store.rename_chat(chat_id, title)
+    with pytest.raises(StorageError, match=message):
+        store.rename_run(run_id, title)
+    assert store.load_chat(chat_id).title == "kept" and store.load_run(run_id).title == "kept too"
+
+
+def test_renaming_what_is_not_there_says_so(store):
+    with pytest.raises(StorageError, match="there is no chat 'nope'"):
+        store.rename_chat("nope", "title")
+    with pytest.raises(StorageError, match="there is no lab run 'nope'"):
+        store.rename_run("nope", "title")
+
+
+def test_delete_run_takes_its_cells(store):
+    kept, gone = a_run(store, "kept"), a_run(store, "gone")
+    assert store.delete_run(gone) is True
+    assert store.load_run(gone) is None and [row["id"] for row in store.list_runs()] == [kept]
+    assert store.delete_run(gone) is False  # deleted already: nothing to do, no error
+    db = sqlite3.connect(store.path)
+    assert db.execute("SELECT DISTINCT run_id FROM lab_cells").fetchall() == [(kept,)]
+    db.close()
+    chat_id = store.create_chat()
+    assert store.delete_chat(chat_id) is True and store.delete_chat(chat_id) is False
+
+
+def test_search_finds_titles_messages_prompts_and_outputs_in_any_case(store):
+    zebra = store.create_chat()
+    store.put_message(zebra, 0, "user", "Tell me about zebras.")
+    store.put_message(zebra, 1, "assistant", "They have STRIPES.")
+    other = store.create_chat()
+    store.put_message(other, 0, "user", "Größe of the Straße?")
+    store.rename_chat(other, "German words")
+    prompt_run, output_run, title_run = a_run(store, "Zebra haiku"), a_run(store, output="stripes"), a_run(store)
+    store.rename_run(title_run, "Hunt for zebras")
+
+    def found(query):
+        result = store.search(query)
+        return {row["id"] for row in result["chats"]}, {row["id"] for row in result["runs"]}
+
+    assert found("zebra") == ({zebra}, {prompt_run, title_run})
+    assert found("stripes") == ({zebra}, {output_run})  # a reply, a cell's output
+    assert found("GERMAN") == ({other}, set())
+    assert found("STRASSE") == ({other}, set()) and found("größe") == ({other}, set())  # Unicode case folding
+    assert found("nothing like this") == (set(), set())
+    assert found("") == ({zebra, other}, {prompt_run, output_run, title_run})  # no query: everything
+    assert store.list_chats("ZEBRA")[0]["messages"] == 2  # the count is of all its messages, not the matches
+
+
+def test_search_takes_wildcards_literally(store):
+    plain, percent = store.create_chat(title="fifty"), store.create_chat(title="50% off_now")
+    assert [row["id"] for row in store.list_chats("%")] == [percent]
+    assert [row["id"] for row in store.list_chats("_")] == [percent]
+    assert plain not in {row["id"] for row in store.list_chats("f_f")}
+
+
+def test_bad_searches_are_refused(store):
+    with pytest.raises(StorageError, match="the search " + NOT_A_CHARACTER):
+        store.search(LONE_SURROGATE)
+    with pytest.raises(StorageError, match="at most 200"):
+        store.search("x" * 201)
+
+
+# ------------------------------------------------------------------------------------------------ imported
+
+
+def test_imported_chats_are_marked(store):
+    made = store.create_chat()
+    store.put_message(made, 0, "user", "hello")
+    text = export_json(store.export_chats()).encode()
+    (copy,) = store.import_chats(parse_chat_export(text))
+    listed = {row["id"]: row["imported"] for row in store.list_chats()}
+    assert listed == {made: False, copy: True}
+    assert store.load_chat(made).imported is None and store.load_chat(copy).imported > 0
+    assert store.load_chat(copy).title == store.load_chat(made).title  # the title is the original's
+
+
+def test_history_tab_shows_imported_and_reopens_runs_in_the_lab(store):
+    from playground.ui.history_views import IMPORTED, HistoryViews
+    from playground.ui.lab_tab import SETTING_FIELDS
+
+    made = store.create_chat()
+    store.put_message(made, 0, "user", "hello")
+    (copy,) = store.import_chats(parse_chat_export(export_json(store.export_chats()).encode()))
+    views = HistoryViews(store)
+    table = views.chats_table().set_index("id")
+    assert table.loc[made, "title"] == "hello" and table.loc[copy, "title"] == "hello" + IMPORTED
+    assert list(views.chats_table()) == ["title", "updated", "messages", "model", "id"]
+    rows = [{name: index + 1 for index, name in enumerate(SETTING_FIELDS)}, {"temperature": 0.5, "extra": 1}]
+    run_id = store.save_lab_run("The prompt", [LabCell(0, rows[0], "out")], settings=rows)
+    note, prompt, settings, _ = views.run_to_lab(run_id)
+    assert prompt == "The prompt" and list(settings.columns) == SETTING_FIELDS and len(settings) == 2
+    assert settings.iloc[0].tolist() == list(range(1, len(SETTING_FIELDS) + 1))
+    assert settings.iloc[1]["temperature"] == 0.5 and settings.iloc[1].isna().sum() == len(SETTING_FIELDS) - 1
+    assert "The prompt" in note
+    assert views.run_to_lab("missing")[0].startswith("⚠️") and views.rename_chat("", "x")[0].startswith("⚠️")
 
 
 # ------------------------------------------------------------------------------------------ private files

@@ -17,26 +17,41 @@ from playground.ui.model_panel import build_model_panel
 TITLE = "Yuan2.0-M32 Playground"
 
 
+# The state leads the line in words: colour emoji are missing from many system fonts (a box is all that shows).
+STAND_IN_NOTE = (
+    "Serving **{name}**, a small stand-in shipped with the playground; for Yuan2.0-M32 start with "
+    "`--model /path/to/Yuan2-M32-hf-int4` or use the Model panel."
+)
+
+
 def status_line() -> str:
     status = get_manager().status()
     if status["state"] == "loading":
         loading = status["loading"]
-        return f"⏳ Loading **{loading['model']}**: {loading['message']} ({loading['fraction']:.0%})"
+        return f"Loading **{loading['model']}**: {loading['message']} ({loading['fraction']:.0%})"
     if status["state"] == "ready":
         queue = f" · {status['queued']} waiting" if status["queued"] else ""
         if status.get("base_url"):  # served by a remote engine
             return (
-                f"🟢 **{status['name']}** · remote engine at {status['base_url']} "
+                f"Ready: **{status['name']}** · remote engine at {status['base_url']} "
                 f"({status['remote_owner'] or 'unknown kind'}) · prompt format: {status['remote_chat_format']} · "
                 f"up to {status['remote_concurrency']} requests at once{queue}"
             )
         return (
-            f"🟢 **{status['name']}** · {status['kind']} · {status['parameters'] / 1e6:.0f}M parameters · "
+            f"Ready: **{status['name']}** · {status['kind']} · {status['parameters'] / 1e6:.0f}M parameters · "
             f"{status['dtype']} on {status['device']} · loaded in {status['load_time_s']:.1f} s{queue}"
         )
     if status["state"] == "error":
-        return f"🔴 No model loaded: {status['last_error']}"
-    return "⚪ No model loaded."
+        return f"No model loaded: {status['last_error']}"
+    return "No model loaded."
+
+
+def stand_in_banner() -> dict:
+    """A one-line note while the embedded stand-in serves, saying what it is and how to serve Yuan2-M32."""
+    status = get_manager().status()
+    serving_stand_in = status["state"] == "ready" and status.get("kind") == "embedded"
+    return gr.update(value=STAND_IN_NOTE.format(name=status.get("name")) if serving_stand_in else "",
+                     visible=serving_stand_in)
 
 
 def build_app(settings: Settings | None = None, storage: Storage | None = None) -> gr.Blocks:
@@ -45,13 +60,17 @@ def build_app(settings: Settings | None = None, storage: Storage | None = None) 
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}")
         status = gr.Markdown(status_line, elem_id="model-status")
+        banner = gr.Markdown(visible=False, elem_id="stand-in-banner")
         build_model_panel(settings.models_root, device=settings.device, dtype=settings.dtype)
         with gr.Tabs(elem_id="tabs"):  # explicit, so the History tab can switch to the Chat tab
             chat = build_chat_tab(storage)
-            lab_details = build_lab_tab(storage)
-            build_insight_tab(chat.details, lab_details)
+            lab = build_lab_tab(storage)
+            build_insight_tab(chat.details, lab.details)
             build_memory_tab()
-            build_history_tab(chat, storage)
+            build_history_tab(chat, lab, storage)
         status_timer = gr.Timer(2.0)
         status_timer.tick(status_line, None, status, api_name="status", show_progress="hidden", queue=False)
+        status_timer.tick(stand_in_banner, None, banner, api_name=False, show_progress="hidden", queue=False)
+        demo.load(stand_in_banner, None, banner, api_name=False, show_progress="hidden", queue=False)
+        chat.restore_on_load(demo, storage)  # the chat this browser showed before a reload
     return demo

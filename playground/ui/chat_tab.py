@@ -12,7 +12,10 @@ from playground.errors import PlaygroundError, not_unicode
 from playground.insight import INSPECT_TOP, routing_to_state, tokens_to_state
 from playground.manager import GenerationStats, get_manager
 from playground.storage import Storage, StorageError
-from playground.ui.controls import params_from_controls, preset_controls, sampling_controls
+from playground.structured import checked_reply, schema_from_text
+from playground.ui.controls import PresetPicker, params_from_controls, sampling_controls
+
+SCHEMA_INPUT = "response_schema"  # the chat's structured-output box, passed with the sampling controls
 
 
 def display(history: list[dict], stats: list[str]) -> list[dict]:
@@ -44,6 +47,32 @@ class ChatTab:
     chat_id: gr.State  # the saved chat this conversation continues; None until its first message is saved
     system_prompt: gr.Textbox
     status: gr.Markdown
+    shown_chat: gr.BrowserState  # the saved chat this browser shows, so a page reload brings it back
+
+    def restore_on_load(self, demo: gr.Blocks, storage: Storage | None) -> None:
+        """On page load, reopen the saved chat this browser showed (nothing when saving is off or it is gone)."""
+
+        def restore(chat_id):
+            chat = None
+            if storage is not None and chat_id:
+                try:
+                    chat = storage.load_chat(chat_id)
+                except StorageError:
+                    chat = None
+            if chat is None:
+                return (gr.skip(),) * 7
+            return (*saved_chat_states(chat), f"Reopened your chat **{chat.title or '(untitled)'}**.")
+
+        demo.load(restore, self.shown_chat, [self.chatbot, self.system_prompt, self.history, self.stats,
+                                             self.details, self.chat_id, self.status], api_name=False)
+
+
+def saved_chat_states(chat) -> tuple:
+    """A saved chat as the Chat tab's (chatbot, system prompt, history, stats, details, chat id)."""
+    history = [{"role": m.role, "content": m.content} for m in chat.messages]
+    stats = [(m.stats or {}).get("summary", "") for m in chat.messages if m.role == "assistant"]
+    details = [None] * len(stats)  # token details are not saved; Insight skips these replies
+    return display(history, stats), chat.system_prompt, history, stats, details, chat.id
 
 
 # ----------------------------------------------------------------------------- saving turns as they happen
@@ -107,11 +136,14 @@ def stream_reply(storage, history, stats, details, system_prompt, sampling, requ
     saving is on) before it is shown as done; a reply still streaming is never saved.
     """
     manager = get_manager()
+    sampling = dict(sampling)
     try:
+        response_format = schema_from_text(sampling.pop(SCHEMA_INPUT, ""))
         params = params_from_controls(sampling)
         loaded = manager.require_model()
         events = manager.stream(messages=_messages(history, system_prompt), params=params, owner=_owner(request),
-                                logprobs=INSPECT_TOP, capture_routing=loaded.has_experts)
+                                logprobs=INSPECT_TOP, capture_routing=loaded.has_experts,
+                                response_format=response_format)
         reply, tokens = "", []
         for event in events:
             tokens.extend(event.tokens)
@@ -128,11 +160,15 @@ def stream_reply(storage, history, stats, details, system_prompt, sampling, requ
                     yield display(history, stats), history, stats, f"⚠️ {result.error}", details
                     return
                 save_turn(storage, chat_id, history, "assistant", event.text, stats=reply_stats(result))
-                history = history + [{"role": "assistant", "content": event.text}]
-                stats = stats + [result.summary()]
+                shown, summary = event.text, result.summary()
+                if response_format is not None:  # pretty-printed, and checked against the schema
+                    shown, verdict = checked_reply(event.text, response_format)
+                    summary += f" · {verdict}"
+                history = history + [{"role": "assistant", "content": shown}]
+                stats = stats + [summary]
                 details = details + [{"tokens": tokens_to_state(tokens),
                                       "routing": routing_to_state(event.routing, loaded.tokenizer)}]
-                yield display(history, stats), history, stats, f"Done: {result.summary()}", details
+                yield display(history, stats), history, stats, f"Done: {summary}", details
     except PlaygroundError as exc:
         gr.Warning(str(exc))
         yield display(history, stats), history, stats, f"⚠️ {exc}", details
@@ -145,27 +181,53 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
         stats = gr.State([])
         details = gr.State([])  # per reply: tokens and routing for the Insight tab (not sent to API clients)
         chat_id = gr.State(None)
-        system_prompt = gr.Textbox(label="System prompt", lines=2, placeholder="Optional instructions for the model")
-        chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot", buttons=["copy", "copy_all"])
-        with gr.Row():
-            message = gr.Textbox(
-                show_label=False, placeholder="Type a message and press Enter", scale=8, elem_id="chat-input"
-            )
-            send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
-            stop = gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop")
-        with gr.Row():
-            regenerate = gr.Button("Regenerate", size="sm")
-            undo = gr.Button("Undo", size="sm")
-            clear = gr.Button("Clear", size="sm")
-        status = gr.Markdown("", elem_id="chat-status")
-        controls = sampling_controls()
-        preset_controls(controls, api_prefix="chat")
+        shown_chat = gr.BrowserState(None, storage_key="yuan-playground-chat")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=520):
+                chatbot = gr.Chatbot(label="Conversation", height=560, elem_id="chatbot", buttons=["copy", "copy_all"])
+                with gr.Row():
+                    message = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=8,
+                                         elem_id="chat-input")
+                    send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="chat-send")
+                    stop = gr.Button("Stop", variant="secondary", interactive=False, scale=1, min_width=90,
+                                     elem_id="chat-stop")
+                with gr.Row():
+                    regenerate = gr.Button("Regenerate", size="sm", elem_id="chat-regenerate")
+                    undo = gr.Button("Undo", size="sm", elem_id="chat-undo")
+                    clear = gr.Button("Clear", size="sm", elem_id="chat-clear")
+                status = gr.Markdown("", elem_id="chat-status")
+            # Settings always in view beside the conversation, as in the playgrounds people know.
+            with gr.Column(scale=2, min_width=340, elem_id="chat-settings"):
+                system_prompt = gr.Textbox(label="System prompt", lines=1, max_lines=8,
+                                           placeholder="Optional instructions for the model")
+                presets = PresetPicker()
+                controls = sampling_controls(per_row=2)
+                presets.save_row(controls, api_prefix="chat")
+                with gr.Accordion("Structured output", open=False):
+                    schema = gr.Code(value="", language="json", lines=5, elem_id="chat-schema",
+                                     label="JSON Schema the reply must match (empty: free text)")
+        inputs_by_name = {**controls, SCHEMA_INPUT: schema}  # by name: API clients see named parameters
 
         # The sampling controls come as keyword arguments named after their fields (inputs_kwargs), so API
         # clients see named parameters without this file listing them.
         def send_message(text, history, stats, details, system_prompt, chat_id, request: gr.Request = None,
                          **sampling):
+            """The browser's send: the box is emptied once, then left to what is typed while the reply streams."""
+            yield from send_turn(text, history, stats, details, system_prompt, chat_id, request, sampling, gr.skip())
+
+        def send_message_api(text, history, stats, details, system_prompt, chat_id, request: gr.Request = None,
+                             **sampling):
+            """The same for API clients (`/chat`), whose last answer holds the box's value: empty once sent."""
+            yield from send_turn(text, history, stats, details, system_prompt, chat_id, request, sampling, "")
+
+        def send_turn(text, history, stats, details, system_prompt, chat_id, request, sampling, box_later):
             text = message_text(text)
+            if _owner(request) and get_manager().busy(_owner(request)):
+                # Enter while a reply streams: the message stays in the box, to send when the reply is done.
+                gr.Warning("A reply is still being written: your message stays in the box. Send it when the reply "
+                           "is done, or press Stop.")
+                yield (gr.skip(),) * 7
+                return
             if not text.strip():
                 gr.Warning("Type a message first.")
                 yield display(history, stats), history, stats, "⚠️ The message is empty.", details, chat_id, text
@@ -180,10 +242,11 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
             turn = history + [{"role": "user", "content": text}]
             # Saved as soon as it is sent, so a crash during the reply keeps the question.
             chat_id = save_turn(storage, chat_id, history, "user", text, system_prompt=system_prompt)
-            final = None
+            final, box = None, ""  # the box is emptied once; later updates leave what is typed meanwhile alone
             for update in stream_reply(storage, turn, stats, details, system_prompt, sampling, request, chat_id):
                 final = update
-                yield (*update, chat_id, "")
+                yield (*update, chat_id, box)
+                box = box_later
             if final is not None and final[1] is turn:
                 # The reply failed: keep the history as it was and give the message back to edit.
                 chat_id = forget_turns(storage, chat_id, len(history))
@@ -216,7 +279,18 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
         def clear_chat(request: gr.Request = None):
             get_manager().cancel(_owner(request)) if _owner(request) else None
             # The next message starts a new saved chat; this one stays in the History tab.
-            return [], [], [], "Cleared.", [], None
+            return [], [], [], "Cleared: your next message starts a new chat (this one stays in History).", [], None
+
+        buttons = [send, regenerate, undo, clear, stop]
+
+        def buttons_busy():
+            return (*(gr.update(interactive=False) for _ in buttons[:-1]), gr.update(interactive=True, variant="stop"))
+
+        def buttons_idle(request: gr.Request = None):
+            if _owner(request) and get_manager().busy(_owner(request)):
+                return (gr.skip(),) * len(buttons)  # another reply of this page is still running
+            return (*(gr.update(interactive=True) for _ in buttons[:-1]),
+                    gr.update(interactive=False, variant="secondary"))
 
         def stop_generation(request: gr.Request = None):
             owner = _owner(request)
@@ -227,14 +301,24 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
         outputs = [chatbot, history, stats, status, details, chat_id]
         inputs = [history, stats, details, system_prompt, chat_id]
         # concurrency_limit=None: the manager's own queue orders generations and reports places in it.
-        message.submit(send_message, [message, *inputs], [*outputs, message], inputs_kwargs=controls, api_name="chat",
-                       concurrency_limit=None)
-        send.click(send_message, [message, *inputs], [*outputs, message], inputs_kwargs=controls, api_name=False,
-                   concurrency_limit=None)
-        regenerate.click(regenerate_reply, inputs, outputs, inputs_kwargs=controls, api_name="chat_regenerate",
-                         concurrency_limit=None)
+        # Each reply greys out what must wait for it (and lights Stop) while it runs.
+        for trigger in (message.submit, send.click):
+            trigger(buttons_busy, None, buttons, api_name=False, queue=False, show_progress="hidden")
+            # trigger_mode="multiple": Enter during a reply reaches send_message, which says why it waits (the
+            # default, "once", would ignore it without a word).
+            trigger(send_message, [message, *inputs], [*outputs, message], inputs_kwargs=inputs_by_name, api_name=False,
+                    concurrency_limit=None, trigger_mode="multiple").then(buttons_idle, None, buttons, api_name=False,
+                                                                         show_progress="hidden")
+        gr.Button(visible=False).click(send_message_api, [message, *inputs], [*outputs, message],
+                                       inputs_kwargs=inputs_by_name, api_name="chat", concurrency_limit=None)
+        regenerate.click(buttons_busy, None, buttons, api_name=False, queue=False, show_progress="hidden")
+        regenerate.click(regenerate_reply, inputs, outputs, inputs_kwargs=inputs_by_name, api_name="chat_regenerate",
+                         concurrency_limit=None).then(buttons_idle, None, buttons, api_name=False,
+                                                      show_progress="hidden")
         undo.click(undo_turn, [history, stats, details, chat_id], outputs, api_name="chat_undo")
         clear.click(clear_chat, None, outputs, api_name="chat_clear")
+        chatbot.clear(clear_chat, None, outputs, api_name=False)  # its bin icon: the same as Clear
         stop.click(stop_generation, None, status, api_name="chat_stop", queue=False)
+        chat_id.change(lambda shown: shown, chat_id, shown_chat, api_name=False, show_progress="hidden")
     return ChatTab(chatbot=chatbot, history=history, stats=stats, details=details, chat_id=chat_id,
-                   system_prompt=system_prompt, status=status)
+                   system_prompt=system_prompt, status=status, shown_chat=shown_chat)

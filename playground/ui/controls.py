@@ -10,33 +10,33 @@ from playground.errors import ParameterError
 from playground.params import SAMPLING_FIELDS, SamplingParams
 from playground.presets import load_presets, save_user_preset
 
-CONTROLS_PER_ROW = 3
 Controls = dict[str, gr.components.Component]  # one control per sampling field, in the registry's order
 
 
-def sampling_controls(defaults: SamplingParams | None = None, open: bool = False) -> Controls:
-    """One control per SamplingParams field in an accordion, named and ordered as the registry lists them.
+def sampling_controls(defaults: SamplingParams | None = None, per_row: int = 2) -> Controls:
+    """One control per SamplingParams field, named and ordered as the registry lists them, `per_row` to a row.
 
     Numbers are plain number boxes with no bounds of their own: a value out of range reaches SamplingParams,
-    which refuses it with the same message as the lab and the APIs (a slider would clamp it silently).
+    which refuses it with the same message as the lab and the APIs (a slider would clamp it silently). A field
+    whose default is "none" (the seed) is a text box: empty means none and looks empty (a number box shows 0).
     """
     values = control_values(defaults or SamplingParams())
     numeric = [field for field in SAMPLING_FIELDS.values() if field.numeric]
     controls: Controls = {}
-    with gr.Accordion("Sampling", open=open):
-        for start in range(0, len(numeric), CONTROLS_PER_ROW):
-            with gr.Row():
-                for field in numeric[start:start + CONTROLS_PER_ROW]:
-                    controls[field.name] = gr.Number(
-                        value=values[field.name], label=field.name, info=field.limits.reads, step=field.limits.step,
-                        placeholder="random" if field.default is None else None, min_width=160,
-                        elem_id=f"sampling-{field.name}",
-                    )
-        for field in SAMPLING_FIELDS.values():
-            if not field.numeric:
-                controls[field.name] = gr.Textbox(value=values[field.name], lines=2, label=f"{field.name} strings",
-                                                  info="one per line; \\n means a newline",
-                                                  elem_id=f"sampling-{field.name}")
+    for start in range(0, len(numeric), per_row):
+        with gr.Row():
+            for field in numeric[start:start + per_row]:
+                common = dict(label=field.name, info=field.limits.reads, min_width=140,
+                              elem_id=f"sampling-{field.name}")
+                controls[field.name] = (
+                    gr.Textbox(value=values[field.name], placeholder="empty: random", **common)
+                    if field.default is None else gr.Number(value=values[field.name], step=field.limits.step, **common)
+                )
+    for field in SAMPLING_FIELDS.values():
+        if not field.numeric:
+            controls[field.name] = gr.Textbox(value=values[field.name], lines=2, label=f"{field.name} strings",
+                                              info="one per line; \\n means a newline",
+                                              elem_id=f"sampling-{field.name}")
     mark_unavailable_controls(controls)
     return controls
 
@@ -75,11 +75,14 @@ def params_from_controls(values: dict[str, Any]) -> SamplingParams:
 
 
 def control_values(params: SamplingParams) -> dict[str, Any]:
-    """SamplingParams -> control values by field name (stop strings one per line, newlines as \\n)."""
+    """SamplingParams -> control values by field name (stop strings one per line, newlines as \\n; an unset
+    seed as an empty box)."""
     values = params.model_dump()
     for name, field in SAMPLING_FIELDS.items():
         if not field.numeric:
             values[name] = "\n".join(text.replace("\n", "\\n") for text in values[name])
+        elif field.default is None:
+            values[name] = "" if values[name] is None else str(values[name])
     return values
 
 
@@ -95,36 +98,47 @@ def preset_problems_note(problems: list[str]) -> str:
     return ("\n\n⚠️ Skipped preset files: " + "; ".join(problems)) if problems else ""
 
 
-def preset_controls(controls: Controls, api_prefix: str) -> gr.Dropdown:
-    """A preset dropdown that fills `controls`, and a box + button that save them as a user preset."""
-    with gr.Row():
-        chooser = gr.Dropdown(preset_names(), value=None, label="Preset", scale=2,
-                              info="fills the sampling controls below")
-        name = gr.Textbox(label="Save these settings as", placeholder="my preset", scale=2)
-        save = gr.Button("Save preset", size="sm", scale=1)
-    note = gr.Markdown("")
+class PresetPicker:
+    """A preset dropdown (with its note) above the sampling controls, and a row that saves them as a user preset.
 
-    def fill(chosen):
-        presets, problems = load_presets()
-        if chosen not in presets:
-            return [gr.update()] * len(controls) + [f"⚠️ No preset named {chosen!r}.{preset_problems_note(problems)}"]
-        preset = presets[chosen]
-        values = control_values(preset.params)
-        where = "your preset" if preset.user else "shipped preset"
-        text = f"Applied {where} **{preset.name}**: {preset.description}".rstrip(": ")
-        return [*(values[name] for name in controls), text + preset_problems_note(problems)]
+    Made in two steps so the dropdown sits above the controls it fills: `PresetPicker()` where the dropdown goes,
+    then `save_row(controls)` where the save row goes, which wires both."""
 
-    def save_preset(preset_name, **values):
-        try:
-            path = save_user_preset(preset_name, params_from_controls(values))
-        except ParameterError as exc:
-            return gr.update(), f"⚠️ {exc}"
-        return gr.update(choices=preset_names(), value=preset_name.strip()), f"Saved preset **{preset_name.strip()}** to `{path}`."
+    def __init__(self):
+        self.chooser = gr.Dropdown(preset_names(), value=None, label="Preset (fills the settings below)",
+                                   elem_id="preset-choice")
+        self.note = gr.Markdown("", elem_id="preset-note")
 
-    def refresh(current):
-        return gr.update(choices=preset_names(), value=current)
+    def save_row(self, controls: Controls, api_prefix: str) -> None:
+        with gr.Row():
+            name = gr.Textbox(label="Save these settings as", placeholder="my preset", scale=3, min_width=120)
+            save = gr.Button("Save preset", size="sm", scale=1, min_width=80)
+        chooser, note = self.chooser, self.note
 
-    chooser.input(fill, chooser, [*controls.values(), note], api_name=f"{api_prefix}_preset")
-    chooser.focus(refresh, chooser, chooser, api_name=False, show_progress="hidden", queue=False)
-    save.click(save_preset, [name], [chooser, note], inputs_kwargs=controls, api_name=f"{api_prefix}_preset_save")
-    return chooser
+        def fill(chosen):
+            presets, problems = load_presets()
+            if chosen not in presets:
+                return [gr.skip()] * len(controls) + [f"⚠️ No preset named {chosen!r}.{preset_problems_note(problems)}"]
+            preset = presets[chosen]
+            values = control_values(preset.params)
+            where = "your preset" if preset.user else "shipped preset"
+            text = f"Applied {where} **{preset.name}**: {preset.description}".rstrip(": ")
+            return [*(values[field] for field in controls), text + preset_problems_note(problems)]
+
+        def save_preset(preset_name, **values):
+            try:
+                path = save_user_preset(preset_name, params_from_controls(values))
+            except ParameterError as exc:
+                return gr.skip(), f"⚠️ {exc}"
+            return (gr.update(choices=preset_names(), value=preset_name.strip()),
+                    f"Saved preset **{preset_name.strip()}** to `{path}`.")
+
+        def refresh(current):
+            return gr.update(choices=preset_names(), value=current)
+
+        chooser.input(fill, chooser, [*controls.values(), note], api_name=f"{api_prefix}_preset")
+        chooser.focus(refresh, chooser, chooser, api_name=False, show_progress="hidden", queue=False)
+        save.click(save_preset, [name], [chooser, note], inputs_kwargs=controls, api_name=f"{api_prefix}_preset_save")
+        for control in controls.values():  # a value changed by hand: the settings are no longer the preset's
+            control.input(lambda: (None, ""), None, [chooser, note], api_name=False, show_progress="hidden",
+                          queue=False)

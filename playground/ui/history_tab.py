@@ -1,290 +1,292 @@
-"""History tab: saved chats and sampling-lab runs; reopen a chat in the Chat tab, view a run, export and import."""
+"""History tab: saved chats and sampling-lab runs; search them, reopen a chat in the Chat tab or a run in the lab,
+rename, delete, export and import.
+
+The API endpoints (`/history_chats`, `/chat_export`, …) return plain values (history_views.HistoryViews); the page's
+own events wrap them into updates that also show or hide what has or lacks content (an empty list, an export not
+made yet), and clear what an earlier action showed.
+"""
 
 from __future__ import annotations
 
-import re
-import tempfile
-import time
-from datetime import datetime
-from html import escape
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from playground.manager import get_manager
-from playground.storage import (
-    MAX_IMPORT_BYTES,
-    export_json,
-    Storage,
-    StorageError,
-    read_chat_file,
-    run_rows,
-)
-from playground.ui.chat_tab import ChatTab, display
+from playground.storage import MAX_IMPORT_BYTES, Storage, StorageError
+from playground.ui.chat_tab import ChatTab
+from playground.ui.history_views import CHAT_COLUMNS, RUN_COLUMNS, HistoryViews, md_text, plural
+from playground.ui.lab_tab import LabTab
 
-CHAT_COLUMNS = ["id", "title", "messages", "model", "updated"]
-RUN_COLUMNS = ["id", "created", "prompt", "cells", "model"]
-PROMPT_PREVIEW_CHARS = 60
-HISTORY_OFF = (
-    "⚠️ Nothing is being saved: this server has no usable data folder (start it with `--data-dir DIR`; "
-    "if it was given, the server log says why the folder could not be opened)."
-)
+DELETE_LABEL = "Delete"
+CONFIRM_LABEL = "Click again to delete"
 
 
-def _local_time(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _one_line(text: str, limit: int) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-def _selected_row(event: gr.SelectData, shown: Any) -> dict | None:
+def _row_id(event: gr.SelectData, shown: Any) -> str | None:
+    """The id (the last column) of the clicked row."""
+    if event.row_value:  # the clicked row as displayed, sorted or not
+        return str(event.row_value[-1])
     row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
     frame = shown if isinstance(shown, pd.DataFrame) else pd.DataFrame(shown)
-    if frame.empty or not 0 <= row < len(frame):
-        return None
-    return frame.iloc[row].to_dict()
+    return str(frame.iloc[row]["id"]) if "id" in frame and 0 <= row < len(frame) else None
 
 
-def _html_note(text: str) -> str:
-    return f"<p>{escape(text)}</p>"
+def _shown_if_file(path: Any) -> dict:
+    """An export's file box, shown only once there is a file in it."""
+    return gr.update(visible=bool(path))
 
 
-def _download_path(name: str, suffix: str) -> Path:
-    """A fresh file in its own temporary folder (Gradio serves it for download); `name` is made file-name safe."""
-    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", name)[:80]
-    return Path(tempfile.mkdtemp(prefix="history-")) / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
+@dataclass
+class ListPanel:
+    """One list of the tab (chats or runs) and the controls for its selected row."""
+
+    table: gr.Dataframe
+    caption: gr.Markdown
+    note: gr.Markdown  # what the last action here did; replaced by the next one
+    selected: gr.Textbox  # the selected row's id: hidden, but the API endpoints' input
+    actions: gr.Row  # rename, open, export, delete: shown once a row is selected
+    title: gr.Textbox
+    delete: gr.Button
+    armed: gr.State  # the id a first click on Delete asked to delete
+    file: gr.File  # the last export: shown once there is one
+
+    def components(self) -> list:
+        return [self.table, self.caption, self.note, self.selected, self.actions, self.title, self.delete,
+                self.armed, self.file]
+
+    def listed(self, frame: pd.DataFrame, caption: str) -> dict:
+        return {self.table: gr.update(value=frame, visible=not frame.empty), self.caption: caption}
+
+    def disarmed(self) -> dict:
+        return {self.armed: None, self.delete: gr.update(value=DELETE_LABEL, variant="secondary")}
+
+    def unselected(self) -> dict:
+        return {self.note: "", self.selected: "", self.actions: gr.update(visible=False), self.title: "",
+                **self.disarmed(), self.file: gr.update(value=None, visible=False)}
+
+    def selected_row(self, row_id: str, title: str, note: str) -> dict:
+        return {**self.unselected(), self.selected: row_id, self.actions: gr.update(visible=True),
+                self.title: title, self.note: note}
 
 
-# ----------------------------------------------------------------------------------------------- chats
+def _list_panel(kind: str, noun: str, columns: list[str], value, open_label: str) -> tuple:
+    """The list, its caption and note, and the selected row's controls -> (panel, rename, open, export)."""
+    caption = gr.Markdown("", elem_id=f"history-{kind}s-caption")
+    table = gr.Dataframe(value=value, headers=columns, interactive=False, wrap=True, max_height=320,
+                         show_label=False, elem_id=f"history-{kind}s")
+    with gr.Row(visible=False, elem_id=f"history-{kind}-actions") as actions:
+        # no label box around it: the row stays one button high
+        title = gr.Textbox(label=f"Title of the selected {noun}", show_label=False, container=False, max_lines=1,
+                           placeholder=f"title of the selected {noun}", scale=2, elem_id=f"history-{kind}-title")
+        buttons = dict(size="md", scale=1, min_width=110)
+        rename = gr.Button("Rename", elem_id=f"history-rename-{kind}", **buttons)
+        open_button = gr.Button(open_label, variant="primary", elem_id=f"history-open-{kind}", **buttons)
+        export = gr.Button(f"Export ({'JSON' if kind == 'chat' else 'CSV'})", elem_id=f"history-export-{kind}",
+                           **buttons)
+        delete = gr.Button(DELETE_LABEL, elem_id=f"history-delete-{kind}", **buttons)
+    selected = gr.Textbox(label=f"{noun} id", visible="hidden", elem_id=f"history-{kind}-id")
+    note = gr.Markdown("", elem_id="history-status" if kind == "chat" else "history-run-status")
+    file = gr.File(label=f"Exported {noun}s", interactive=False, visible=False, elem_id=f"history-{kind}-file")
+    panel = ListPanel(table, caption, note, selected, actions, title, delete, gr.State(None), file)
+    return panel, rename, open_button, export
 
 
-class HistoryViews:
-    """What the History tab shows and does, over one store (None: nothing is saved)."""
-
-    def __init__(self, storage: Storage | None):
-        self.storage = storage
-
-    def chats_table(self) -> pd.DataFrame:
-        storage = self.storage
-        rows = storage.list_chats() if storage else []
-        return pd.DataFrame(
-            [{**row, "title": row["title"] or "(untitled)", "model": row["model"] or "",
-              "updated": _local_time(row["updated"])} for row in rows],
-            columns=CHAT_COLUMNS,
-        )
-
-    def open_chat(self, chat_id: str, request: gr.Request | None = None):
-        """A saved chat -> (note, chatbot, system prompt, history, stats, details, chat id, chat status, tab)."""
-        keep = (gr.skip(),) * 8
-        storage = self.storage
-        if storage is None:
-            return (HISTORY_OFF, *keep)
-        chat_id = (chat_id or "").strip()
-        if not chat_id:
-            return ("⚠️ Choose a chat first: click a row of the table (or paste its id).", *keep)
-        try:
-            chat = storage.load_chat(chat_id)
-        except StorageError as exc:
-            return (f"⚠️ {exc}", *keep)
-        if chat is None:
-            return (f"⚠️ There is no saved chat {chat_id!r}.", *keep)
-        owner = getattr(request, "session_hash", None)
-        if owner:
-            get_manager().cancel(owner)  # as Clear does: a reply still streaming into the old chat stops
-        history = [{"role": m.role, "content": m.content} for m in chat.messages]
-        stats = [(m.stats or {}).get("summary", "") for m in chat.messages if m.role == "assistant"]
-        details = [None] * len(stats)  # token details are not saved; Insight skips these replies
-        note = f"Opened **{chat.title or '(untitled)'}** ({len(history)} messages) in the Chat tab; new turns continue it."
-        if history and history[-1]["role"] == "user":
-            note += " Its last message has no reply (the server stopped during it): press **Regenerate** to answer it."
-        return (note, display(history, stats), chat.system_prompt, history, stats, details, chat.id,
-                f"Reopened saved chat {chat.id}.", gr.Tabs(selected="chat"))
-
-    def new_chat(self, request: gr.Request | None = None):
-        owner = getattr(request, "session_hash", None)
-        if owner:
-            get_manager().cancel(owner)
-        return ("Started a new chat: your next message in the Chat tab begins it.", [], "", [], [], [], None,
-                "New chat.", gr.Tabs(selected="chat"))
-
-    def export_chats(self, chat_id: str):
-        """One chat (its id) or, with no id, every chat -> (JSON file, note)."""
-        storage = self.storage
-        if storage is None:
-            return None, HISTORY_OFF
-        chat_id = (chat_id or "").strip()
-        try:
-            document = storage.export_chats([chat_id] if chat_id else None)
-        except StorageError as exc:
-            return None, f"⚠️ {exc}"
-        if not document["chats"]:
-            return None, "No chats are saved yet."
-        path = _download_path(f"chat-{chat_id}" if chat_id else "chats", ".json")
-        path.write_text(export_json(document), encoding="utf-8")
-        count = len(document["chats"])
-        return str(path), f"Exported {count} chat{'s' if count != 1 else ''} to `{path.name}`."
-
-    def import_chats(self, file: Any):
-        """An exported chats file -> (note, refreshed chats table). Any problem is a message, never a crash."""
-        storage = self.storage
-        if storage is None:
-            return HISTORY_OFF, self.chats_table()
-        path = file if isinstance(file, (str, Path)) else getattr(file, "name", None) or (file or {}).get("path")
-        if not path:
-            return "⚠️ Choose a chat export file (.json) to import first.", self.chats_table()
-        try:
-            chats = read_chat_file(path)
-            ids = storage.import_chats(chats)
-        except StorageError as exc:
-            return f"⚠️ Import failed: {exc}", self.chats_table()
-        titles = ", ".join(f"**{c.title or '(untitled)'}**" for c in chats[:5]) + (" …" if len(chats) > 5 else "")
-        return f"Imported {len(ids)} chat{'s' if len(ids) != 1 else ''}: {titles}.", self.chats_table()
-
-
-    # ------------------------------------------------------------------------------------------------ runs
-
-    def runs_table(self) -> pd.DataFrame:
-        storage = self.storage
-        rows = storage.list_runs() if storage else []
-        return pd.DataFrame(
-            [{**row, "created": _local_time(row["created"]), "prompt": _one_line(row["prompt"], PROMPT_PREVIEW_CHARS),
-              "model": row["model"] or ""} for row in rows],
-            columns=RUN_COLUMNS,
-        )
-
-    def open_run(self, run_id: str):
-        """A saved lab run -> (its prompt and cells as Markdown, its results table)."""
-        storage = self.storage
-        if storage is None:
-            return _html_note(HISTORY_OFF), None
-        run_id = (run_id or "").strip()
-        if not run_id:
-            return _html_note("⚠️ Choose a run first: click a row of the table (or paste its id)."), None
-        try:
-            run = storage.load_run(run_id)
-        except StorageError as exc:
-            return _html_note(f"⚠️ {exc}"), None
-        if run is None:
-            return _html_note(f"⚠️ There is no saved lab run {run_id!r}."), None
-        # Everything from the run is escaped: prompts and model output are shown as text, never as HTML.
-        parts = [f"<p><b>Run {run.id}</b> · {_local_time(run.created)} · {escape(run.model or 'unknown model')} · "
-                 f"{len(run.cells)} of {len(run.settings)} settings finished</p>",
-                 f"<p><b>Prompt:</b></p><pre style='white-space: pre-wrap'>{escape(run.prompt)}</pre>"]
-        for cell in run.cells:
-            summary = (cell.stats or {}).get("summary", "")
-            settings = ", ".join(f"{name} {value}" for name, value in cell.params.items())
-            parts.append(f"<p><b>Setting {cell.setting_index + 1}</b> ({escape(settings)})<br><small>{escape(summary)}"
-                         f"</small></p><pre style='white-space: pre-wrap'>{escape(cell.output)}</pre>")
-        frame = pd.DataFrame(run_rows(run)).drop(columns=["run_id", "run_created", "model", "prompt"], errors="ignore")
-        return "\n".join(parts), frame
-
-    def export_runs(self, run_id: str):
-        """One run (its id) or, with no id, every run -> (CSV file, note)."""
-        storage = self.storage
-        if storage is None:
-            return None, HISTORY_OFF
-        run_id = (run_id or "").strip()
-        try:
-            if not run_id and not storage.list_runs():
-                return None, "No lab runs are saved yet."
-            text = storage.export_runs_csv([run_id] if run_id else None)
-        except StorageError as exc:
-            return None, f"⚠️ {exc}"
-        path = _download_path(f"lab-run-{run_id}" if run_id else "lab-runs", ".csv")
-        path.write_text(text, encoding="utf-8")
-        return str(path), f"Exported {'run ' + run_id if run_id else 'every run'} to `{path.name}`."
-
-
-    # -------------------------------------------------------------------------------------------------- tab
-
-    def where_saved(self) -> str:
-        storage = self.storage
-        if storage is None:
-            return HISTORY_OFF
-        return f"Chats and sampling-lab runs are saved as they happen to `{storage.path}`."
-
-
-def build_history_tab(chat: ChatTab, storage: Storage | None = None) -> None:
+def build_history_tab(chat: ChatTab, lab: LabTab, storage: Storage | None = None) -> None:
     views = HistoryViews(storage)
     with gr.Tab("History", id="history") as tab:
-        gr.Markdown(
-            "Your saved chats and sampling-lab runs. Click a chat to select it, then open it in the Chat tab to "
-            "read and continue it, or export it. Click a run to see its cells and results."
-        )
-        gr.Markdown(views.where_saved, elem_id="history-location")
-        note = gr.Markdown("", elem_id="history-status")
+        gr.Markdown(views.where_saved(), elem_id="history-location")
         with gr.Row():
-            new = gr.Button("New chat", variant="primary", elem_id="history-new-chat")
-            refresh = gr.Button("Refresh lists", elem_id="history-refresh")
+            search = gr.Textbox(label="Search", placeholder="text in chat titles and messages, run titles, prompts "
+                                "and outputs", max_lines=1, scale=4, elem_id="history-search")
+            refresh = gr.Button("Refresh lists", size="md", scale=0, min_width=140, elem_id="history-refresh")
 
         gr.Markdown("### Chats")
-        chats = gr.Dataframe(value=views.chats_table, headers=CHAT_COLUMNS, interactive=False, wrap=True,
-                             max_height=320,
-                             elem_id="history-chats")
+        chats, rename_chat, open_chat, export_chat = _list_panel("chat", "chat", CHAT_COLUMNS, views.chats_table,
+                                                                 "Open in Chat tab")
         with gr.Row():
-            chat_id = gr.Textbox(label="Chat id", placeholder="click a chat above", scale=2,
-                                 elem_id="history-chat-id")
-            open_button = gr.Button("Open in Chat tab", variant="primary", elem_id="history-open-chat")
-            export_one = gr.Button("Export this chat (JSON)")
-            export_all = gr.Button("Export all chats (JSON)")
-        chat_file = gr.File(label="Exported chats", interactive=False, elem_id="history-chat-file")
-        with gr.Row():
-            upload = gr.File(label=f"Import chats: a chat export (.json, up to {MAX_IMPORT_BYTES // 2**20} MB)",
-                             file_types=[".json"], type="filepath", elem_id="history-import-file")
-            import_button = gr.Button("Import", elem_id="history-import")
+            new = gr.Button("New chat", size="md", scale=0, min_width=120, elem_id="history-new-chat")
+            export_all = gr.Button("Export all chats (JSON)", size="md", scale=0, min_width=200,
+                                   elem_id="history-export-chats")
+            upload = gr.UploadButton(f"Import chats (.json, up to {MAX_IMPORT_BYTES // 2**20} MB)", size="md", scale=0,
+                                     min_width=280, file_types=[".json"], type="filepath", elem_id="history-import")
 
         gr.Markdown("### Sampling-lab runs")
-        runs = gr.Dataframe(value=views.runs_table, headers=RUN_COLUMNS, interactive=False, wrap=True,
-                            max_height=320,
-                            elem_id="history-runs")
+        runs, rename_run, open_run, export_run = _list_panel("run", "run", RUN_COLUMNS, views.runs_table,
+                                                             "Open in lab")
         with gr.Row():
-            run_id = gr.Textbox(label="Run id", placeholder="click a run above", scale=2, elem_id="history-run-id")
-            show_run = gr.Button("Show run", elem_id="history-open-run")
-            export_run = gr.Button("Export this run (CSV)")
-            export_every_run = gr.Button("Export all runs (CSV)")
-        run_file = gr.File(label="Exported runs", interactive=False, elem_id="history-run-file")
-        run_view = gr.HTML(elem_id="history-run")  # escaped text only (see HistoryViews.open_run)
-        run_results = gr.Dataframe(label="Results", interactive=False, wrap=True, elem_id="history-run-results")
+            export_every_run = gr.Button("Export all runs (CSV)", size="md", scale=0, min_width=200,
+                                         elem_id="history-export-runs")
+        run_view = gr.HTML(visible=False, elem_id="history-run")  # escaped text only (see HistoryViews.open_run)
+        # not wrapped: its many narrow number columns would break their names letter by letter
+        run_results = gr.Dataframe(label="Results", interactive=False, visible=False, elem_id="history-run-results")
 
-        def select_chat(shown, event: gr.SelectData):
-            row = _selected_row(event, shown)
-            if row is None:
-                return gr.skip(), gr.skip()
-            return row["id"], f"Selected **{row['title']}** ({row['messages']} messages)."
+        tabs = tabs_of(tab)
+        _wire_lists(views, tab, search, refresh, chats, runs, run_view, run_results)
+        _wire_chats(views, chats, chat, tabs, dict(rename=rename_chat, open=open_chat, export=export_chat,
+                                                   export_all=export_all, new=new, upload=upload), search)
+        _wire_runs(views, runs, lab, tabs, dict(rename=rename_run, open=open_run, export=export_run,
+                                                export_all=export_every_run), search, run_view, run_results)
 
-        def select_run(shown, event: gr.SelectData):
-            row = _selected_row(event, shown)
-            return (row["id"], *views.open_run(row["id"])) if row else (gr.skip(), gr.skip(), gr.skip())
 
-        # Opening a chat fills the Chat tab's states (hidden from API clients) and switches to that tab.
-        opened = [note, chat.chatbot, chat.system_prompt, chat.history, chat.stats, chat.details, chat.chat_id,
-                  chat.status, tabs_of(tab)]
-        refresh_lists = dict(fn=lambda: (views.chats_table(), views.runs_table()), inputs=None,
-                             outputs=[chats, runs])
-        tab.select(**refresh_lists, api_name=False, show_progress="hidden")
-        refresh.click(**refresh_lists, api_name=False)
-        chats.select(select_chat, chats, [chat_id, note], api_name=False)
-        runs.select(select_run, runs, [run_id, run_view, run_results], api_name=False)
-        # Listing is a quick read: off the queue, like the status line, so it never waits behind a generation.
-        hidden_chats = gr.Button(visible=False)
-        hidden_chats.click(views.chats_table, None, chats, api_name="history_chats", queue=False)
-        hidden_runs = gr.Button(visible=False)
-        hidden_runs.click(views.runs_table, None, runs, api_name="history_runs", queue=False)
-        open_button.click(views.open_chat, chat_id, opened, api_name="history_open_chat")
-        chat_id.submit(views.open_chat, chat_id, opened, api_name=False)
-        new.click(views.new_chat, None, opened, api_name="history_new_chat")
-        export_one.click(views.export_chats, chat_id, [chat_file, note], api_name="chat_export")
-        export_all.click(lambda: views.export_chats(""), None, [chat_file, note], api_name=False)
-        import_button.click(views.import_chats, upload, [note, chats], api_name="chat_import")
-        show_run.click(views.open_run, run_id, [run_view, run_results], api_name="history_open_run")
-        run_id.submit(views.open_run, run_id, [run_view, run_results], api_name=False)
-        export_run.click(views.export_runs, run_id, [run_file, note], api_name="runs_export")
-        export_every_run.click(lambda: views.export_runs(""), None, [run_file, note], api_name=False)
+def _wire_lists(views: HistoryViews, tab: gr.Tab, search, refresh, chats: ListPanel, runs: ListPanel, run_view,
+                run_results) -> None:
+    """Refresh and search: both lists again, and everything shown about an earlier selection or action cleared."""
+
+    def show_lists(query: str):
+        query = (query or "").strip()
+        try:
+            chat_frame, run_frame = views.chats_table(query), views.runs_table(query)
+        except StorageError as exc:
+            return {chats.note: f"⚠️ {exc}"}
+        return {**chats.unselected(), **runs.unselected(), **chats.listed(chat_frame, views.chats_caption(
+            chat_frame, query)), **runs.listed(run_frame, views.runs_caption(run_frame, query)),
+            run_view: gr.update(value="", visible=False), run_results: gr.update(value=None, visible=False)}
+
+    everything = [*chats.components(), *runs.components(), run_view, run_results]
+    # Listing is a quick read: off the queue, like the status line, so it never waits behind a generation.
+    lists = dict(fn=show_lists, inputs=search, outputs=everything, api_name=False, queue=False, show_progress="hidden")
+    tab.select(**lists)
+    refresh.click(**lists)
+    search.change(**lists, trigger_mode="always_last")
+    hidden_chats = gr.Button(visible=False)
+    hidden_chats.click(views.chats_table, None, chats.table, api_name="history_chats", queue=False)
+    hidden_runs = gr.Button(visible=False)
+    hidden_runs.click(views.runs_table, None, runs.table, api_name="history_runs", queue=False)
+    hidden_search = gr.Button(visible=False)
+    hidden_search.click(views.search, search, [chats.note, chats.table, runs.table], api_name="history_search",
+                        queue=False)
+
+
+def _relist(views: HistoryViews, panel: ListPanel, kind: str, query: str) -> dict:
+    """The panel's list again under the current search (after a rename, a delete, an import)."""
+    query = (query or "").strip()
+    try:
+        frame = views.chats_table(query) if kind == "chat" else views.runs_table(query)
+    except StorageError:  # a search refused as it was typed: the list as it is, unfiltered
+        query, frame = "", views.chats_table() if kind == "chat" else views.runs_table()
+    caption = views.chats_caption(frame, query) if kind == "chat" else views.runs_caption(frame, query)
+    return panel.listed(frame, caption)
+
+
+def _wire_selection(views: HistoryViews, panel: ListPanel, kind: str, rename, search, select,
+                    extra_outputs: list) -> None:
+    """Select a row (`select` says what it shows), rename it; the same without the page, for API clients."""
+    rename_api = views.rename_chat if kind == "chat" else views.rename_run
+    delete_api = views.delete_chat if kind == "chat" else views.delete_run
+
+    def rename_selected(row_id: str, title: str, query: str):
+        note, _ = rename_api(row_id, title)
+        changed = {} if note.startswith("⚠️") else {**_relist(views, panel, kind, query), **panel.disarmed()}
+        return {panel.note: note, **changed}
+
+    outputs = [*panel.components(), *extra_outputs]
+    panel.table.select(select, panel.table, outputs, api_name=False, show_progress="hidden")
+    quiet = dict(api_name=False, show_progress="hidden")  # quick writes: no spinner over the list
+    rename.click(rename_selected, [panel.selected, panel.title, search], outputs, **quiet)
+    panel.title.submit(rename_selected, [panel.selected, panel.title, search], outputs, **quiet)
+    # API clients rename and delete in one call: the page's confirmation step is for clicks.
+    gr.Button(visible=False).click(rename_api, [panel.selected, panel.title], [panel.note, panel.table],
+                                   api_name=f"history_rename_{kind}")
+    gr.Button(visible=False).click(delete_api, panel.selected, [panel.note, panel.table],
+                                   api_name=f"history_delete_{kind}")
+
+
+def _delete_step(views: HistoryViews, panel: ListPanel, kind: str, row_id: str, armed: str | None,
+                 query: str) -> tuple[dict, bool]:
+    """A click on Delete: the first one only asks, a second one on the same row deletes -> (updates, deleted)."""
+    if not row_id:
+        return {panel.note: f"⚠️ Choose a {kind} first: click a row of the list."}, False
+    if armed != row_id:
+        ask = f"Delete this {kind} for good? Click **{CONFIRM_LABEL}** to confirm; anything else keeps it."
+        return {panel.armed: row_id, panel.delete: gr.update(value=CONFIRM_LABEL, variant="stop"),
+                panel.note: ask}, False
+    note, _ = views.delete_chat(row_id) if kind == "chat" else views.delete_run(row_id)
+    updates = {**panel.unselected(), **_relist(views, panel, kind, query), panel.note: note}
+    return updates, not note.startswith("⚠️")
+
+
+def _wire_chats(views: HistoryViews, chats: ListPanel, chat: ChatTab, tabs: gr.Tabs, buttons: dict, search) -> None:
+    open_tab = [chat.chatbot, chat.history, chat.stats, chat.details, chat.chat_id, chat.status]
+
+    def select_chat(shown, event: gr.SelectData):
+        chat_id = _row_id(event, shown)
+        try:
+            saved = views.storage.load_chat(chat_id) if views.storage and chat_id else None
+        except StorageError as exc:
+            return {chats.note: f"⚠️ {exc}"}
+        if saved is None:
+            return {**chats.unselected(), chats.note: "⚠️ That chat is no longer saved: press **Refresh lists**."}
+        return chats.selected_row(saved.id, saved.title, f"Selected **{md_text(saved.title or '(untitled)')}** "
+                                  f"({plural(len(saved.messages), 'message')}).")
+
+    def delete_chat(row_id: str, armed: str | None, query: str, open_id: str | None,
+                    request: gr.Request | None = None):
+        updates, deleted = _delete_step(views, chats, "chat", row_id, armed, query)
+        if not deleted or row_id != open_id:
+            return updates
+        # The deleted chat leaves the Chat tab too, else its next message would save it all again as a new chat.
+        owner = getattr(request, "session_hash", None)
+        if owner:
+            get_manager().cancel(owner)  # a reply still streaming into it stops
+        return {**updates, chat.chatbot: [], chat.history: [], chat.stats: [], chat.details: [], chat.chat_id: None,
+                chat.status: "This chat was deleted in the History tab; your next message starts a new one."}
+
+    _wire_selection(views, chats, "chat", buttons["rename"], search, select_chat, open_tab)
+    chats.delete.click(delete_chat, [chats.selected, chats.armed, search, chat.chat_id], [*chats.components(),
+                       *open_tab], api_name=False, show_progress="hidden")
+
+    # Opening a chat fills the Chat tab's states (hidden from API clients) and switches to that tab.
+    opened = [chats.note, chat.chatbot, chat.system_prompt, chat.history, chat.stats, chat.details, chat.chat_id,
+              chat.status, tabs]
+    buttons["open"].click(views.open_chat, chats.selected, opened, api_name="history_open_chat")
+    buttons["new"].click(views.new_chat, None, opened, api_name="history_new_chat")
+    # Exports: the endpoint's plain (file, note), then the file box shown only when there is a file.
+    buttons["export"].click(views.export_chats, chats.selected, [chats.file, chats.note], api_name="chat_export").then(
+        _shown_if_file, chats.file, chats.file, api_name=False, show_progress="hidden")
+    buttons["export_all"].click(lambda: views.export_chats(""), None, [chats.file, chats.note], api_name=False).then(
+        _shown_if_file, chats.file, chats.file, api_name=False, show_progress="hidden")
+    buttons["upload"].upload(views.import_chats, buttons["upload"], [chats.note, chats.table],
+                             api_name="chat_import").then(
+        lambda query: _relist(views, chats, "chat", query), search, [chats.table, chats.caption], api_name=False,
+        show_progress="hidden")
+
+
+def _wire_runs(views: HistoryViews, runs: ListPanel, lab: LabTab, tabs: gr.Tabs, buttons: dict, search, run_view,
+               run_results) -> None:
+    shown_run = [run_view, run_results]
+
+    def select_run(shown, event: gr.SelectData):
+        run_id = _row_id(event, shown)
+        try:
+            saved = views.storage.load_run(run_id) if views.storage and run_id else None
+        except StorageError as exc:
+            return {runs.note: f"⚠️ {exc}"}
+        if saved is None:
+            return {**runs.unselected(), runs.note: "⚠️ That run is no longer saved: press **Refresh lists**.",
+                    **hide_run()}
+        view, results = views.open_run(saved.id)
+        return {**runs.selected_row(saved.id, saved.title or "", ""), run_view: gr.update(value=view, visible=True),
+                run_results: gr.update(value=results, visible=results is not None)}
+
+    def hide_run() -> dict:
+        return {run_view: gr.update(value="", visible=False), run_results: gr.update(value=None, visible=False)}
+
+    def delete_run(row_id: str, armed: str | None, query: str):
+        updates, deleted = _delete_step(views, runs, "run", row_id, armed, query)
+        return {**updates, **hide_run()} if deleted else updates
+
+    _wire_selection(views, runs, "run", buttons["rename"], search, select_run, shown_run)
+    runs.delete.click(delete_run, [runs.selected, runs.armed, search], [*runs.components(), *shown_run],
+                      api_name=False, show_progress="hidden")
+    buttons["open"].click(views.run_to_lab, runs.selected, [runs.note, lab.prompt, lab.table, tabs],
+                          api_name="history_run_to_lab")
+    gr.Button(visible=False).click(views.open_run, runs.selected, shown_run, api_name="history_open_run")
+    buttons["export"].click(views.export_runs, runs.selected, [runs.file, runs.note], api_name="runs_export").then(
+        _shown_if_file, runs.file, runs.file, api_name=False, show_progress="hidden")
+    buttons["export_all"].click(lambda: views.export_runs(""), None, [runs.file, runs.note], api_name=False).then(
+        _shown_if_file, runs.file, runs.file, api_name=False, show_progress="hidden")
 
 
 def tabs_of(tab: gr.Tab) -> gr.Tabs:

@@ -10,6 +10,7 @@ import pandas as pd
 from playground.insight import (
     alternatives_frame,
     expert_load_frame,
+    readable,
     routing_heatmap_html,
     tokens_frame,
     tokens_html,
@@ -65,14 +66,18 @@ def routing_view(details: dict | None) -> tuple[str, pd.DataFrame | None, str]:
 
 
 def inspect(chat_details, lab_details, source, number):
+    """(heading, tokens HTML, token table, first token's alternatives, routing heatmap, expert load, routing note,
+    the inspected tokens, token tables' box, expert load's box): the boxes show only what has content."""
     details, heading = pick(chat_details, lab_details, source, number)
     tokens = (details or {}).get("tokens") or []
     heat, load, routing_note = routing_view(details)
+    load_box = gr.update(visible=load is not None)
     if details is None:
-        return heading, "", None, None, heat, load, routing_note, []
-    first = alternatives_frame(tokens[0]) if tokens else None
+        return heading, "", None, None, heat, load, routing_note, [], gr.update(visible=False), load_box
+    first = readable(alternatives_frame(tokens[0])) if tokens else None
     line = f"**{heading}**: {len(tokens)} tokens. Click a row of the token table (or enter its index) for its alternatives."
-    return line, tokens_html(tokens), tokens_frame(tokens), first, heat, load, routing_note, tokens
+    return (line, tokens_html(tokens), readable(tokens_frame(tokens)), first, heat, load, routing_note, tokens,
+            gr.update(visible=bool(tokens)), load_box)
 
 
 def token_alternatives(tokens: list, index: Any):
@@ -86,7 +91,7 @@ def token_alternatives(tokens: list, index: Any):
     if not 1 <= position <= len(tokens):
         return None, f"⚠️ Token index must be between 1 and {len(tokens)}."
     token = tokens[position - 1]
-    return alternatives_frame(token), f"Token {position}: id {token['id']}, text {token['text']!r}"
+    return readable(alternatives_frame(token)), f"Token {position}: id {token['id']}, text {token['text']!r}"
 
 
 def build_insight_tab(chat_details: gr.State, lab_details: gr.State):
@@ -103,24 +108,30 @@ def build_insight_tab(chat_details: gr.State, lab_details: gr.State):
         heading = gr.Markdown("", elem_id="insight-heading")
         view = gr.HTML(elem_id="insight-tokens")
         inspected = gr.State([])
-        with gr.Row(equal_height=False):
-            table = gr.Dataframe(label="Tokens", interactive=False, max_height=360, elem_id="insight-token-table")
-            with gr.Column():
+        # Hidden until a reply is inspected, and the expert load until there is routing: empty tables and plots
+        # look broken. The alternatives get the wider side: they have seven columns.
+        with gr.Row(equal_height=False, visible=False, elem_id="insight-token-tables") as token_tables:
+            table = gr.Dataframe(label="Tokens", interactive=False, max_height=360, scale=2, min_width=320,
+                                 elem_id="insight-token-table")
+            with gr.Column(scale=3, min_width=480):
                 index = gr.Number(value=1, precision=0, label="Token index")
                 token_line = gr.Markdown("")
                 alternatives = gr.Dataframe(label="Top alternatives: model vs after the sampling settings",
                                             interactive=False, elem_id="insight-alternatives")
         with gr.Accordion("Expert routing", open=True):
-            routing_note = gr.Markdown("", elem_id="insight-routing-note")
+            routing_note = gr.Markdown("Inspect a reply to see which experts its tokens went to.",
+                                       elem_id="insight-routing-note")
             heatmap = gr.HTML(elem_id="insight-routing")
-            load = gr.BarPlot(x="expert", y="tokens", color="layer", title="Expert load across the reply",
-                              y_title="tokens routed", height=300, elem_id="insight-expert-load")
+            with gr.Column(visible=False, elem_id="insight-expert-load-box") as load_box:
+                load = gr.BarPlot(x="expert", y="tokens", color="layer", title="Expert load across the reply",
+                                  y_title="tokens routed", height=300, elem_id="insight-expert-load")
 
         def select_token(tokens, event: gr.SelectData):
             row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
             return (row + 1, *token_alternatives(tokens, row + 1))
 
         go.click(inspect, [chat_details, lab_details, source, number],
-                 [heading, view, table, alternatives, heatmap, load, routing_note, inspected], api_name="insight_inspect")
+                 [heading, view, table, alternatives, heatmap, load, routing_note, inspected, token_tables, load_box],
+                 api_name="insight_inspect")  # API clients get the first seven: the state and the boxes are not sent
         index.submit(token_alternatives, [inspected, index], [alternatives, token_line], api_name="insight_token")
         table.select(select_token, inspected, [index, alternatives, token_line], api_name=False)

@@ -1,10 +1,12 @@
 """Sampling lab: one prompt under 2–6 settings side by side, or a sweep of one parameter; seeded runs,
-per-cell stats, a results table and CSV export."""
+per-cell stats, a compact results table, a chart of a sweep's metrics and CSV export. The next-token explorer
+below it lives in explorer.py."""
 
 from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +14,14 @@ import gradio as gr
 import pandas as pd
 
 from playground.errors import ParameterError, PlaygroundError
-from playground.insight import (
-    INSPECT_TOP,
-    MAX_EXPLORER_TOP,
-    explore_distribution,
-    explorer_summary,
-    routing_to_state,
-    tokens_to_state,
-)
+from playground.insight import INSPECT_TOP, for_people, mean_logprob, readable, routing_to_state, tokens_to_state
 from playground.manager import get_manager
-from playground.params import DISTRIBUTION_FIELDS, EXAMPLE_BASE, EXAMPLE_FIELD, NUMERIC_FIELDS, SAMPLING_FIELDS, SamplingParams
+from playground.params import EXAMPLE_BASE, EXAMPLE_FIELD, NUMERIC_FIELDS, SamplingParams
 from playground.presets import load_presets
+from playground.structured import checked_reply, schema_from_text
 from playground.storage import LabCell, Storage, StorageError
 from playground.ui.controls import preset_names
+from playground.ui.explorer import build_next_token_explorer
 
 MAX_COLUMNS = 6
 SETTING_FIELDS = NUMERIC_FIELDS  # the table's columns, and what can be swept
@@ -97,6 +94,7 @@ def preset_in_row(table: Any, preset_name: str, row: Any) -> pd.DataFrame:
 
 
 def results_frame(prompt: str, settings: list[SamplingParams], outputs: list[str], stats: list[Any]) -> pd.DataFrame:
+    """Every parameter and metric of a run, one row per setting: the CSV (and History's export) columns."""
     rows = []
     for number, (params, text, result) in enumerate(zip(settings, outputs, stats), start=1):
         row = {"setting": number, **table_row(params)}
@@ -115,6 +113,70 @@ def results_frame(prompt: str, settings: list[SamplingParams], outputs: list[str
         row.update(prompt=prompt, output=text)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# What the on-screen results table shows of results_frame's columns, under short headers (the CSV has them all).
+SHOWN_METRICS = {"new_tokens": "tokens", "decode_tokens_per_s": "tok/s", "time_to_first_token_s": "first token s",
+                 "total_s": "total s", "mean_logprob": "mean logprob", "finish_reason": "finish"}
+# Its columns always the same and their widths fixed, so it fits the page whatever the run: a long cell ends in "…"
+# and shows all of itself when clicked.
+RESULT_COLUMNS = ["#", "settings", *SHOWN_METRICS.values(), "output"]
+RESULT_WIDTHS = ["4%", "25%", "6%", "6%", "11%", "7%", "10%", "8%", "23%"]
+SWEPT_VALUE = "swept value"
+SWEEP_METRICS = {"tokens/s": "decode_tokens_per_s", "new tokens": "new_tokens", "mean logprob": "mean_logprob"}
+
+
+def varying_fields(rows: list[dict[str, Any]]) -> list[str]:
+    """The setting fields whose value differs between rows (in the table's column order)."""
+    return [name for name in SETTING_FIELDS if len({repr(row.get(name)) for row in rows}) > 1]
+
+
+def describe(row: dict[str, Any], names: list[str]) -> str:
+    """`name value` pairs for a label, numbers as people read them; an empty seed is a random one (a cell that
+    never ran has no seed: blank)."""
+    return ", ".join(f"{name} {'random' if row.get(name) is None else for_people(row[name]) or '–'}"
+                     for name in names)
+
+
+def setting_labels(settings: list[SamplingParams]) -> tuple[list[str], str]:
+    """Each output card's label (what its setting changes) and a line with what every setting shares."""
+    rows = [table_row(params) for params in settings]
+    varying = varying_fields(rows)
+    shared = [name for name in SETTING_FIELDS if name not in varying]
+    labels = [f"Setting {number}" + (f" · {describe(row, varying)}" if varying else "")
+              for number, row in enumerate(rows, start=1)]
+    what = "Same in every setting" if len(rows) > 1 else "Setting"
+    return labels, f"**{what}:** {describe(rows[0], shared)}" if shared else ""
+
+
+def results_view(frame: pd.DataFrame, logprobs: list[float | None]) -> pd.DataFrame:
+    """The results table as shown: the setting's number, the settings that differ between rows (the rest are said
+    once above the outputs), the metrics under short headers and the output on one line."""
+    frame = frame.assign(mean_logprob=logprobs)
+    frame = frame.reindex(columns=list(dict.fromkeys([*frame.columns, *SHOWN_METRICS])))  # a run with no stats
+    rows = frame.to_dict("records")
+    varying = varying_fields([{name: row.get(name) for name in SETTING_FIELDS} for row in rows])
+    view = pd.DataFrame({"#": frame["setting"],
+                         "settings": [describe(row, varying) if varying else "—" for row in rows]})
+    for column, header in SHOWN_METRICS.items():
+        view[header] = frame[column]
+    view["output"] = [" ".join(str(text).split()) for text in frame["output"]]
+    return view[RESULT_COLUMNS]
+
+
+def sweep_frame(settings: list[SamplingParams], frame: pd.DataFrame, logprobs: list[float | None]):
+    """(swept field, one row per finished setting: its value and metrics) when exactly one field varies, else
+    (None, None)."""
+    varying = varying_fields([table_row(params) for params in settings])
+    if len(settings) < 2 or len(varying) != 1:
+        return None, None
+    field = varying[0]
+    metrics = frame.assign(mean_logprob=logprobs)
+    rows = [{SWEPT_VALUE: getattr(params, field),
+             **{label: metrics.iloc[index].get(column) for label, column in SWEEP_METRICS.items()}}
+            for index, params in enumerate(settings) if pd.notna(metrics.iloc[index].get("new_tokens"))]
+    points = pd.DataFrame(rows, columns=[SWEPT_VALUE, *SWEEP_METRICS]).sort_values(SWEPT_VALUE)
+    return field, points.astype(float)
 
 
 def write_csv(frame: pd.DataFrame) -> str:
@@ -144,50 +206,88 @@ def save_run(storage: Storage | None, prompt: str, settings: list[SamplingParams
         return None
 
 
-def run_lab(storage: Storage | None, prompt: str, table: Any, request: gr.Request | None = None):
-    """Run the prompt under each setting in turn (through the manager's queue), streaming into the cells.
+@dataclass
+class LabView:
+    """The components a run writes. Runs yield dicts keyed by them: a component left out keeps what it shows
+    (a refused run changes only the status line)."""
 
-    The last output is the cells' details (tokens, routing) for the Insight tab; it goes to a State, which
-    API clients do not see.
+    texts: list[gr.Textbox]
+    notes: list[gr.Markdown]
+    cards: list[gr.Column]
+    results: gr.Dataframe
+    csv_file: gr.File
+    status: gr.Markdown
+    shared: gr.Markdown
+    sweep_note: gr.Markdown
+    sweep_plots: list[gr.LinePlot]
+    results_box: gr.Column
+    sweep_box: gr.Column
+    details: gr.State
+
+    def outputs(self) -> list:
+        """In the order API clients see (layouts and the state are not sent to them): the 6 outputs, the 6 stats
+        lines, the results table (12), its CSV (13), the status (14), the shared settings (15), the sweep's note
+        (16) and its three plots (17-19)."""
+        return [*self.texts, *self.notes, self.results, self.csv_file, self.status, self.shared, self.sweep_note,
+                *self.sweep_plots, *self.cards, self.results_box, self.sweep_box, self.details]
+
+
+def run_lab(storage: Storage | None, view: LabView, prompt: str, table: Any, schema: str = "",
+            request: gr.Request | None = None):
+    """Run the prompt under each setting in turn (through the manager's queue), streaming into the cards.
+
+    Nothing on screen changes until a setting starts: a run refused before that (by validation, or a refusal of
+    every setting) leaves the previous results, their CSV and the Insight tab's cells as they were.
     """
     owner = getattr(request, "session_hash", None)
-    empty_cells = [gr.update(value="", visible=False)] * MAX_COLUMNS + [gr.update(value="", visible=False)] * MAX_COLUMNS
     try:
         if not prompt or not str(prompt).strip():
             raise ParameterError("the prompt is empty", field="prompt")
         settings = settings_from_table(table)
+        response_format = schema_from_text(schema)  # one schema, compared under every setting
     except PlaygroundError as exc:
         gr.Warning(str(exc))
-        yield (*empty_cells, None, None, f"⚠️ {exc}", [])
+        yield {view.status: f"⚠️ {exc}"}
         return
+    labels, shared = setting_labels(settings)
     outputs = [""] * len(settings)
     stats: list[Any] = [None] * len(settings)
     lines = ["waiting"] * len(settings)
     details: list[dict[str, Any] | None] = [None] * len(settings)
+    logprobs: list[float | None] = [None] * len(settings)
 
-    def cells():
-        texts = [gr.update(value=outputs[i], visible=True, label=f"Setting {i + 1}") if i < len(settings)
-                 else gr.update(value="", visible=False) for i in range(MAX_COLUMNS)]
-        notes = [gr.update(value=lines[i], visible=True) if i < len(settings) else gr.update(value="", visible=False)
-                 for i in range(MAX_COLUMNS)]
-        return texts + notes
+    def cells() -> dict:
+        shown = {}
+        for i in range(MAX_COLUMNS):
+            used = i < len(settings)
+            shown[view.texts[i]] = gr.update(value=outputs[i] if used else "", visible=used,
+                                             label=labels[i] if used else f"Setting {i + 1}")
+            shown[view.notes[i]] = gr.update(value=lines[i] if used else "", visible=used)
+            shown[view.cards[i]] = gr.update(visible=used)
+        return shown
 
     manager = get_manager()
     loaded = manager.loaded
     capture_routing = bool(loaded and loaded.has_experts)
     tokens: list[list[Any]] = [[] for _ in settings]
     requests = [dict(messages=[{"role": "user", "content": prompt}], params=params, logprobs=INSPECT_TOP,
-                     capture_routing=capture_routing) for params in settings]
+                     capture_routing=capture_routing, response_format=response_format) for params in settings]
     # A local model runs the settings in turn; a remote engine gets them at once and batches them.
     events = manager.stream_each(requests, owner=owner)
     refused: list[str] = []
+    started = False
     try:
         for index, event in events:
             if isinstance(event, PlaygroundError):
                 lines[index] = f"⚠️ {event}"
                 refused.append(str(event))
-                yield (*cells(), None, None, f"⚠️ {event}", details)
+                yield {**(cells() if started else {}), view.status: f"⚠️ {event}"}
                 continue
+            first = {}
+            if not started:  # the previous run's results make way for this one's
+                started = True
+                first = {view.results: None, view.csv_file: None, view.results_box: gr.update(visible=False),
+                         view.sweep_box: gr.update(visible=False), view.shared: shared}
             tokens[index].extend(event.tokens)
             if event.kind == "queued":
                 lines[index] = f"waiting: place {event.position}"
@@ -197,28 +297,62 @@ def run_lab(storage: Storage | None, prompt: str, table: Any, request: gr.Reques
             elif event.kind == "done":
                 outputs[index] = event.text
                 stats[index] = event.stats
-                lines[index] = event.stats.summary() if event.stats.finish_reason != "error" else f"⚠️ {event.stats.error}"
-                details[index] = {"tokens": tokens_to_state(tokens[index]),
+                token_state = tokens_to_state(tokens[index])
+                logprobs[index] = mean_logprob(token_state)
+                verdict = ""
+                if response_format is not None and event.stats.finish_reason != "error":
+                    outputs[index], verdict = checked_reply(event.text, response_format)  # pretty, and checked
+                    verdict = f" · {verdict}"
+                lines[index] = (f"{event.stats.summary()}{logprob_note(logprobs[index])}{verdict}"
+                                if event.stats.finish_reason != "error" else f"⚠️ {event.stats.error}")
+                details[index] = {"tokens": token_state,
                                   "routing": routing_to_state(event.routing, loaded.tokenizer if loaded else None)}
             running = sum(1 for line in lines if line == "generating…")
             progress = (f"Running setting {index + 1} of {len(settings)}" if running <= 1
                         else f"Running {running} of {len(settings)} settings at once")
             # the details state is written once per finished cell, not copied on every token
-            yield (*cells(), None, None, progress, details if event.kind == "done" else gr.skip())
+            yield {**first, **cells(), view.status: progress, **({view.details: details} if event.kind == "done" else {})}
             if event.kind == "done" and event.stats.finish_reason == "cancelled":
                 break  # stopped: the settings after it are not run
     finally:
         events.close()
-    if refused and all(s is None for s in stats):
-        yield (*cells(), None, None, f"⚠️ {refused[0]}", details)  # nothing ran: nothing to save or tabulate
+    if not started:  # every setting was refused: nothing ran, and what was on screen stays
+        yield {view.status: f"⚠️ {refused[0]}"}
+        return
+    if all(s is None for s in stats):
+        yield {**cells(), view.status: f"⚠️ {refused[0]}" if refused else "Nothing finished."}
         return
     save_run(storage, prompt, settings, outputs, stats)
     frame = results_frame(prompt, settings, outputs, stats)
-    yield (*cells(), frame, write_csv(frame), f"Done: {sum(s is not None for s in stats)} of {len(settings)} settings",
-           details)
+    done = {**cells(), view.results: readable(results_view(frame, logprobs)), view.csv_file: write_csv(frame),
+            view.results_box: gr.update(visible=True), view.shared: shared, view.details: details,
+            view.status: f"Done: {sum(s is not None for s in stats)} of {len(settings)} settings"}
+    field, points = sweep_frame(settings, frame, logprobs)
+    if field is None or points.empty:
+        yield {**done, view.sweep_box: gr.update(visible=False)}
+        return
+    values = ", ".join(str(getattr(params, field)) for params in settings)
+    note = (f"**Sweep of {field}** over {values}: decode speed, reply length and mean log-probability per token "
+            f"(under the model's own distribution; closer to 0 is more likely text) at each value.")
+    yield {**done, view.sweep_note: note, **{plot: points for plot in view.sweep_plots},
+           view.sweep_box: gr.update(visible=True)}
 
 
-def build_lab_tab(storage: Storage | None = None):
+def logprob_note(value: float | None) -> str:
+    return "" if value is None else f" · mean logprob {for_people(value)}"
+
+
+@dataclass
+class LabTab:
+    """The lab's parts that other tabs use: Insight reads `details`, History reopens a saved run into the prompt
+    and the settings table."""
+
+    details: gr.State
+    prompt: gr.Textbox
+    table: gr.Dataframe
+
+
+def build_lab_tab(storage: Storage | None = None) -> LabTab:
     """The Sampling lab tab; finished runs are saved to `storage` (None: not saved)."""
     with gr.Tab("Sampling lab", id="lab"):
         gr.Markdown(
@@ -226,6 +360,9 @@ def build_lab_tab(storage: Storage | None = None):
             "(2–6 rows); the same seed and settings reproduce the same text."
         )
         prompt = gr.Textbox(label="Prompt", lines=3, value="Write a short poem about the sea.", elem_id="lab-prompt")
+        with gr.Accordion("Structured output", open=False):
+            schema = gr.Code(value="", language="json", lines=5, elem_id="lab-schema",
+                             label="JSON Schema every setting's reply must match (empty: free text)")
         table = gr.Dataframe(
             value=default_settings(2), headers=SETTING_FIELDS, label="Settings (one row per column)",
             interactive=True, row_count=(2, "dynamic"), column_count=(len(SETTING_FIELDS), "fixed"),
@@ -238,21 +375,38 @@ def build_lab_tab(storage: Storage | None = None):
         with gr.Row():
             sweep_parameter = gr.Dropdown(SETTING_FIELDS, value=EXAMPLE_FIELD.name, label="Sweep parameter")
             sweep_values = gr.Textbox(value=", ".join(map(str, EXAMPLE_FIELD.limits.example)),
-                                      label="Values (comma separated)")
+                                      label="Values (comma separated)", elem_id="lab-sweep-values")
             sweep_button = gr.Button("Fill table with sweep")
         with gr.Row():
             run = gr.Button("Run", variant="primary", elem_id="lab-run")
             stop = gr.Button("Stop", variant="stop", elem_id="lab-stop")
         status = gr.Markdown("", elem_id="lab-status")
-        texts, notes = [], []
-        with gr.Row(equal_height=False):
+        shared = gr.Markdown("", elem_id="lab-shared")
+        texts, notes, cards = [], [], []
+        # The cards share the width: up to three a row (a fourth wraps), each at least a readable width.
+        with gr.Row(equal_height=False, elem_id="lab-outputs"):
             for i in range(MAX_COLUMNS):
-                with gr.Column(min_width=180):
-                    texts.append(gr.Textbox(label=f"Setting {i + 1}", lines=8, visible=i < 2, interactive=False))
-                    notes.append(gr.Markdown("", visible=i < 2))
-        results = gr.Dataframe(label="Results", interactive=False, wrap=True, elem_id="lab-results")
-        csv_file = gr.File(label="Results as CSV", elem_id="lab-csv")
+                with gr.Column(min_width=360, visible=False, elem_id=f"lab-card-{i + 1}") as card:
+                    texts.append(gr.Textbox(label=f"Setting {i + 1}", lines=4, max_lines=16, interactive=False,
+                                            elem_id=f"lab-output-{i + 1}"))
+                    notes.append(gr.Markdown("", elem_id=f"lab-note-{i + 1}"))
+                cards.append(card)
+        # Hidden until a run has results: empty tables, plots and file boxes look broken.
+        with gr.Column(visible=False, elem_id="lab-sweep") as sweep_box:
+            sweep_note = gr.Markdown("", elem_id="lab-sweep-note")
+            with gr.Row():
+                # Fixed properties, new data only: a property changed with the data leaves the old chart drawn.
+                sweep_plots = [gr.LinePlot(x=SWEPT_VALUE, y=metric, title=metric, height=240, min_width=240,
+                                           x_axis_format="~g", y_axis_format="~g", elem_id=f"lab-sweep-{number}")
+                               for number, metric in enumerate(SWEEP_METRICS, start=1)]
+        with gr.Column(visible=False, elem_id="lab-results-box") as results_box:
+            results = gr.Dataframe(headers=RESULT_COLUMNS, column_widths=RESULT_WIDTHS, interactive=False,
+                                   label="Results (click a cell to read all of it; the CSV has every column)",
+                                   elem_id="lab-results")
+            csv_file = gr.File(label="Results as CSV", interactive=False, height=80, elem_id="lab-csv")
         details = gr.State([])  # per cell: tokens and routing for the Insight tab
+        view = LabView(texts, notes, cards, results, csv_file, status, shared, sweep_note, sweep_plots, results_box,
+                       sweep_box, details)
 
         def fill_sweep(table, parameter, values):
             try:
@@ -272,123 +426,14 @@ def build_lab_tab(storage: Storage | None = None):
                 gr.Warning(str(exc))
                 return table, f"⚠️ {exc}"
 
+        def run_and_save(prompt: str, table: Any, response_schema: str = "", request: gr.Request | None = None):
+            yield from run_lab(storage, view, prompt, table, response_schema, request)
+
         preset_button.click(put_preset, [table, preset, preset_row], [table, status], api_name="lab_preset_row")
         preset.focus(lambda current: gr.update(choices=preset_names(), value=current), preset, preset,
                      api_name=False, show_progress="hidden", queue=False)
         sweep_button.click(fill_sweep, [table, sweep_parameter, sweep_values], [table, status], api_name="lab_sweep")
-        def run_and_save(prompt: str, table: Any, request: gr.Request | None = None):
-            yield from run_lab(storage, prompt, table, request)
-
-        run.click(run_and_save, [prompt, table], [*texts, *notes, results, csv_file, status, details], api_name="lab_run",
-                  concurrency_limit=None)
+        run.click(run_and_save, [prompt, table, schema], view.outputs(), api_name="lab_run", concurrency_limit=None)
         stop.click(stop_lab, None, status, api_name="lab_stop", queue=False)
         build_next_token_explorer(prompt)
-    return details
-
-
-# ------------------------------------------------------------------------------------- next-token explorer
-
-EXPLORER_COLOURS = {"kept": "#3b82f6", "cut": "#d1d5db"}
-
-
-def draw_distribution(forward: dict | None, top_n, **settings):
-    """(bar chart frame, table, token choices, summary) for the stored forward pass under these settings.
-
-    No model run: the distribution is redrawn from the stored logits, on a short-lived thread (manager.compute).
-    """
-    if not forward:
-        return None, None, gr.update(choices=[], value=None), "Enter text and press **Next tokens** first."
-    try:
-        params = SamplingParams.from_form(settings)
-        tokenizer = get_manager().require_model().tokenizer
-    except PlaygroundError as exc:
-        return None, None, gr.update(choices=[], value=None), f"⚠️ {exc}"
-    frame = get_manager().compute(
-        lambda: explore_distribution(forward["logits"], forward["prompt_ids"], params, tokenizer, int(top_n))
-    )
-    chart = gr.BarPlot(value=frame[["label", "bar", "status", "token", "model p", "sampled p"]], sort=list(frame["label"]))
-    table = frame[["rank", "token", "id", "model p", "sampled p", "status"]]
-    choices = [(label, int(token_id)) for label, token_id in zip(frame["label"], frame["id"])]
-    return chart, table, gr.update(choices=choices, value=None), explorer_summary(frame, params)
-
-
-def next_tokens(text, request: gr.Request = None, top_n=20, **settings):
-    """One forward pass for `text` (queued like any generation), then the distribution under the settings."""
-    if not text or not str(text).strip():
-        return None, None, gr.update(choices=[], value=None), "⚠️ The text is empty.", None
-    try:
-        prompt_ids, logits = get_manager().next_token_logits(prompt=str(text), owner=getattr(request, "session_hash", None))
-    except PlaygroundError as exc:
-        return None, None, gr.update(choices=[], value=None), f"⚠️ {exc}", None
-    forward = {"text": str(text), "prompt_ids": prompt_ids, "logits": logits}
-    return (*draw_distribution(forward, top_n, **settings), forward)
-
-
-def append_token(forward: dict | None, token_id) -> str | gr.update:
-    """The explored text with the chosen token's text appended (the caller then explores again)."""
-    if not forward or token_id in (None, ""):
-        return gr.update()
-    return forward["text"] + get_manager().require_model().tokenizer.decode([int(token_id)])
-
-
-def build_next_token_explorer(lab_prompt: gr.Textbox) -> None:
-    with gr.Accordion("Next-token explorer", open=False):
-        gr.Markdown(
-            "The model's most likely next tokens for a text, from one forward pass. Moving a setting redraws the "
-            "chart at once: blue bars are what the settings keep (their probability after the settings), grey bars "
-            "are tokens the settings cut (drawn at the model's own probability). Pick a token (list or table row) "
-            "to append it and see the next distribution. The text is fed to the model as is: use the button to "
-            "wrap the lab prompt in the model's chat format."
-        )
-        text = gr.Textbox(label="Text the model continues", lines=3, elem_id="explorer-text")
-        with gr.Row():
-            use_prompt = gr.Button("Use the lab prompt (chat format)", size="sm")
-            go = gr.Button("Next tokens", variant="primary", elem_id="explorer-go")
-        with gr.Row():
-            # Sliders here: moving one redraws at once. Their ranges are the useful part of each field's range.
-            settings = {
-                name: gr.Slider(*SAMPLING_FIELDS[name].limits.slider, value=SAMPLING_FIELDS[name].default,
-                                step=SAMPLING_FIELDS[name].limits.step, label=name)
-                for name in DISTRIBUTION_FIELDS
-            }
-            top_n = gr.Slider(5, MAX_EXPLORER_TOP, value=20, step=1, label="tokens shown")
-        summary = gr.Markdown("", elem_id="explorer-summary")
-        chart = gr.BarPlot(x="label", y="bar", color="status", color_map=EXPLORER_COLOURS, x_title="next token",
-                           y_title="probability", tooltip=["token", "model p", "sampled p", "status"],
-                           x_label_angle=-45, height=360, elem_id="explorer-chart")
-        with gr.Row():
-            choice = gr.Dropdown([], label="Append a token", scale=3)
-            append = gr.Button("Append", scale=1)
-        table = gr.Dataframe(label="Top tokens (click a row to append it)", interactive=False, elem_id="explorer-table")
-        forward = gr.State(None)  # the last forward pass: text, prompt ids, logits [vocab]
-
-        drawn = [chart, table, choice, summary]
-        shown = {**settings, "top_n": top_n}  # passed by name: API clients see each setting's name
-
-        def prompt_in_chat_format(prompt):
-            try:
-                return get_manager().build_prompt([{"role": "user", "content": prompt or ""}])
-            except PlaygroundError as exc:
-                gr.Warning(str(exc))
-                return gr.update()
-
-        def append_row(state, shown, event: gr.SelectData):
-            row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
-            frame = shown if isinstance(shown, pd.DataFrame) else pd.DataFrame(shown)
-            if state is None or frame.empty or "id" not in frame or not 0 <= row < len(frame):
-                return gr.update()
-            return append_token(state, int(frame.iloc[row]["id"]))
-
-        use_prompt.click(prompt_in_chat_format, lab_prompt, text, api_name="explore_chat_prompt")
-        go.click(next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name="explore")
-        text.submit(next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name=False)
-        for control in [*settings.values(), top_n]:
-            control.change(draw_distribution, [forward], drawn, inputs_kwargs=shown, api_name=False,
-                           show_progress="hidden", trigger_mode="always_last")
-        # A visible endpoint for the same redraw (the e2e test and API users change settings through it).
-        redraw = gr.Button(visible=False)
-        redraw.click(draw_distribution, [forward], drawn, inputs_kwargs=shown, api_name="explore_redraw")
-        append.click(append_token, [forward, choice], text, api_name="explore_append").then(
-            next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name=False)
-        table.select(append_row, [forward, table], text, api_name=False).then(
-            next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name=False)
+    return LabTab(details=details, prompt=prompt, table=table)

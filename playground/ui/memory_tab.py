@@ -1,4 +1,5 @@
-"""GPU memory panel: live device memory (NVML), torch's allocator figures, and a CPU fallback."""
+"""Memory tab: live device memory (NVML) with torch's allocator figures on a GPU, the process and system memory
+without one."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def memory_report() -> str:
     manager = get_manager()
     sampler = manager.memory()
     reading = sampler.latest() or sampler.record()
-    lines = [f"**Source.** {sampler.describe_source()}", ""]
+    lines = [f"**Source:** {sampler.describe_source()}", ""]
     if reading.gpus:
         lines.append("| GPU | used / total MiB | utilisation | temperature | this process MiB | torch allocated / reserved MiB |")
         lines.append("|---|---|---|---|---|---|")
@@ -28,15 +29,16 @@ def memory_report() -> str:
                 f"{'n/a' if g.process_used_mib is None else f'{g.process_used_mib:.0f}'} | {torch_figures} |"
             )
     lines.append("")
+    # One fact per bullet: consecutive Markdown lines would run together into one paragraph.
     lines.append(
-        f"Process RSS **{reading.process_rss_mib:.0f} MiB** · system memory "
+        f"- Process RSS **{reading.process_rss_mib:.0f} MiB** · system memory "
         f"**{reading.system_used_mib:.0f} / {reading.system_total_mib:.0f} MiB**"
     )
     inside = manager.gpu_calls.last_memory
     if inside is not None:
         where = "ZeroGPU call" if inside.zero_gpu else "generation"
         lines.append(
-            f"At the end of the last {where}: torch allocated **{inside.allocated_mib:.0f} MiB** "
+            f"- At the end of the last {where}: torch allocated **{inside.allocated_mib:.0f} MiB** "
             f"(peak {inside.peak_allocated_mib:.0f} MiB), reserved **{inside.reserved_mib:.0f} MiB**"
         )
     status = manager.status()
@@ -45,7 +47,7 @@ def memory_report() -> str:
         lines += ["", remote_report(status, reading.remote, status.get("remote_metrics_error"))]
     elif status.get("name"):
         lines.append(
-            f"Model **{status['name']}** ({status['kind']}, {status['dtype']} on {status['device']}): "
+            f"- Model **{status['name']}** ({status['kind']}, {status['dtype']} on {status['device']}): "
             f"{status['memory_mib']:.0f} MiB of weights"
         )
     return "\n".join(lines)
@@ -81,7 +83,8 @@ def memory_tick():
 
 
 def build_memory_tab():
-    with gr.Tab("GPU memory", id="memory"):
+    # Named for what it shows: GPU figures appear in it when there is a GPU.
+    with gr.Tab("Memory", id="memory"):
         report = gr.Markdown(memory_report, elem_id="memory-report")
         plot = gr.LinePlot(
             x="seconds", y="MiB", color="series", title="Memory over the last minutes",

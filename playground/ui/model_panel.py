@@ -100,6 +100,10 @@ def load_choice(choice: str | None, models_root: str | None, device: str = "auto
         yield f"⚠️ {exc}"
         return
     manager = get_manager()
+    loaded = manager.loaded
+    if loaded is not None and (loaded.kind == "embedded" if target is None else loaded.path == target):
+        yield f"**{loaded.name}** is already loaded: nothing to do."  # a second load would only cost time
+        return
     outcome: list[dict | Exception] = []
 
     def load() -> None:
