@@ -6,7 +6,6 @@ Run: .venv/bin/python bench/stream_overhead.py [--model DIR] [--tokens 128] [--r
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import threading
@@ -18,7 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from playground.manager import get_manager  # noqa: E402
+from rate_setup import load_for_rates  # noqa: E402
 from playground.params import SamplingParams  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Explain in detail how a steam engine works."}]
@@ -64,19 +63,8 @@ def run_manager(manager, params: SamplingParams):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    manager = get_manager()
-    status = manager.load(args.model)
+    args, manager, status, params = load_for_rates(__doc__)
     loaded = manager.loaded
-    # min_new_tokens keeps both paths generating the full count (no early eos) so the rates compare.
-    loaded.model.generation_config.min_new_tokens = args.tokens
-    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=args.tokens, seed=1234)
-    print(f"model {status['name']} ({status['kind']}, {status['dtype']} on {status['device']}), "
-          f"{args.tokens} new tokens, seed {params.seed}, {args.rounds} rounds, torch threads {torch.get_num_threads()}")
     # The raw rounds run on a thread of their own that ends before the manager's rounds. Two live threads that both
     # run PyTorch's parallel CPU kernels (this one and the manager's generation thread) each keep an OpenMP team,
     # and with more team threads than cores both slow down by a third: the bench would measure that, not the manager.

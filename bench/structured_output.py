@@ -12,17 +12,15 @@ mask apply, stopping check). The last line (`RESULT ...`) gives the ratio constr
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from playground.manager import get_manager  # noqa: E402
+from rate_setup import load_for_rates  # noqa: E402
 from playground.params import SamplingParams  # noqa: E402
 from playground.structured import GrammarConstraint, ResponseFormat  # noqa: E402
 
@@ -77,18 +75,8 @@ def paired_rounds(manager, params: SamplingParams, response_format, count: int) 
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    manager = get_manager()
-    status = manager.load(args.model)
-    manager.loaded.model.generation_config.min_new_tokens = args.tokens  # the free rounds run to the full count
-    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=args.tokens, seed=1234)
+    args, manager, status, params = load_for_rates(__doc__)  # the free rounds run to the full count too
     response_format = story_format(args.tokens)
-    print(f"model {status['name']} ({status['kind']}, {status['dtype']} on {status['device']}), {args.tokens} new "
-          f"tokens, seed {params.seed}, {args.rounds} rounds, torch threads {torch.get_num_threads()}")
 
     structured = manager._backend.structured()
     started = time.perf_counter()

@@ -108,8 +108,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(health)
     routers = [health, *include_api(app, api_key=settings.api_key)]  # before the mount: POST / is the API's
-    # Outermost first: a body too large is refused before anything else reads it.
-    app.add_middleware(LoginPageGuard)
+    # Each middleware added wraps those before it: RequestSizeLimit, added last, runs first, so a body too large is
+    # refused before anything else reads it.
+    auth, auth_message = ui_login(settings)
+    if auth is not None:  # only a login page has anything to hide; without one the page is not rewritten
+        app.add_middleware(LoginPageGuard)
     app.add_middleware(MethodGuard, routes=api_methods(routers), hidden=SCHEMA_PAGES if settings.api_key else set())
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
     manager = get_manager()
@@ -117,7 +120,6 @@ def create_app(settings: Settings) -> FastAPI:
     manager.memory()  # start sampling now so the panel has history when first opened
     demo = build_app(settings, open_storage(settings))  # the History tab lists what is already saved
     # The browser UI cannot send a bearer key: a login page stands in front of it (see ui_login).
-    auth, auth_message = ui_login(settings)
     app = gr.mount_gradio_app(app, demo, path="/", auth=auth, auth_message=auth_message,
                               max_file_size=settings.max_request_bytes)
     calm_gradio_queue(demo)  # after mounting, which sets up the queue it starts
