@@ -4,19 +4,22 @@
                                     [--reuse DIR | --keep DIR] [--no-quality] [--tokenizer-dir DIR] [--tiny]
 
 Writes a synthetic INT4 checkpoint with `--layers` release-sized layers (release layout, byte-split parts; see
-`synthetic_release.py`), loads it with the playground's defaults (`load_yuan`: int4 kernels, bf16 weights, fp32
-activations on CPU) and measures, on `--threads` threads:
+`synthetic_release.py`), loads it with the playground's defaults through the model manager (`load_yuan`: int4
+kernels, bf16 weights, fp32 activations on CPU) and measures, on `--threads` threads:
 
 - decode ms per decoder layer and the fixed cost of a step (embedding, final norm, lm_head 135040 x 2048, argmax),
   each the median over `--steps` steps, at each prompt length in `--contexts`;
 - the projection to the release's 24 layers: `fixed + 24 x per-layer` -> tokens/s (target >= 5 at the first context);
+- the same decoding as the chat runs it, through the model manager with the top-5 logprobs and the expert routing
+  recorded and the text decoded token by token (the UI's path), with logprobs and without: its cost per token beyond
+  the model's step, and the projected tokens/s with it;
 - what a step is made of (time per component, by module hooks, and the top PyTorch ops);
 - resident memory of the full model: weights (24 layers like the loaded ones + the rest) + the KV cache at 4096
   positions + this process's baseline (target <= 25 GB);
 - quality of the fast path against the exact fp32 path on the same weights (`--dtype float32`): relative L2 error
   of the logits (target <= 2%), routing decisions that differ, and whether greedy decoding picks the same tokens.
 
-Exit status 0 when the speed and memory targets are met.
+Exit status 0 when the speed and memory targets are met (always with `--tiny`, which checks the script).
 """
 
 from __future__ import annotations
@@ -36,12 +39,16 @@ from synthetic_release import (
     add_checkpoint_arguments,
     checkpoint_folder,
     component_profile,
+    format_table,
+    op_table,
     projected_memory,
     projection,
     relative_error,
 )
 
 sys.path.insert(0, str(REPO_ROOT))
+from playground.insight import INSPECT_TOP  # noqa: E402
+from playground.manager import ModelManager  # noqa: E402
 from playground.models.yuan import load_yuan  # noqa: E402
 
 TARGET_TOKENS_PER_S = 5.0
@@ -50,10 +57,20 @@ TARGET_LOGIT_ERROR = 0.02
 KV_CONTEXT = 4096
 
 
-def _table(rows: list[tuple], header: tuple) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    line = lambda cells: "  " + "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(row) for row in rows])
+def ui_path_step_seconds(manager: ModelManager, context: int, steps: int, logprobs: int | None) -> float:
+    """Seconds per decoded token of a reply streamed through the manager after a `context`-token prompt, as the
+    chat asks for it (`logprobs` alternatives, expert routing), from its stats (first to last token)."""
+    generation_config = manager.loaded.model.generation_config
+    generation_config.min_new_tokens = steps  # the end token held off: every reply decodes `steps` tokens
+    words = min(context, manager.loaded.context_length - steps - 16)  # the reply must fit the context too
+    try:
+        result = manager.generate(prompt=" ".join(["word"] * words), params={"temperature": 0, "max_new_tokens": steps},
+                                  logprobs=logprobs, capture_routing=True)
+    finally:
+        generation_config.min_new_tokens = None
+    if result.stats.finish_reason == "error":
+        raise RuntimeError(result.stats.error)
+    return 1.0 / result.stats.decode_tokens_per_s
 
 
 def measure_speed(model, contexts: list[int], steps: int) -> dict[int, dict]:
@@ -65,18 +82,6 @@ def measure_speed(model, contexts: list[int], steps: int) -> dict[int, dict]:
         timer.steps(steps, time_layers=True)
         results[context] = projection(model, step_seconds, timer.layer_seconds) | {"timer": timer}
     return results
-
-
-def op_table(model, context: int, steps: int = 4) -> str:
-    timer = DecodeTimer(model, context, seed=1)
-    timer.steps(2)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        timer.steps(steps)
-    rows = []
-    events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    for event in events[:10]:
-        rows.append((event.key, f"{event.self_cpu_time_total / steps / 1e3:.2f}", f"{event.count // steps}"))
-    return _table(rows, ("op", "self ms/step", "calls/step"))
 
 
 def quality(fast, folder: Path, prompt_len: int = 12, new_tokens: int = 8) -> dict:
@@ -122,7 +127,9 @@ def main() -> int:
         process = psutil.Process()
         baseline = process.memory_info().rss
         start = time.perf_counter()
-        model, _ = load_yuan(folder, with_tokenizer=False)
+        manager = ModelManager()
+        manager.load(folder)
+        model = manager.loaded.model
         loaded_rss = process.memory_info().rss
         print(f"loaded in {time.perf_counter() - start:.1f}s: {model.compute_precision.describe()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -134,10 +141,23 @@ def main() -> int:
             rows.append((context, f"{result['step_ms']:.1f}", f"{result['per_layer_ms']:.2f}",
                          f"{result['fixed_ms']:.1f}",
                          f"{result['projected_ms']:.0f}", f"{result['projected_tokens_per_s']:.2f}"))
-        print(_table(rows, ("context", f"step ms ({len(model.model.layers)} layers)", "ms/layer", "fixed ms",
+        print(format_table(rows, ("context", f"step ms ({len(model.model.layers)} layers)", "ms/layer", "fixed ms",
                             f"projected ms ({RELEASE_LAYERS} layers)", "projected tok/s")))
 
         first = args.contexts[0]
+        print(f"\ndecoding as the chat does (through the manager, routing recorded, text decoded per token; "
+              f"median step of the model alone subtracted):")
+        rows = []
+        for context, result in speed.items():
+            for label, logprobs in ((f"top-{INSPECT_TOP} logprobs", INSPECT_TOP), ("no logprobs", None)):
+                ui_step = ui_path_step_seconds(manager, context, args.steps, logprobs)
+                overhead_ms = ui_step * 1e3 - result["step_ms"]
+                tokens_per_s = 1e3 / (result["projected_ms"] + max(overhead_ms, 0.0))
+                result[f"ui_{label}"] = tokens_per_s
+                rows.append((context, label, f"{ui_step * 1e3:.1f}", f"{overhead_ms:+.1f}", f"{tokens_per_s:.2f}"))
+        print(format_table(rows, ("context", "request", f"ms/token ({len(model.model.layers)} layers)",
+                                  "beyond the model ms", "projected tok/s")))
+
         print(f"\nwhat a step is made of (context {first}, module hooks, {len(model.model.layers)} layers):")
         profile = component_profile(model, speed[first]["timer"], steps=8)
         # The same step with 24 layers: per-layer components scale with the layer count, the head and embedding not.
@@ -147,9 +167,9 @@ def main() -> int:
         total_projected = sum(projected.values())
         rows = [(role, f"{ms:.2f}", f"{share:.0%}",
                  f"{projected.get(role, total_projected) / total_projected:.0%}") for role, ms, share in profile]
-        print(_table(rows, ("component", "ms/step", "share", f"share at {RELEASE_LAYERS} layers")))
+        print(format_table(rows, ("component", "ms/step", "share", f"share at {RELEASE_LAYERS} layers")))
         print(f"\ntop PyTorch ops (context {first}):")
-        print(op_table(model, first))
+        print(op_table(DecodeTimer(model, first, seed=1)))
 
         memory = projected_memory(model, KV_CONTEXT)
         held_now = loaded_rss - baseline
@@ -182,7 +202,7 @@ def main() -> int:
               f"(target >= {TARGET_TOKENS_PER_S}, ratio {tokens_per_s / TARGET_TOKENS_PER_S:.2f}); resident "
               f"{resident / 1e9:.1f} GB (target <= {TARGET_RESIDENT_GB:.0f}); "
               f"{'PASS' if ok else 'FAIL'}{' (toy layers: not a measurement)' if args.tiny else ''}")
-        return 0 if ok else 1
+        return 0 if ok or args.tiny else 1  # toy layers check the script, not the speed
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections import defaultdict
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
@@ -50,8 +52,9 @@ RELEASE_LAYER = dict(
     max_position_embeddings=4096,
 )
 RELEASE_LAYERS = 24
-# The same structure at toy size: for smoke tests of the benchmarks themselves (`--tiny`), not for figures.
-TINY_LAYER = dict(RELEASE_LAYER, vocab_size=4096, hidden_size=256, num_attention_heads=2,
+# The same structure at toy size: for smoke tests of the benchmarks themselves (`--tiny`), not for figures. The
+# vocabulary stays the release's, so text from the real tokenizer fits.
+TINY_LAYER = dict(RELEASE_LAYER, hidden_size=256, num_attention_heads=2,
                   attention_projection_size=512, num_experts=8, ffn_hidden_size=256)
 
 
@@ -151,25 +154,21 @@ def kv_bytes_per_position(model: nn.Module) -> int:
     return 2 * config.num_attention_heads * config.head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
-class DecodeTimer:
-    """Decode steps of `model` after a prompt of `context` tokens, with each decoder layer's time recorded."""
+def random_prompt(model: nn.Module, length: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (1, length), generator=generator)
+    return prompt.to(model.model.embed_tokens.weight.device)
 
-    def __init__(self, model: nn.Module, context: int, synchronize=lambda: None, seed: int = 0):
+
+class _LayerTimer:
+    """Records each decoder layer's time (forward hooks) while `_time_layers(True)` is on."""
+
+    def __init__(self, model: nn.Module, synchronize=lambda: None):
         self.model = model
         self.synchronize = synchronize
-        device = model.model.embed_tokens.weight.device
-        generator = torch.Generator().manual_seed(seed)
-        prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=generator).to(device)
-        self.cache = YuanCache(model.config)
-        with torch.inference_mode():
-            self.token = self._next(model(prompt, cache=self.cache, use_cache=True, logits_to_keep=1))
         self.layer_seconds: list[float] = []
         self._started: dict[int, float] = {}
         self._hooks = []
-
-    @staticmethod
-    def _next(output) -> torch.Tensor:
-        return output.logits[:, -1].argmax(-1, keepdim=True)
 
     def _time_layers(self, on: bool) -> None:
         for hook in self._hooks:
@@ -188,6 +187,21 @@ class DecodeTimer:
 
             self._hooks += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
 
+
+class DecodeTimer(_LayerTimer):
+    """Decode steps of `model` after a prompt of `context` tokens, with each decoder layer's time recorded."""
+
+    def __init__(self, model: nn.Module, context: int, synchronize=lambda: None, seed: int = 0):
+        super().__init__(model, synchronize)
+        prompt = random_prompt(model, context, seed)
+        self.cache = YuanCache(model.config)
+        with torch.inference_mode():
+            self.token = self._next(model(prompt, cache=self.cache, use_cache=True, logits_to_keep=1))
+
+    @staticmethod
+    def _next(output) -> torch.Tensor:
+        return output.logits[:, -1].argmax(-1, keepdim=True)
+
     def steps(self, count: int, time_layers: bool = False) -> list[float]:
         """Seconds of each of `count` greedy decoding steps."""
         self._time_layers(time_layers)
@@ -203,6 +217,64 @@ class DecodeTimer:
         finally:
             self._time_layers(False)
         return seconds
+
+
+class PrefillTimer(_LayerTimer):
+    """Cold prefills of a random `length`-token prompt (a fresh cache each, `chunk` tokens per forward pass, the
+    logits of the last position only), with each decoder layer's time recorded."""
+
+    def __init__(self, model: nn.Module, length: int, chunk: int, synchronize=lambda: None, seed: int = 0):
+        super().__init__(model, synchronize)
+        self.prompt = random_prompt(model, length, seed)
+        self.chunk = chunk
+        self.chunks = math.ceil(length / chunk)  # forward passes per prefill
+
+    def prefill(self) -> torch.Tensor:
+        """The logits of the prompt's last position."""
+        cache = YuanCache(self.model.config)
+        with torch.inference_mode():
+            for start in range(0, self.prompt.shape[1], self.chunk):
+                chunk = self.prompt[:, start : start + self.chunk]
+                logits = self.model(chunk, cache=cache, use_cache=True, logits_to_keep=1).logits
+        return logits
+
+    def steps(self, count: int, time_layers: bool = False) -> list[float]:
+        """Seconds of each of `count` prefills."""
+        self._time_layers(time_layers)
+        seconds = []
+        try:
+            for _ in range(count):
+                self.synchronize()
+                start = time.perf_counter()
+                self.prefill()
+                self.synchronize()
+                seconds.append(time.perf_counter() - start)
+        finally:
+            self._time_layers(False)
+        return seconds
+
+
+@contextmanager
+def peak_rss_growth(interval: float = 0.005) -> Iterator[dict]:
+    """Samples this process's resident memory while the block runs; `["bytes"]` is then its peak minus its start."""
+    process = psutil.Process()
+    start = process.memory_info().rss
+    result = {"bytes": 0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            result["bytes"] = max(result["bytes"], process.memory_info().rss - start)
+            done.wait(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join()
+        result["bytes"] = max(result["bytes"], process.memory_info().rss - start)
 
 
 def projection_by_truncation(model: nn.Module, context: int, steps: int, synchronize=lambda: None) -> dict:
@@ -223,8 +295,9 @@ def projection_by_truncation(model: nn.Module, context: int, steps: int, synchro
     return _projected(medians[len(layers)], per_layer, len(layers))
 
 
-def component_profile(model: nn.Module, timer: DecodeTimer, steps: int, synchronize=lambda: None) -> list[tuple]:
-    """Where a decode step's time goes, by component, measured with hooks: rows (component, ms per step, share)."""
+def component_profile(model: nn.Module, timer: _LayerTimer, steps: int, synchronize=lambda: None) -> list[tuple]:
+    """Where a step's time goes (a decode step, or a prefill with a `PrefillTimer`), by component, measured with
+    hooks: rows (component, ms per step, share)."""
     roles = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
@@ -259,10 +332,27 @@ def component_profile(model: nn.Module, timer: DecodeTimer, steps: int, synchron
             hook.remove()
     rows = [(role, seconds / steps * 1e3) for role, seconds in sorted(totals.items(), key=lambda kv: -kv[1])]
     accounted = sum(totals.values())
-    rows.append(("everything else (attention over the cache, rotary, residuals, routing, Python)",
+    rows.append(("everything else (attention over the cache, rotary, residuals, expert dispatch, Python)",
                  (step_seconds - accounted) / steps * 1e3))
     total_ms = step_seconds / steps * 1e3
     return [(role, ms, ms / total_ms) for role, ms in rows] + [("step total", total_ms, 1.0)]
+
+
+def format_table(rows: list[tuple], header: tuple) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    line = lambda cells: "  " + "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(row) for row in rows])
+
+
+def op_table(timer: _LayerTimer, steps: int = 4, top: int = 10) -> str:
+    """The PyTorch ops taking the most time over `steps` of `timer`, per step."""
+    timer.steps(min(steps, 2))  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        timer.steps(steps)
+    rows = []
+    for event in sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]:
+        rows.append((event.key, f"{event.self_cpu_time_total / steps / 1e3:.2f}", f"{event.count // steps}"))
+    return format_table(rows, ("op", "self ms/step", "calls/step"))
 
 
 def projection(model: nn.Module, step_seconds: list[float], layer_seconds: list[float]) -> dict:
@@ -296,16 +386,21 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 __all__ = [
     "DecodeTimer",
+    "PrefillTimer",
     "RELEASE_LAYER",
     "RELEASE_LAYERS",
     "TINY_LAYER",
     "add_checkpoint_arguments",
     "checkpoint_folder",
     "component_profile",
+    "format_table",
     "layer_count_for",
+    "op_table",
+    "peak_rss_growth",
     "projected_memory",
     "projection",
     "projection_by_truncation",
+    "random_prompt",
     "relative_error",
     "tensor_bytes",
     "write_release_checkpoint",

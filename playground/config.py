@@ -45,6 +45,7 @@ class Settings:
     remote_extensions: set[str] | None = None  # sampling fields beyond OpenAI's the remote takes (None: by owned_by)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger request body is refused with 413 (UI included)
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS  # a longer prompt (all messages) is refused before tokenizing
+    prompt_cache_mb: int | None = None  # the prompt cache's budget; None: a quarter of the memory free after loading
 
 
 def _positive(kind):
@@ -59,6 +60,18 @@ def _positive(kind):
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _cache_budget(text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of megabytes or 'auto'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or more, got {text}")
+    return value
 
 
 def _extension_list(text: str) -> set[str]:
@@ -147,6 +160,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         default=env.get("PLAYGROUND_MAX_PROMPT_CHARS", str(DEFAULT_MAX_PROMPT_CHARS)),
                         help="refuse a prompt (a chat's messages together) over N characters before tokenizing it "
                              "[PLAYGROUND_MAX_PROMPT_CHARS]")
+    parser.add_argument("--prompt-cache-mb", type=_cache_budget, metavar="MB",
+                        default=env.get("PLAYGROUND_PROMPT_CACHE_MB", "auto"),
+                        help="memory for the prompt cache, which lets a request that starts like an earlier one (a "
+                             "chat's next turn, Regenerate, the lab's settings) compute only its new tokens; 0 turns "
+                             "it off; default auto: a quarter of the memory free once the model is loaded, at most "
+                             "8 GiB [PLAYGROUND_PROMPT_CACHE_MB]")
     parser.add_argument("--models-root", default=env.get("PLAYGROUND_MODELS_ROOT") or None, metavar="DIR",
                         help="the UI's model panel may load the folders under DIR (and nothing outside it); "
                              "without it the panel offers only the embedded model [PLAYGROUND_MODELS_ROOT]")

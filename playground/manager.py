@@ -55,6 +55,7 @@ class ModelManager:
         self._memory: MemorySampler | None = None
         self.gpu_calls = GpuCalls()  # model calls go through it (ZeroGPU); it keeps the last call's CUDA figures
         self.max_prompt_chars = DEFAULT_MAX_PROMPT_CHARS  # the server sets --max-prompt-chars
+        self.prompt_cache_bytes: int | None = None  # the server sets --prompt-cache-mb (None: sized at each load)
 
     # --------------------------------------------------------------------------------------- loading
 
@@ -86,7 +87,7 @@ class ModelManager:
             loaded = self._build(target, resolved_device, dtype, report)
             loaded.load_time_s = time.perf_counter() - started
             report(1.0, "ready")
-            self._switch_to(LocalBackend(loaded, self._worker, self.gpu_calls))
+            self._switch_to(LocalBackend(loaded, self._worker, self.gpu_calls, self.prompt_cache_bytes))
             del loaded  # a running generation keeps its own reference until it ends
             scheduling.free_device_memory()
         except Exception as exc:
@@ -170,6 +171,15 @@ class ModelManager:
     def unavailable_params(self) -> list[str]:
         """Sampling fields the current backend cannot take (always none for a local model)."""
         return self._backend.unavailable_params() if self._backend is not None else []
+
+    def set_prompt_cache_budget(self, budget_bytes: int | None) -> dict[str, int]:
+        """Resize the current local model's prompt cache (None: sized from the memory free now; 0: empty and off)
+        and return its figures. Later loads keep this setting."""
+        backend = self._require_backend()
+        backend.local("a prompt cache")  # a remote engine keeps its own: this says so
+        self.prompt_cache_bytes = budget_bytes
+        backend.resize_prompt_cache(budget_bytes)
+        return backend.prompt_cache.stats()
 
     def require_local(self, what: str) -> LoadedModel:
         """The loaded model, when it is local; `what` needs its tokenizer or weights."""
@@ -374,27 +384,10 @@ class ModelManager:
         try:
             while not gate.wait_turn(handle, timeout=0.2):
                 pass
-            result: list[Any] = []
-
-            def forward():
-                try:
-                    def last_logits():
-                        with torch.inference_mode():
-                            ids = input_ids.to(loaded.device)
-                            # Only the last position's logits: the vocabulary projection of every other is waste.
-                            output = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
-                            return output.logits[0, -1].float().cpu()
-
-                    result.append(self.gpu_calls.run(last_logits))
-                except BaseException as exc:
-                    result.append(exc)
-
-            self._worker(loaded.device).submit(forward).wait()
+            logits = backend.next_token_logits(input_ids)
         finally:
             gate.leave(handle)
-        if isinstance(result[0], BaseException):
-            raise PlaygroundError(f"the forward pass failed: {result[0]}") from result[0]
-        return input_ids[0].tolist(), result[0]
+        return input_ids[0].tolist(), logits
 
     @staticmethod
     def compute(fn: Callable[[], Any]) -> Any:

@@ -35,6 +35,7 @@ class LoadedModel:
     load_time_s: float
     context_length: int
     has_experts: bool = False
+    prefill_chunk_tokens: int | None = None  # a long prompt is computed this many tokens at a time (None: at once)
 
 
 def build_local_model(target: str, device: str, dtype: str, report: Progress) -> LoadedModel:
@@ -90,6 +91,7 @@ def _load_gguf(path: Path, device, dtype, report) -> LoadedModel:
 
 def _load_yuan_folder(path: Path, device, dtype, report) -> LoadedModel:
     from playground.models.yuan.loading import check_yuan_folder, load_yuan
+    from playground.models.yuan.precision import PREFILL_CHUNK_TOKENS
     from playground.models.yuan.prompt import YuanChatFormat
 
     folder = check_yuan_folder(path)  # names the missing or damaged file before anything is built
@@ -97,10 +99,12 @@ def _load_yuan_folder(path: Path, device, dtype, report) -> LoadedModel:
     # the checkpoint's dtype on CUDA and fp32 on CPU; "float32" is the exact mode (playground.models.yuan.precision).
     torch_dtype = None if dtype in (None, "", "auto") else resolve_dtype(dtype, device)
     model, tokenizer = load_yuan(folder, device=device, dtype=torch_dtype, progress=report)
-    return _finish(
+    loaded = _finish(
         model, tokenizer, model_name(path), "yuan-int4" if folder.quantized else "yuan", str(path), device, report,
         chat_format=YuanChatFormat(tokenizer), has_experts=True,
     )
+    loaded.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
+    return loaded
 
 def _finish(model, tokenizer, name, kind, path, device, report, chat_format=None, has_experts=False):
     report(0.9, f"moving to {device}")

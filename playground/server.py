@@ -117,6 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
     manager = get_manager()
     manager.max_prompt_chars = settings.max_prompt_chars
+    manager.prompt_cache_bytes = None if settings.prompt_cache_mb is None else settings.prompt_cache_mb * 2**20
     manager.memory()  # start sampling now so the panel has history when first opened
     demo = build_app(settings, open_storage(settings))  # the History tab lists what is already saved
     # The browser UI cannot send a bearer key: a login page stands in front of it (see ui_login).

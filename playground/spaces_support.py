@@ -8,6 +8,7 @@ nothing on ZeroGPU, so it records them at the end of each call for the memory pa
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +37,12 @@ class GpuCalls:
         self._runner: Callable[[Callable[[], Any]], Any] | None = None
         self.zero_gpu = False  # True once the first call found the spaces package
         self.last_memory: GpuCallMemory | None = None  # None: no CUDA, or nothing ran yet
+
+    @staticmethod
+    def keeps_device_state(device: str) -> bool:
+        """Whether tensors one call leaves on `device` are still usable in the next: not on ZeroGPU, where the GPU
+        is attached only during a call (so the prompt cache is off there)."""
+        return not (device.startswith("cuda") and importlib.util.find_spec("spaces") is not None)
 
     def run(self, job: Callable[[], Any]) -> Any:
         """Run `job()` (inside `spaces.GPU` on ZeroGPU); returns its result."""

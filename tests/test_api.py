@@ -157,7 +157,11 @@ def test_chat_completion_and_its_stream_agree(client, model_id):
     assert text == choice.message.content  # greedy: the same reply either way
     finishes = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
     assert finishes == [choice.finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage == usage  # the usage chunk comes last
+    assert chunks[-1].choices == []  # the usage chunk comes last
+    streamed = chunks[-1].usage
+    assert (streamed.prompt_tokens, streamed.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    # The same prompt again: all of it but its last token came from the prompt cache.
+    assert streamed.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
     assert all(chunk.usage is None for chunk in chunks[:-1])
 
 

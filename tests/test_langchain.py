@@ -51,7 +51,11 @@ def test_invoke_and_stream_give_the_same_greedy_reply(chat):
     chunks = list(chat.stream(COLOURS))
     assert len(chunks) > 2  # token by token, not one block
     assert "".join(chunk.content for chunk in chunks) == reply.content
-    assert chunks[-1].usage_metadata == usage
+    streamed = chunks[-1].usage_metadata
+    assert {k: streamed[k] for k in ("input_tokens", "output_tokens")} == {k: usage[k] for k in
+                                                                           ("input_tokens", "output_tokens")}
+    # The same prompt again: all of it but its last token was read from the prompt cache.
+    assert streamed["input_token_details"]["cache_read"] == usage["input_tokens"] - 1
 
 
 def test_batch_answers_each_prompt(chat):

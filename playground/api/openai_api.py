@@ -45,11 +45,13 @@ def finish_reason(stats: GenerationStats) -> str:
     return "length" if stats.finish_reason == "length" else "stop"
 
 
-def usage(stats: GenerationStats) -> dict[str, int]:
+def usage(stats: GenerationStats) -> dict[str, Any]:
     return {
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.new_tokens,
         "total_tokens": stats.prompt_tokens + stats.new_tokens,
+        # OpenAI's field for prompt tokens served from its prompt cache: here, the playground's.
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
     }
 
 

@@ -16,7 +16,8 @@ import torch
 from playground.chat_format import PlainChatFormat
 from playground.errors import ParameterError, PlaygroundError
 from playground.generation.events import GenerationEvent
-from playground.generation.local import encode_prompt, end_token_ids, stream_local
+from playground.generation.local import PrefixedRun, encode_prompt, end_token_ids, stream_local
+from playground.generation.prompt_cache import PromptCache, default_budget_bytes, empty_cache, resumable
 from playground.generation.remote import stream_remote
 from playground.generation.scheduling import DeviceWorker, GenerationHandle
 from playground.model_loading import LoadedModel
@@ -38,10 +39,15 @@ class LocalBackend:
 
     batches = False
 
-    def __init__(self, loaded: LoadedModel, worker_for: Callable[[str], DeviceWorker], gpu_calls: GpuCalls):
+    def __init__(self, loaded: LoadedModel, worker_for: Callable[[str], DeviceWorker], gpu_calls: GpuCalls,
+                 prompt_cache_bytes: int | None = None):
+        """`prompt_cache_bytes`: the prompt cache's budget (None: sized from the memory free now, 0: off)."""
         self.loaded = loaded
         self._worker_for = worker_for
         self._gpu_calls = gpu_calls
+        self._cacheable = gpu_calls.keeps_device_state(loaded.device) and resumable(empty_cache(loaded.model))
+        self.prompt_cache = PromptCache(0)
+        self.resize_prompt_cache(prompt_cache_bytes)
         self._last_encoded: tuple[str, Any] | None = None  # (prompt text, ids): the lab's settings share a prompt
         self._structured: StructuredDecoding | None = None  # made on the first structured request
 
@@ -76,19 +82,46 @@ class LocalBackend:
     def stream(self, prepared: LocalRequest, messages, prompt, params: SamplingParams, handle: GenerationHandle,
                queue_wait: float, logprobs: int | None, capture_routing: bool) -> Iterator[GenerationEvent]:
         return stream_local(self.loaded, prepared.input_ids, params, handle, queue_wait, logprobs, capture_routing,
-                            self._worker_for(self.loaded.device), self._gpu_calls, prepared.grammar)
+                            self._worker_for(self.loaded.device), self._gpu_calls, prepared.grammar,
+                            self.prompt_cache if self.prompt_cache.budget_bytes else None)
+
+    def resize_prompt_cache(self, budget_bytes: int | None) -> None:
+        """None: a share of the memory free now. Stays off (0) where caches cannot be kept or resumed."""
+        if budget_bytes is None:
+            budget_bytes = default_budget_bytes(self.loaded.device)
+        self.prompt_cache.resize(budget_bytes if self._cacheable else 0)
+
+    def next_token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The raw next-token logits [vocab] (float32, CPU) after `input_ids`, on the device's worker thread, computing
+        only what the prompt cache lacks. The caller holds the device's turn in the queue."""
+        loaded, cache = self.loaded, self.prompt_cache if self.prompt_cache.budget_bytes else None
+        run = PrefixedRun(loaded.model, input_ids.to(loaded.device), cache, record_routing=loaded.has_experts)
+        outcome: list[Any] = []
+
+        def forward():
+            try:
+                outcome.append(self._gpu_calls.run(run.next_token_logits))
+                self._gpu_calls.run(run.keep)
+            except BaseException as exc:  # reported to the caller, never lost in the thread
+                outcome.append(exc)
+
+        self._worker_for(loaded.device).submit(forward).wait()
+        if isinstance(outcome[0], BaseException):
+            raise PlaygroundError(f"the forward pass failed: {outcome[0]}") from outcome[0]
+        return outcome[0]
 
     def unavailable_params(self) -> list[str]:
         return []
 
     def status_fields(self) -> dict[str, Any]:
-        return {}
+        return {"prompt_cache": self.prompt_cache.stats()}
 
     def metrics(self) -> dict[str, float] | None:
         return None
 
     def close(self) -> None:
-        """Nothing to close: the weights go when the last reference does."""
+        """The prompt cache's memory goes now; the weights go when the last reference does."""
+        self.prompt_cache.clear()
 
 
 class RemoteBackend:

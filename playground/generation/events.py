@@ -11,6 +11,7 @@ import torch
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's, taken from the prompt cache instead of computed
     new_tokens: int = 0
     queue_wait_s: float = 0.0
     time_to_first_token_s: float | None = None
@@ -33,7 +34,8 @@ class GenerationStats:
             parts.append(f"{self.decode_tokens_per_s:.1f} tokens/s")
         if self.time_to_first_token_s is not None:
             parts.append(f"first token after {self.time_to_first_token_s:.2f} s")
-        parts.append(f"prompt {self.prompt_tokens} tokens")
+        parts.append(f"prompt {self.prompt_tokens} tokens" +
+                     (f" ({self.cached_tokens} from the cache)" if self.cached_tokens else ""))
         if self.seed is not None:
             parts.append(f"seed {self.seed}")
         parts.append(FINISH_WORDS.get(self.finish_reason, self.finish_reason))

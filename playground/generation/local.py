@@ -7,7 +7,7 @@ and turns token ids into text deltas (cleaned by the chat format, cut at stop st
 
 from __future__ import annotations
 
-import queue
+import logging
 import random
 import threading
 import time
@@ -15,23 +15,25 @@ from contextlib import nullcontext
 from typing import Any, Iterator
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from playground.errors import ParameterError
 from playground.generation import scheduling
-from playground.generation.events import (
-    ExpertRouting,
-    GenerationEvent,
-    GenerationStats,
-    TokenInfo,
-    finish_timing,
-    text_extension,
-)
+from playground.generation.events import ExpertRouting, GenerationEvent, GenerationStats, finish_timing, text_extension
+from playground.generation.prompt_cache import PromptCache, Reuse, empty_cache
 from playground.generation.scheduling import DeviceWorker, GenerationHandle
+from playground.generation.streaming import (
+    IncrementalText,
+    ProcessedDistribution,
+    RawDistribution,
+    TokenStreamer,
+    token_info,
+)
 from playground.params import SamplingParams
 from playground.spaces_support import GpuCalls
 from playground.structured import CompiledFormat
+
+logger = logging.getLogger(__name__)
 
 
 class CancelCriteria(StoppingCriteria):
@@ -43,59 +45,6 @@ class CancelCriteria(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
         done = self.event.is_set()
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
-class DistributionRecorder:
-    """Per step: the next-token log-probabilities and their top-n, computed on the generation thread.
-
-    Everything with more than a few elements is computed here, on the device worker, so the consuming thread only
-    indexes: a second thread running parallel torch kernels would slow every later generation (see DeviceWorker).
-    """
-
-    def __init__(self, top_n: int):
-        self.top_n = top_n
-        self.steps: list[tuple[torch.Tensor, list[tuple[int, float]]]] = []
-
-    def record(self, logits: torch.Tensor) -> None:
-        logprobs = logits.detach().float().log_softmax(-1).cpu()
-        top = []
-        if self.top_n:
-            values, ids = logprobs.topk(self.top_n)
-            top = [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v > float("-inf")]
-        self.steps.append((logprobs, top))
-
-
-class ProcessedScoreRecorder(DistributionRecorder, LogitsProcessor):
-    """Last in generate's processor list: sees the scores after temperature/top-k/top-p/min-p etc."""
-
-    def __call__(self, input_ids, scores):
-        self.record(scores[0])
-        return scores
-
-
-class RawLogitsRecorder(DistributionRecorder):
-    """A forward hook on the output head: the model's raw next-token logits for each step."""
-
-    def __call__(self, module, inputs, output):
-        self.record(output[0, -1])
-
-
-class TokenStreamer(BaseStreamer):
-    """transformers streamer that hands each new token id (with a timestamp) to the consuming thread."""
-
-    def __init__(self):
-        self.queue: queue.Queue = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value):
-        if not self._prompt_seen:  # generate's first put is the prompt
-            self._prompt_seen = True
-            return
-        for token_id in value.reshape(-1).tolist():
-            self.queue.put((time.perf_counter(), int(token_id)))
-
-    def end(self):
-        self.queue.put(None)
 
 
 # A prompt longer than this many characters per context token is first tokenized in part: when that part alone
@@ -134,41 +83,33 @@ def context_error(loaded, tokens: str, params: SamplingParams) -> ParameterError
     )
 
 
-def token_info(tokenizer, token_id, step, raw, processed) -> TokenInfo:
-    info = TokenInfo(id=token_id, text=tokenizer.decode([token_id]))
-    for recorder, value_attr, top_attr in ((raw, "logprob", "top"), (processed, "sampled_logprob", "sampled_top")):
-        if recorder is None or step >= len(recorder.steps):
-            continue
-        logprobs, top = recorder.steps[step]
-        setattr(info, value_attr, float(logprobs[token_id]))
-        setattr(info, top_attr, [(i, tokenizer.decode([i]), v) for i, v in top])
-    return info
-
-
 def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle: GenerationHandle, queue_wait: float,
                  logprobs: int | None, capture_routing: bool, worker: DeviceWorker,
-                 gpu_calls: GpuCalls, grammar: CompiledFormat | None = None) -> Iterator[GenerationEvent]:
+                 gpu_calls: GpuCalls, grammar: CompiledFormat | None = None,
+                 prompt_cache: PromptCache | None = None) -> Iterator[GenerationEvent]:
     """One reply from a local model: `generate` runs on the device's `worker` thread (through `gpu_calls`, for
-    ZeroGPU), this thread decodes and yields `delta` events as tokens arrive, then the `done` event with the stats
-    (and the routing if asked). `grammar`: a compiled response format the reply is held to (structured output)."""
+    ZeroGPU), resuming from the longest beginning of the prompt in `prompt_cache`; this thread decodes and yields
+    `delta` events as tokens arrive, then the `done` event with the stats (and the routing if asked). `grammar`: a
+    compiled response format the reply is held to (structured output)."""
     model, tokenizer, chat_format = loaded.model, loaded.tokenizer, loaded.chat_format
     input_ids = input_ids.to(loaded.device)  # encoded (and checked) before the caller joined the queue
-    attention_mask = torch.ones_like(input_ids)
     prompt_tokens = int(input_ids.shape[1])
     seed = params.seed if params.seed is not None else random.randrange(2**32)
     eos_ids = end_token_ids(model, tokenizer) | set(chat_format.stop_token_ids)
-    streamer = TokenStreamer()
-    processed = ProcessedScoreRecorder(logprobs) if logprobs is not None else None
-    raw = RawLogitsRecorder(logprobs) if logprobs is not None else None
+    processed = ProcessedDistribution(logprobs) if logprobs is not None else None
+    raw = RawDistribution(logprobs) if logprobs is not None else None
+    streamer = TokenStreamer([d for d in (raw, processed) if d is not None])
     kwargs = params.generate_kwargs()
     if params.stop:
         kwargs["tokenizer"] = tokenizer
+    if loaded.prefill_chunk_tokens:
+        kwargs["prefill_chunk_size"] = loaded.prefill_chunk_tokens  # bounded activations for long prompts
     # The grammar masks first, so the warpers (temperature, top-k, top-p...) sample among allowed tokens only, and
     # its stopping criterion ends the reply when the structure is complete.
     constraint = grammar.constraint(prompt_tokens) if grammar else None
     generate_kwargs = dict(
         input_ids=input_ids,
-        attention_mask=attention_mask,
+        attention_mask=torch.ones_like(input_ids),
         streamer=streamer,
         stopping_criteria=StoppingCriteriaList(
             [CancelCriteria(handle.cancelled), *([constraint.stopping_criterion()] if constraint else [])]),
@@ -178,27 +119,25 @@ def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle
         pad_token_id=tokenizer.pad_token_id,
         **kwargs,
     )
-    failure: list[BaseException] = []
     hook = model.get_output_embeddings().register_forward_hook(raw) if raw else None
-    traces: list[Any] = []
-    record_routing = capture_routing and loaded.has_experts and hasattr(model, "record_routing")
+    run = PrefixedRun(model, input_ids, prompt_cache, record_routing=loaded.has_experts)
 
-    def run():
+    def generate():
         try:
-            with torch.inference_mode(), (model.record_routing() if record_routing else nullcontext()) as trace:
-                torch.manual_seed(seed)  # serialised by the gate, so the global RNG is ours
-                # On a ZeroGPU Space the GPU exists only inside spaces.GPU; elsewhere this just calls.
-                gpu_calls.run(lambda: model.generate(**generate_kwargs))
-            if trace is not None:
-                traces.append(trace.stacked())  # stacked here, on the generation thread
-        except BaseException as exc:  # reported to the consumer, never lost in the thread
-            failure.append(exc)
+            # On a ZeroGPU Space the GPU exists only inside spaces.GPU; elsewhere this just calls.
+            gpu_calls.run(lambda: run.generate(seed, generate_kwargs))
+        except BaseException as exc:  # the GPU call itself failed: reported like the model's own failure
+            run.failed(exc)
         finally:
-            streamer.end()
+            streamer.end()  # the consumer can finish while the cache is stored
+        try:
+            gpu_calls.run(run.keep)
+        except Exception:  # a reply that was delivered does not fail for want of caching it
+            logger.exception("keeping the computed prompt in the prompt cache failed")
 
     started = time.perf_counter()
-    finished_event = worker.submit(run)
-    new_ids: list[int] = []
+    job_done = worker.submit(generate)
+    text = IncrementalText(tokenizer, chat_format.skip_special_tokens)
     emitted = ""
     first_token_at = last_token_at = None
     try:
@@ -206,18 +145,13 @@ def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle
             item = streamer.queue.get()
             if item is None:
                 break
-            stamp, token_id = item
+            stamp, token_id, figures = item
             first_token_at = first_token_at or stamp
             last_token_at = stamp
-            new_ids.append(token_id)
-            infos = []
-            if logprobs is not None:
-                infos.append(token_info(tokenizer, token_id, len(new_ids) - 1, raw, processed))
-            clean = trim_at_stop(
-                chat_format.clean_output(tokenizer.decode(new_ids, skip_special_tokens=chat_format.skip_special_tokens)),
-                params.stop,
-            )[0]
-            delta = text_extension(emitted, clean, hold=clean.endswith("\ufffd"))  # a partial multi-byte character
+            text.add(token_id)
+            infos = [token_info(tokenizer, token_id, figures, logprobs)] if logprobs is not None else []
+            clean = trim_at_stop(chat_format.clean_output(text.text), params.stop)[0]
+            delta = text_extension(emitted, clean)
             emitted += delta
             if delta or infos:
                 yield GenerationEvent("delta", text=delta, tokens=infos)
@@ -225,21 +159,26 @@ def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle
         handle.cancel()
         raise
     finally:
-        finished_event.wait()
+        run.generated.wait()
         if hook:
             hook.remove()
     finished = time.perf_counter()
+    # The cache is being stored while the last pieces go out; the reply ends once it is (a process that exits after
+    # its last reply must not find the worker still copying tensors).
+    job_done.wait()
+    new_ids = text.ids
+    # Decoded whole once, at the end: the streamed pieces are only what could be shown so far.
     final, hit_stop = trim_at_stop(
         chat_format.clean_output(tokenizer.decode(new_ids, skip_special_tokens=chat_format.skip_special_tokens)),
         params.stop,
     )
     stats = GenerationStats(
         prompt_tokens=prompt_tokens, new_tokens=len(new_ids), queue_wait_s=queue_wait, total_s=finished - started,
-        seed=seed,
+        seed=seed, cached_tokens=run.reused,
     )
     finish_timing(stats, started, first_token_at, last_token_at)
-    if failure:
-        exc = failure[0]
+    if run.failure is not None:
+        exc = run.failure
         stats.finish_reason = "error"
         if isinstance(exc, torch.OutOfMemoryError):
             stats.error = "out of memory during generation; caches were freed, try a shorter prompt or reply"
@@ -258,15 +197,101 @@ def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle
     if held_back:
         yield GenerationEvent("delta", text=held_back)
     routing = None
-    if traces:
-        experts, weights = traces[0]
-        # The last sampled token never went through the model; the trace covers prompt + all but the last.
+    if capture_routing and run.routing is not None:
+        experts, weights = run.routing
+        # The last sampled token never went through the model; the routing covers prompt + all but the last.
         token_ids = input_ids[0].tolist() + new_ids[: experts.shape[2] - prompt_tokens]
         routing = ExpertRouting(
             experts=experts[:, 0], weights=weights[:, 0], token_ids=token_ids, prompt_tokens=prompt_tokens,
             num_experts=int(getattr(model.config, "num_experts", experts.max().item() + 1)),
         )
     yield GenerationEvent("done", text=final, stats=stats, routing=routing)
+
+
+class PrefixedRun:
+    """One model run on the generation thread that starts from the prompt cache and leaves what it computed there.
+
+    `generate` takes the longest cached beginning of the prompt (a copy), runs `model.generate` on the rest, and
+    records the routing (models with experts: it is kept with the cache, so a resumed prompt still has its
+    routing); `keep` then stores the sequence it computed, the prompt and all reply tokens but the last.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, prompt_cache: PromptCache | None, record_routing: bool):
+        self.model = model
+        self.input_ids = input_ids
+        self.prompt_cache = prompt_cache
+        self.record_routing = record_routing and hasattr(model, "record_routing")
+        self.reused = 0
+        self.cache = None
+        self.prefix_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sequence: torch.Tensor | None = None
+        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.failure: BaseException | None = None
+        self.generated = threading.Event()  # set once generate has returned (or failed)
+
+    def generate(self, seed: int, generate_kwargs: dict) -> None:
+        try:
+            with torch.inference_mode(), self._routing_trace() as trace:
+                self._resume()
+                torch.manual_seed(seed)  # serialised by the gate, so the global RNG is ours
+                self.sequence = self.model.generate(**generate_kwargs, cache=self.cache)
+            self._keep_routing(trace)
+        except BaseException as exc:  # reported to the consumer, never lost in the thread
+            self.failed(exc)
+        finally:
+            self.generated.set()
+
+    def failed(self, exc: BaseException) -> None:
+        self.failure = self.failure or exc
+        self.generated.set()
+
+    def next_token_logits(self) -> torch.Tensor:
+        """One forward pass over the prompt (what the cache lacks of it): the raw next-token logits [vocab]."""
+        with torch.inference_mode(), self._routing_trace() as trace:
+            self._resume()
+            ids = self.input_ids
+            output = self.model(input_ids=ids[:, self.reused:], attention_mask=torch.ones_like(ids), cache=self.cache,
+                                use_cache=True, logits_to_keep=1)
+        self.sequence = ids
+        self._keep_routing(trace)
+        return output.logits[0, -1].float().cpu()
+
+    def _resume(self) -> None:
+        ids = self.input_ids[0].tolist()
+        if self.prompt_cache is None:
+            self.cache = empty_cache(self.model)
+            return
+        reuse = self.prompt_cache.lookup(self.model, ids)
+        if self.record_routing and reuse.tokens and reuse.extras is None:
+            reuse = Reuse(0, empty_cache(self.model))  # blocks without routing: recompute rather than show a gap
+        self.cache, self.reused = reuse.cache, reuse.tokens
+        self.prefix_routing = tuple(reuse.extras) if reuse.extras is not None else None
+
+    def _routing_trace(self):
+        return self.model.record_routing() if self.record_routing else nullcontext()
+
+    def _keep_routing(self, trace) -> None:
+        """The routing of every computed position: the cached prefix's, then what this run traced."""
+        if trace is None:
+            return
+        traced = trace.stacked()
+        if self.prefix_routing is not None:
+            traced = tuple(torch.cat((cached.to(new.device), new), dim=2)
+                           for cached, new in zip(self.prefix_routing, traced))
+        self.routing = traced
+
+    def keep(self) -> None:
+        """Store the computed sequence in the prompt cache (nothing after a failure: the cache may be half-written)."""
+        if self.prompt_cache is None or self.failure is not None or self.sequence is None:
+            return
+        with torch.inference_mode():
+            length = self.cache.get_seq_length()
+            ids = self.sequence[0, :length].tolist()
+            extras = list(self.routing) if self.routing is not None else None
+            if extras is not None and extras[0].shape[2] != length:
+                extras = None
+            self.prompt_cache.store(ids, self.cache, extras)
+        self.cache = None
 
 
 def end_token_ids(model, tokenizer) -> set[int]:
@@ -286,4 +311,4 @@ def trim_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-__all__ = ["encode_prompt", "stream_local", "token_info"]
+__all__ = ["PrefixedRun", "encode_prompt", "stream_local"]

@@ -44,6 +44,8 @@ def stream_remote(loaded, messages, prompt, params: SamplingParams, handle: Gene
             elif kind == "usage":
                 stats.prompt_tokens = int(value.get("prompt_tokens") or 0)
                 stats.new_tokens = int(value.get("completion_tokens") or 0)
+                # vLLM reports the prompt tokens its prefix cache served, as OpenAI does.
+                stats.cached_tokens = int((value.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
     except RemoteError as exc:
         stats.finish_reason, stats.error = "error", str(exc)
         stats.error_source = ("remote-timeout" if isinstance(exc, RemoteTimeout)

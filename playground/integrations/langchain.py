@@ -198,7 +198,7 @@ class PlaygroundChatModel(_SamplingChatModel):
                     if stats.finish_reason == "error":
                         raise PlaygroundError(f"the generation failed: {stats.error}")
                     reason = "length" if stats.finish_reason == "length" else "stop"
-                    yield last_chunk(name, reason, stats.prompt_tokens, stats.new_tokens)
+                    yield last_chunk(name, reason, stats.prompt_tokens, stats.new_tokens, stats.cached_tokens)
 
     def _remote_chunks(self, messages: list[dict[str, str]], sampling: dict[str, Any], model: str | None,
                        response_format: ResponseFormat | None) -> Iterator[ChatGenerationChunk]:
@@ -225,7 +225,8 @@ class PlaygroundChatModel(_SamplingChatModel):
                         text = choice.get("delta", {}).get("content")
                         if text:
                             yield ChatGenerationChunk(message=AIMessageChunk(content=text))
-        yield last_chunk(model, reason, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+        yield last_chunk(model, reason, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
+                         (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
 
 # -------------------------------------------------------------------------------------------- helpers
@@ -245,10 +246,13 @@ def chat_message(message: BaseMessage) -> dict[str, str]:
     return {"role": role, "content": message.text}
 
 
-def last_chunk(model: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> ChatGenerationChunk:
-    """The closing chunk: no text, but the finish reason, the model and the token counts."""
+def last_chunk(model: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+               cached_tokens: int = 0) -> ChatGenerationChunk:
+    """The closing chunk: no text, but the finish reason, the model and the token counts (with the prompt's tokens
+    read from the prompt cache)."""
     usage = UsageMetadata(
-        input_tokens=prompt_tokens, output_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        input_tokens=prompt_tokens, output_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens,
+        input_token_details={"cache_read": cached_tokens},
     )
     metadata = {"finish_reason": finish_reason, "model_name": model}
     return ChatGenerationChunk(

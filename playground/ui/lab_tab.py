@@ -102,6 +102,7 @@ def results_frame(prompt: str, settings: list[SamplingParams], outputs: list[str
             row.update(
                 seed=result.seed,
                 prompt_tokens=result.prompt_tokens,
+                cached_prompt_tokens=result.cached_tokens,
                 new_tokens=result.new_tokens,
                 time_to_first_token_s=round(result.time_to_first_token_s or 0, 3),
                 decode_tokens_per_s=round(result.decode_tokens_per_s or 0, 2),

@@ -50,7 +50,19 @@ def memory_report() -> str:
             f"- Model **{status['name']}** ({status['kind']}, {status['dtype']} on {status['device']}): "
             f"{status['memory_mib']:.0f} MiB of weights"
         )
+        if status.get("prompt_cache"):
+            lines.append(prompt_cache_line(status["prompt_cache"]))
     return "\n".join(lines)
+
+
+def prompt_cache_line(cache: dict) -> str:
+    """The prompt cache in words: its size against its budget, and how much it has saved."""
+    if not cache["budget_bytes"]:
+        return "- Prompt cache **off** (--prompt-cache-mb 0): every request computes its whole prompt"
+    mib = 2**20
+    return (f"- Prompt cache **{cache['bytes'] / mib:.0f} / {cache['budget_bytes'] / mib:.0f} MiB** "
+            f"({cache['tokens']} tokens) · {cache['hits']} of {cache['lookups']} requests resumed from it, "
+            f"{cache['reused_tokens']} prompt tokens not computed again")
 
 
 def remote_report(status: dict, metrics: dict[str, float] | None, unreachable: str | None = None) -> str:

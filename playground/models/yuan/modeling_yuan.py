@@ -8,7 +8,7 @@ Each decoder layer is `h = x + Attn(RMSNorm(x))`, `out = h + MoE(RMSNorm(h))`:
 - The MoE routes each token with an "attention router" (outer-product softmax over 32 expert scores), keeps the top
   2 experts, renormalises their weights and sums their SwiGLU outputs.
 
-Generation keeps, per layer, keys/values and the LFA memory (the two previous pre-filter inputs) in `YuanCache`.
+Generation keeps, per layer, keys/values and the LFA filter's inputs (its memory is the last two) in `YuanCache`.
 Padding is handled: padded positions are zeroed before the filter and masked as keys, positions come from the
 attention mask's cumulative sum.
 """
@@ -29,7 +29,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache_yuan import YuanCache, YuanCacheLayer  # noqa: F401  (part of this module's API)
 from .configuration_yuan import YuanConfig
-from .mixed_precision import attend_one_query, vocabulary_logits
+from .mixed_precision import vocabulary_logits
 from .routing_yuan import YuanRoutingTrace
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -134,14 +134,16 @@ class YuanLocalizedFiltering(nn.Module):
         pairs = torch.cat((window[:, :-1], window[:, 1:]), dim=-1).to(weight.dtype)
         return F.linear(pairs, weight, conv.bias)
 
-    def forward(
-        self, hidden_states: torch.Tensor, memory: torch.Tensor, window_valid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the filter reads its inputs in: holding them in it (the cache's memory) loses nothing."""
+        return self.conv1.weight.dtype
+
+    def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor, window_valid: torch.Tensor) -> torch.Tensor:
         """Filter `hidden_states` [b, s, h] given the two inputs before them.
 
         `memory` [b, 2, h] holds the previous two (zeroed where they are padding or before the sequence);
         `window_valid` [b, s + 2] says which of those s + 2 positions are real tokens.
-        Returns the filtered states and the new memory (the last two inputs).
         """
         seq_len = hidden_states.shape[1]
         window = torch.cat((memory, hidden_states), dim=1)
@@ -150,14 +152,14 @@ class YuanLocalizedFiltering(nn.Module):
             # on CPU is several times slower. o1 is needed at the window's positions 1..s+1 only.
             o1 = self._taps(self.conv1, window).masked_fill(~window_valid[:, 1:, None], 0.0)
             o2 = self._taps(self.conv2, o1).to(hidden_states.dtype)
-            return self.output_layernorm(o2 + hidden_states), window[:, -2:]
+            return self.output_layernorm(o2 + hidden_states)
         # Conv2d over [b, h, time, 1]; its padding of one step on both ends makes position t see t-1 and t.
         o1 = self.conv1(window.transpose(1, 2).unsqueeze(-1))[:, :, : seq_len + 2]
         # Where the position is not a real token the filter's input must read as zero, not as the bias.
         o1 = o1.masked_fill(~window_valid[:, None, :, None], 0.0)
         o2 = self.conv2(o1)[:, :, 2 : seq_len + 2]
         o2 = o2.squeeze(-1).transpose(1, 2)
-        return self.output_layernorm(o2 + hidden_states), window[:, -2:]
+        return self.output_layernorm(o2 + hidden_states)
 
 
 class YuanAttention(nn.Module):
@@ -198,9 +200,10 @@ class YuanAttention(nn.Module):
         memory = cache.get_lf_memory(self.layer_idx) if cache is not None else None
         if memory is None:
             memory = hidden_states.new_zeros(batch, 2, hidden_states.shape[-1])
-        filtered, memory = self.lf_gate(hidden_states, memory, batch_masks.window_valid)
+        filtered = self.lf_gate(hidden_states, memory.to(hidden_states.dtype), batch_masks.window_valid)
         if cache is not None:
-            cache.set_lf_memory(memory, self.layer_idx)
+            # Every position's filter input, so the cache can be cut or resumed anywhere (see cache_yuan.py).
+            cache.append_lf_inputs(hidden_states.to(self.lf_gate.input_dtype), self.layer_idx)
 
         query_key = torch.cat((self.q_proj(filtered), self.k_proj(filtered)), dim=-1)
         query_key = query_key.view(batch, seq_len, self.num_heads, 2 * self.head_dim)
@@ -216,17 +219,17 @@ class YuanAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        if self.kv_dtype is not None and seq_len == 1:
-            output = attend_one_query(query, key, value, batch_masks.attention, self.scaling)
-        else:
-            output = F.scaled_dot_product_attention(
-                query.to(key.dtype),
-                key,
-                value,
-                attn_mask=batch_masks.attention,
-                is_causal=batch_masks.attention is None and batch_masks.causal,
-                scale=self.scaling,
-            )
+        # Over a bf16 cache the query is rounded to bf16 too (as the release's fp16 attention rounds it): the CPU's
+        # bf16 SDPA keeps scores, softmax and sums in float32 and reads the cache once, several times faster than
+        # upcasting the cache, and a decoding step computes exactly as a prompt's positions do.
+        output = F.scaled_dot_product_attention(
+            query.to(key.dtype),
+            key,
+            value,
+            attn_mask=batch_masks.attention,
+            is_causal=batch_masks.attention is None and batch_masks.causal,
+            scale=self.scaling,
+        )
         output = output.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)
         return self.o_proj(output.to(hidden_states.dtype))
 
@@ -290,18 +293,30 @@ class YuanMoE(nn.Module):
         if tokens.shape[0] == 1:
             return self._one_token(tokens, experts, weights).view(shape), router_logits, experts, weights
 
-        output = torch.zeros_like(tokens)
-        # [experts, top_k, tokens]: which slot of which token picked each expert.
-        expert_mask = F.one_hot(experts, num_classes=len(self.experts)).permute(2, 1, 0)
-        used = torch.nonzero(expert_mask.sum(dim=(1, 2))).flatten().tolist()
-        for expert_idx in used:  # ascending: outputs are added in expert-index order
-            slot, token_idx = torch.where(expert_mask[expert_idx])
-            expert_output = self.experts[expert_idx](tokens[token_idx])
-            expert_output = expert_output * weights[token_idx, slot, None].to(tokens.dtype)
-            # A token picks an expert at most once, so the rows are distinct. (index_put_ rather than index_add_:
-            # the latter's CPU kernel stalls on its thread pool when cores are busy.)
-            output.index_put_((token_idx,), expert_output.to(output.dtype), accumulate=True)
-        return output.view(shape), router_logits, experts, weights
+        return self._grouped(tokens, experts, weights).view(shape), router_logits, experts, weights
+
+    def _grouped(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Many tokens: each used expert runs once, on all the rows that chose it (one contiguous slice of the
+        tokens sorted by expert); then each token adds its k weighted outputs in ascending expert order."""
+        # Each token's slots in ascending expert order (a token picks an expert at most once).
+        experts, slot_order = experts.sort(dim=-1)
+        weights = weights.gather(-1, slot_order)
+        order = experts.flatten().argsort(stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
+        rows = tokens[order // self.top_k]
+        outputs = torch.empty_like(rows)
+        start = 0
+        for expert_idx, count in enumerate(counts):
+            if count:
+                outputs[start : start + count] = self.experts[expert_idx](rows[start : start + count])
+                start += count
+        per_slot = torch.empty_like(outputs)
+        per_slot[order] = outputs
+        per_slot = per_slot.view(*experts.shape, -1) * weights[..., None].to(tokens.dtype)
+        output = per_slot[:, 0]
+        for slot in range(1, self.top_k):
+            output = output + per_slot[:, slot]
+        return output
 
     def _one_token(self, token: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """A decoding step's token: its k experts directly, no dispatch masks. Same sums, same order."""

@@ -33,6 +33,9 @@ _HEAD_WEIGHTS = re.compile(r"^(model\.embed_tokens\.weight|lm_head\.weight)$")
 _FILTER_WEIGHTS = re.compile(r"^model\.layers\.\d+\.self_attn\.lf_gate\.conv[12]\.(weight|bias)$")
 # Quantized layers computed in float32 from a once-dequantised weight (the attention router).
 ROUTER_LINEAR = re.compile(r"\.mlp\.gate\.(query|key|value)$")
+# A long prompt is computed this many tokens at a time (transformers' `prefill_chunk_size`): activations stay bounded,
+# and each int4 weight dequantised for a chunk's many rows (`quant_kernels.Int4PackKernel`) serves all of them.
+PREFILL_CHUNK_TOKENS = 512
 
 
 def _short(dtype: torch.dtype) -> str:
@@ -107,4 +110,4 @@ def apply_precision(model: nn.Module, precision: Precision) -> None:
     model.compute_precision = precision
 
 
-__all__ = ["Precision", "ROUTER_LINEAR", "apply_precision", "resolve_precision"]
+__all__ = ["PREFILL_CHUNK_TOKENS", "Precision", "ROUTER_LINEAR", "apply_precision", "resolve_precision"]
