@@ -101,7 +101,7 @@ class LocalBackend:
         def forward():
             try:
                 outcome.append(self._gpu_calls.run(run.next_token_logits))
-                self._gpu_calls.run(run.keep)
+                run.keep()
             except BaseException as exc:  # reported to the caller, never lost in the thread
                 outcome.append(exc)
 

@@ -131,7 +131,7 @@ def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle
         finally:
             streamer.end()  # the consumer can finish while the cache is stored
         try:
-            gpu_calls.run(run.keep)
+            run.keep()  # the cache is on only where device state outlives a GPU call: no call needed here
         except Exception:  # a reply that was delivered does not fail for want of caching it
             logger.exception("keeping the computed prompt in the prompt cache failed")
 
