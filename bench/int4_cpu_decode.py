@@ -145,8 +145,8 @@ def main() -> int:
                             f"projected ms ({RELEASE_LAYERS} layers)", "projected tok/s")))
 
         first = args.contexts[0]
-        print(f"\ndecoding as the chat does (through the manager, routing recorded, text decoded per token; "
-              f"median step of the model alone subtracted):")
+        print("\ndecoding as the chat does (through the manager, routing recorded, text decoded per token; "
+              "median step of the model alone subtracted):")
         rows = []
         for context, result in speed.items():
             for label, logprobs in ((f"top-{INSPECT_TOP} logprobs", INSPECT_TOP), ("no logprobs", None)):

@@ -83,7 +83,10 @@ class LocalBackend:
                queue_wait: float, logprobs: int | None, capture_routing: bool) -> Iterator[GenerationEvent]:
         return stream_local(self.loaded, prepared.input_ids, params, handle, queue_wait, logprobs, capture_routing,
                             self._worker_for(self.loaded.device), self._gpu_calls, prepared.grammar,
-                            self.prompt_cache if self.prompt_cache.budget_bytes else None)
+                            self._active_prompt_cache())
+
+    def _active_prompt_cache(self) -> PromptCache | None:
+        return self.prompt_cache if self.prompt_cache.budget_bytes else None
 
     def resize_prompt_cache(self, budget_bytes: int | None) -> None:
         """None: a share of the memory free now. Stays off (0) where caches cannot be kept or resumed."""
@@ -94,8 +97,9 @@ class LocalBackend:
     def next_token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The raw next-token logits [vocab] (float32, CPU) after `input_ids`, on the device's worker thread, computing
         only what the prompt cache lacks. The caller holds the device's turn in the queue."""
-        loaded, cache = self.loaded, self.prompt_cache if self.prompt_cache.budget_bytes else None
-        run = PrefixedRun(loaded.model, input_ids.to(loaded.device), cache, record_routing=loaded.has_experts)
+        loaded = self.loaded
+        run = PrefixedRun(loaded.model, input_ids.to(loaded.device), self._active_prompt_cache(),
+                          record_routing=loaded.has_experts)
         outcome: list[Any] = []
 
         def forward():

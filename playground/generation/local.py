@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from contextlib import nullcontext
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
