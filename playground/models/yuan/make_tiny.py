@@ -260,9 +260,13 @@ def write_folder_files(out_dir: Path, config: dict, tokenizer_dir: Path, gptq: G
 
 
 @torch.no_grad()
-def random_float_model(config: YuanConfig, seed: int = 0) -> nn.Module:
+def random_float_model(config: YuanConfig, seed: int = 0, router_scale: float = 1.0) -> nn.Module:
     """A float32 model with random weights scaled to keep activations O(1); norms and biases are random too, so
-    tests notice a bias used where a zero belongs."""
+    tests notice a bias used where a zero belongs.
+
+    Random routers give every expert about 1/E of the weight, so the top-k choice hangs on differences of 1e-4 that
+    any change of precision flips. `router_scale` multiplies the routers' value projection, spreading the router
+    logits so the choice is decisive (for comparing two implementations in reduced precision)."""
     from .modeling_yuan import YuanForCausalLM
 
     generator = torch.Generator().manual_seed(seed)
@@ -281,6 +285,8 @@ def random_float_model(config: YuanConfig, seed: int = 0) -> nn.Module:
             values = std * torch.randn(param.shape, generator=generator)
         else:
             values = torch.randn(param.shape, generator=generator)
+        if name.endswith("mlp.gate.value.weight"):
+            values = values * router_scale
         param.copy_(values)
     return model.eval()
 
@@ -302,13 +308,15 @@ def make_tiny_checkpoint(
     seed: int = 0,
     parts: int = 3,
     bits: int = 4,
+    router_scale: float = 1.0,
     **dims,
 ) -> Path:
     """Write a random tiny checkpoint to `out_dir` (see the module docstring); returns the folder.
 
     `dims` override `TINY_DIMS` (vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
     attention_projection_size, num_experts, top_k, ffn_hidden_size, max_position_embeddings). `parts` is the number
-    of byte-split parts of INT4 weights; `bits` 8 writes the INT8 release's layout instead (with `int4=True`).
+    of byte-split parts of INT4 weights; `bits` 8 writes the INT8 release's layout instead (with `int4=True`);
+    `router_scale`: see `random_float_model`.
     """
     out_dir = Path(out_dir)
     config_dict = tiny_config_dict(int4=int4, **dims)
@@ -318,7 +326,7 @@ def make_tiny_checkpoint(
         _check_int4_dims(config, gptq)
     write_folder_files(out_dir, config_dict, resolve_tokenizer_dir(tokenizer_dir), gptq)
 
-    model = random_float_model(config, seed)
+    model = random_float_model(config, seed, router_scale)
     if int4:
         state = _quantized_state(model, gptq)
         skeleton = build_model_skeleton(config, gptq)
@@ -364,6 +372,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--tokenizer-dir", type=Path, help="folder with the release's tokenizer.model and configs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", type=int, default=3, help="byte-split parts of INT4 weights (default 3)")
+    parser.add_argument("--router-scale", type=float, default=1.0,
+                        help="multiply the routers' value weights: decisive routing for cross-implementation checks")
     for flag, key in (("--layers", "num_hidden_layers"), ("--hidden", "hidden_size"), ("--heads", "num_attention_heads"),
                       ("--projection", "attention_projection_size"), ("--experts", "num_experts"), ("--top-k", "top_k"),
                       ("--ffn", "ffn_hidden_size"), ("--vocab", "vocab_size"), ("--max-positions", "max_position_embeddings")):
@@ -372,7 +382,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     dims = {key: getattr(args, key) for key in TINY_DIMS}
     try:
         folder = make_tiny_checkpoint(args.out, int4=args.int4, tokenizer_dir=args.tokenizer_dir, seed=args.seed,
-                                      parts=args.parts, bits=args.bits, **dims)
+                                      parts=args.parts, bits=args.bits, router_scale=args.router_scale, **dims)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

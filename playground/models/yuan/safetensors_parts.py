@@ -16,7 +16,12 @@ from pathlib import Path
 
 import torch
 
-from playground.errors import ModelFolderError
+try:
+    from playground.errors import ModelFolderError
+except ImportError:  # in the vLLM plugin (vllm_yuan/), which ships this file without the playground
+
+    class ModelFolderError(ValueError):
+        """A model folder is missing, incomplete or corrupt. The message names the file at fault."""
 
 INDEX_FILE = "model.safetensors.index.json"
 SPLIT_PART = re.compile(r"^(?P<stem>.+\.safetensors)(?P<number>\d{2,})$")

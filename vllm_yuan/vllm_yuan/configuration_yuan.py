@@ -1,0 +1,1 @@
+../../playground/models/yuan/configuration_yuan.py

@@ -1,0 +1,1 @@
+../../playground/models/yuan/gptq_format.py

@@ -1,0 +1,1 @@
+../../playground/models/yuan/safetensors_parts.py

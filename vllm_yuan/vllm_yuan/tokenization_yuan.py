@@ -1,0 +1,1 @@
+../../playground/models/yuan/tokenization_yuan.py
