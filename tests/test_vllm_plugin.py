@@ -66,7 +66,10 @@ def servers(folders, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("vllm-logs")
     started = {
         "float": VllmServer(folders["float"], "--dtype", "float32", "--max-model-len", "1024",
-                            "--max-num-batched-tokens", "64", "--enable-prompt-tokens-details", log_dir=log_dir),
+                            "--max-num-batched-tokens", "64", "--enable-prompt-tokens-details",
+                            # Room for one 1024-token sequence and a little more: requests sent together preempt
+                            # each other and are recomputed.
+                            "--num-gpu-blocks-override", "12", log_dir=log_dir),
         "int4": VllmServer(folders["int4"], *YUAN_INT4_ARGS, "--max-model-len", "1024", log_dir=log_dir),
         # What a CPU without a GPTQ MoE kernel (no AMX, no zentorch) runs: experts dequantised at load.
         "int4-dequantized": VllmServer(folders["int4"], *YUAN_INT4_ARGS, "--max-model-len", "1024", log_dir=log_dir,
@@ -137,22 +140,28 @@ def test_float_greedy_and_logprobs_equal_the_native_model_alone_and_batched(serv
 
 
 def test_float_requests_arriving_together_keep_their_own_filter_state(servers, native):
-    """Threads start requests at once: vLLM mixes one sequence's prefill chunks with others' decode steps."""
+    """Threads start requests at once: vLLM mixes one sequence's prefill chunks with others' decode steps, and with
+    the server's small cache some are preempted and recomputed from their prompts."""
     model = native["float"]
-    prompts = [[(seed * 101 + index * 37) % 130000 + 50 for index in range(20 + 17 * seed)] for seed in range(6)]
+    prompts = [[(seed * 101 + index * 37) % 130000 + 50 for index in range(90 + 17 * seed)] for seed in range(8)]
     results: list[list[int] | None] = [None] * len(prompts)
     gate = threading.Barrier(len(prompts))
 
     def ask(index: int) -> None:
         gate.wait()
-        results[index] = _vllm(servers["float"], [prompts[index]], new_tokens=16)[0]["token_ids"]
+        results[index] = _vllm(servers["float"], [prompts[index]], new_tokens=48)[0]["token_ids"]
 
     threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(prompts))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
-    assert results == [_native_greedy(model, prompt, 16) for prompt in prompts]
+    assert results == [_native_greedy(model, prompt, 48) for prompt in prompts]
+    metrics = httpx.get(servers["float"].url + "/metrics").text
+    preempted = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("vllm:num_preemptions_total"))
+    assert preempted > 0, "the test meant to preempt (a small KV cache) did not"
+
 
 
 def test_float_prompt_resumed_from_the_prefix_cache_equals_the_native_model(servers, native):

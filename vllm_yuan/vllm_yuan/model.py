@@ -19,7 +19,7 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vllm.config import CacheConfig, VllmConfig
+from vllm.config import CacheConfig, ModelConfig, VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
@@ -69,8 +69,8 @@ class YuanRotaryEmbedding(RotaryEmbedding):
 
 
 class YuanAttention(nn.Module):
-    def __init__(self, config: YuanConfig, cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
-                 prefix: str):
+    def __init__(self, config: YuanConfig, model_config: ModelConfig, cache_config: CacheConfig | None,
+                 quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
         if config.num_attention_heads % tp_size:
@@ -78,9 +78,8 @@ class YuanAttention(nn.Module):
         self.num_heads = config.num_attention_heads // tp_size
         self.head_dim = config.head_dim
         projection = config.attention_projection_size
-        self.lf_gate = YuanLocalizedFiltering(config.hidden_size, config.rms_norm_eps,
-                                              cache_config=cache_config, prefix=f"{prefix}.lf_gate",
-                                              model_config=_model_config())
+        self.lf_gate = YuanLocalizedFiltering(config.hidden_size, config.rms_norm_eps, model_config=model_config,
+                                              cache_config=cache_config, prefix=f"{prefix}.lf_gate")
         # cat(q_proj, k_proj) cut per head into [q | k]: one column-parallel linear keeps each head's pair together.
         self.qk_proj = ColumnParallelLinear(config.hidden_size, 2 * projection, bias=False, quant_config=quant_config,
                                             prefix=f"{prefix}.qk_proj")
@@ -155,10 +154,11 @@ class YuanMoE(nn.Module):
 
 
 class YuanDecoderLayer(nn.Module):
-    def __init__(self, config: YuanConfig, cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
-                 prefix: str):
+    def __init__(self, vllm_config: VllmConfig, prefix: str):
         super().__init__()
-        self.self_attn = YuanAttention(config, cache_config, quant_config, prefix=f"{prefix}.self_attn")
+        config, quant_config = vllm_config.model_config.hf_config, vllm_config.quant_config
+        self.self_attn = YuanAttention(config, vllm_config.model_config, vllm_config.cache_config, quant_config,
+                                       prefix=f"{prefix}.self_attn")
         self.mlp = YuanMoE(config, quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -166,12 +166,6 @@ class YuanDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states + self.self_attn(positions, self.input_layernorm(hidden_states))
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-def _model_config():
-    from vllm.config import get_current_vllm_config
-
-    return get_current_vllm_config().model_config
 
 
 class YuanModel(nn.Module):
@@ -182,7 +176,7 @@ class YuanModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers,
-            lambda prefix: YuanDecoderLayer(config, vllm_config.cache_config, vllm_config.quant_config, prefix),
+            lambda prefix: YuanDecoderLayer(vllm_config, prefix),
             prefix=f"{prefix}.layers",
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if get_pp_group().is_last_rank \
@@ -249,7 +243,10 @@ class YuanForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP, SupportsQu
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         bits = getattr(self.quant_config, "weight_bits", 4)
         dequantized = {layer.mlp.dequantized for layer in self.model.layers if isinstance(layer, YuanDecoderLayer)}
-        converted = release_to_vllm(weights, bits=bits, dequantize_experts=True in dequantized)
+        # Layers past the config's count (a run with --hf-overrides num_hidden_layers=K) are not read.
+        layers = self.config.num_hidden_layers
+        kept = ((name, tensor) for name, tensor in weights if _layer_index(name) < layers)
+        converted = release_to_vllm(kept, bits=bits, dequantize_experts=True in dequantized)
         loader = AutoWeightsLoader(self)  # a tied head skips the stored lm_head.weight
         return loader.load_weights(converted)
 
@@ -259,6 +256,12 @@ class YuanForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP, SupportsQu
 
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "w1", "w2")
 _QUANTIZED_PARTS = ("qweight", "qzeros", "scales")
+
+
+def _layer_index(name: str) -> int:
+    """The decoder layer a tensor belongs to; -1 for the embedding, the final norm and the head."""
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] else -1
 
 
 def _output_dim(part: str) -> int:
