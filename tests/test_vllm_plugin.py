@@ -289,3 +289,22 @@ def test_the_playground_in_front_of_vllm_answers_in_the_release_format(front, se
     table = {"headers": list(greedy)[:-1], "data": [[0.0, 1.0, 0, 0, 1, 1, 0, 12, 1], [0.8, 0.9, 40, 0, 1, 1, 0, 12, 3]]}
     out = client.predict("Say hi.", table, api_name="/lab_run")
     assert out[0]["value"] and out[14] == "Done: 2 of 2 settings"
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief.\nOK"}, {"role": "user", "content": "hello\nthere"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\r\nc"}, {"role": "user", "content": "d"}],
+    [{"role": "system", "content": "s"}],
+    [{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}],
+    [{"role": "assistant", "content": "x"}, {"role": "system", "content": "s1"}, {"role": "user", "content": "u"},
+     {"role": "system", "content": "s2"}, {"role": "user", "content": "u"}],
+])
+def test_the_plugins_chat_template_builds_the_playgrounds_prompt(messages):
+    import jinja2
+
+    from harness import REPO
+
+    template = (REPO / "vllm_yuan" / "vllm_yuan" / "chat_template.jinja").read_text(encoding="utf-8")
+    assert jinja2.Environment().from_string(template).render(messages=messages) == \
+        YuanChatFormat().build_prompt(messages)
