@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 from torch import nn
@@ -108,6 +109,78 @@ def write_release_checkpoint(folder: Path, layers: int, tokenizer_dir: Path, dim
     by_name = {name: (dtype, shape) for name, dtype, shape in specs}
     parts = write_safetensors(specs, lambda name: _produce(name, by_name), folder, INT4_WEIGHTS_NAME, parts=3)
     return sum(p.stat().st_size for p in parts)
+
+
+def write_release_gguf(path: Path, layers: int, tokenizer_dir: Path, dims: dict = RELEASE_LAYER) -> int:
+    """The same model as the vendor's INT4 GGUF stores it (`Yuan2-M32-GGUF-INT4`): Q4_0 for every 2-D weight (random
+    blocks, scales sized like `_produce`'s), Q6_K `output`, F16 convolutions, F32 norms and biases; `layers`
+    release-sized layers, streamed to disk one tensor at a time. Returns the file's size."""
+    import gguf
+
+    from playground.models.yuan.make_tiny_gguf import _gguf_names, gguf_writer
+
+    config = YuanConfig(**tiny_config_dict(num_hidden_layers=layers, **dims))
+    hidden, projection, experts, ffn = (config.hidden_size, config.attention_projection_size, config.num_experts,
+                                        config.expert_hidden_size)
+    shapes = {"token_embd": (config.vocab_size, hidden), "output": (config.vocab_size, hidden),
+              "attn_q": (projection, hidden), "attn_k": (projection, hidden), "attn_v": (projection, hidden),
+              "attn_output": (hidden, projection), "conv1": (hidden // 2, hidden, 2, 1), "conv2": (hidden, hidden // 2, 2, 1),
+              "mlp_attn_q": (experts, hidden), "mlp_attn_k": (experts, hidden), "mlp_attn_v": (experts, hidden),
+              "ffn_gate": (2 * ffn, hidden), "ffn_down": (hidden, ffn)}
+    one_d = {"conv1.bias": hidden // 2, "conv2.bias": hidden}
+    q4, q6 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q6_K
+
+    def plan(name: str):
+        if name.endswith("norm.weight"):
+            return gguf.GGMLQuantizationType.F32, (hidden,)
+        for suffix, size in one_d.items():
+            if name.endswith(suffix):
+                return gguf.GGMLQuantizationType.F32, (size,)
+        kind = name.split(".")[2] if name.startswith("blk.") else name.split(".")[0]
+        shape = shapes[kind]
+        if kind in ("conv1", "conv2"):
+            return gguf.GGMLQuantizationType.F16, shape
+        return (q6 if kind == "output" else q4), shape
+
+    def produce(name: str, ggml_type, shape) -> np.ndarray:
+        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        if ggml_type == gguf.GGMLQuantizationType.F32:
+            return np.ones(shape, dtype=np.float32) if name.endswith("norm.weight") else np.zeros(shape, np.float32)
+        if ggml_type == gguf.GGMLQuantizationType.F16:
+            return (torch.randn(shape, generator=generator) / math.sqrt(2 * shape[1])).to(torch.float16).numpy()
+        block, block_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
+        rows, columns = shape
+        data = torch.randint(0, 256, (rows, columns // block, block_bytes), dtype=torch.uint8, generator=generator)
+        scale = 0.02 if name in ("token_embd.weight", "output.weight") else 1 / (4.6 * math.sqrt(columns))
+        scale_bytes = torch.full((rows, columns // block, 1), scale, dtype=torch.float16).view(torch.uint8)
+        if ggml_type == q4:
+            data[..., :2] = scale_bytes  # d, then 16 bytes of nibbles
+        else:
+            data[..., 192:208] = torch.randint(-32, 32, (rows, columns // block, 16), generator=generator,
+                                               dtype=torch.int8).view(torch.uint8)
+            data[..., 208:] = (torch.full((rows, columns // block, 1), scale / 32, dtype=torch.float16)
+                               .view(torch.uint8))
+        return data.reshape(rows, -1).numpy()
+
+    names = list(_gguf_names(config))
+    plans = {name: plan(name) for name in names}
+    writer = gguf_writer(path, config, tokenizer_dir, q4=True)
+    for name in names:
+        ggml_type, shape = plans[name]
+        block, block_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
+        nbytes = math.prod(shape) // block * block_bytes
+        byte_shape = (*shape[:-1], shape[-1] // block * block_bytes)
+        dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(ggml_type,
+                                                                                                          np.uint8)
+        writer.add_tensor_info(name, byte_shape if dtype == np.uint8 else shape, np.dtype(dtype), nbytes,
+                               raw_dtype=ggml_type if dtype == np.uint8 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name in names:
+        writer.write_tensor_data(produce(name, *plans[name]))
+    writer.close()
+    return path.stat().st_size
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, default_layers: int) -> None:
@@ -404,4 +477,5 @@ __all__ = [
     "relative_error",
     "tensor_bytes",
     "write_release_checkpoint",
+    "write_release_gguf",
 ]

@@ -26,7 +26,7 @@ class LoadedModel:
     tokenizer: Any
     chat_format: ChatFormat
     name: str
-    kind: str  # "embedded", "transformers", "yuan", "yuan-int4"
+    kind: str  # "embedded", "transformers", "gguf", "yuan", "yuan-int4", "yuan-gguf", "yuan-gguf-q4_0"
     path: str
     device: str
     dtype: str
@@ -48,6 +48,10 @@ def build_local_model(target: str, device: str, dtype: str, report: Progress) ->
     path = Path(target).expanduser()
     if not path.exists():
         raise ModelFolderError(f"model folder {path} does not exist")
+    from playground.models.yuan.loading import is_yuan_gguf
+
+    if is_yuan_gguf(path):  # the vendor's GGUF of Yuan2-M32 (a file, a part, or a folder of parts)
+        return _load_yuan_folder(path, device, dtype, report)
     if path.is_file():
         if path.suffix == ".gguf":
             return _load_gguf(path, device, dtype, report)
@@ -90,6 +94,7 @@ def _load_gguf(path: Path, device, dtype, report) -> LoadedModel:
     return _finish(model, tokenizer, path.stem, "gguf", str(path), device, report)
 
 def _load_yuan_folder(path: Path, device, dtype, report) -> LoadedModel:
+    from playground.models.yuan.gguf_yuan import gguf_model_name
     from playground.models.yuan.loading import check_yuan_folder, load_yuan
     from playground.models.yuan.precision import PREFILL_CHUNK_TOKENS
     from playground.models.yuan.prompt import YuanChatFormat
@@ -99,10 +104,12 @@ def _load_yuan_folder(path: Path, device, dtype, report) -> LoadedModel:
     # the checkpoint's dtype on CUDA and fp32 on CPU; "float32" is the exact mode (playground.models.yuan.precision).
     torch_dtype = None if dtype in (None, "", "auto") else resolve_dtype(dtype, device)
     model, tokenizer = load_yuan(folder, device=device, dtype=torch_dtype, progress=report)
-    loaded = _finish(
-        model, tokenizer, model_name(path), "yuan-int4" if folder.quantized else "yuan", str(path), device, report,
-        chat_format=YuanChatFormat(tokenizer), has_experts=True,
-    )
+    if folder.gguf is not None:
+        name, kind = gguf_model_name(path), "yuan-gguf-q4_0" if folder.quantized else "yuan-gguf"
+    else:
+        name, kind = model_name(path), "yuan-int4" if folder.quantized else "yuan"
+    loaded = _finish(model, tokenizer, name, kind, str(path), device, report, chat_format=YuanChatFormat(tokenizer),
+                     has_experts=True)
     loaded.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
     return loaded
 

@@ -15,6 +15,7 @@ import gradio as gr
 
 from playground.errors import ModelFolderError, PlaygroundError, not_unicode
 from playground.manager import EMBEDDED, get_manager
+from playground.models.yuan.gguf_yuan import GGUF_PART
 
 ENABLE_HINT = ("Loading model folders from the UI is off: start the server with `--models-root DIR` "
                "(or `PLAYGROUND_MODELS_ROOT=DIR`) to offer the folders under DIR here.")
@@ -45,6 +46,9 @@ def model_choices(models_root: str | None) -> list[str]:
     for entry in entries:
         if entry.name.startswith(".") or not _inside(entry, root):
             continue
+        part = GGUF_PART.match(entry.name)
+        if part and int(part.group("number")) != 0:
+            continue  # a byte-split GGUF is listed once, by its first part
         if entry.is_dir() or (entry.is_file() and entry.suffix == ".gguf"):
             choices.append(entry.name)
     return choices

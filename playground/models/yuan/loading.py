@@ -32,6 +32,17 @@ from transformers import PreTrainedModel
 from playground.errors import ModelFolderError
 
 from .configuration_yuan import YuanConfig
+from .gguf_yuan import ARCH as GGUF_ARCH
+from .gguf_yuan import (
+    GGUF_PART,
+    GGUFFile,
+    config_from_gguf,
+    gguf_architecture,
+    gguf_weights,
+    head_is_embedding,
+    read_gguf,
+    tokenizer_from_gguf,
+)
 from .gptq import GPTQSettings, QuantLinear, gptq_settings_from_dict, read_quantize_config
 from .modeling_yuan import YuanForCausalLM
 from .precision import ROUTER_LINEAR, Precision, apply_precision, resolve_precision
@@ -75,6 +86,7 @@ class YuanFolder:
     weights: WeightIndex
     tie_lm_head: bool  # lm_head shares the embedding (config default; also when the stored copy is identical)
     skeleton: nn.Module | None = None  # the meta model the check compared the tensors with; the first load uses it
+    gguf: GGUFFile | None = None  # set for the vendor's GGUF files: the header (metadata, tokenizer) read once
 
     def take_skeleton(self) -> nn.Module | None:
         """The checked skeleton, once: a later load of the same folder builds its own."""
@@ -155,13 +167,50 @@ def _expected_tensors(model: nn.Module, tie_lm_head: bool) -> dict[str, tuple[to
     return expected
 
 
+def is_gguf_path(path: str | Path) -> bool:
+    """A `.gguf` file, or a folder of `.gguf` files (a byte-split set) without a config.json."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix == ".gguf"
+    return path.is_dir() and not (path / CONFIG_FILE).is_file() and any(path.glob("*.gguf"))
+
+
+def is_yuan_gguf(path: str | Path) -> bool:
+    """A GGUF of Yuan2-M32 (arch `yuan2_moe`), or numbered parts whose header cannot be read (the Yuan reader then
+    names the problem); other GGUF files are for transformers' GGUF loader."""
+    if not is_gguf_path(path):
+        return False
+    arch = gguf_architecture(path)
+    if arch is not None:
+        return arch == GGUF_ARCH
+    path = Path(path)
+    return path.is_dir() or GGUF_PART.match(path.name) is not None
+
+
+def check_yuan_gguf(path: str | Path) -> YuanFolder:
+    """`check_yuan_folder` for the vendor's GGUF files (see `gguf_yuan.py`): config from the metadata, every tensor
+    mapped and checked against the model it must fill."""
+    gguf_file = read_gguf(path)
+    config = config_from_gguf(gguf_file)
+    weights, gptq = gguf_weights(gguf_file, QUANTIZED_LINEAR)
+    try:
+        tie = head_is_embedding(weights)
+        skeleton = build_model_skeleton(copy.deepcopy(config), gptq)
+        _check_tensors(weights, _expected_tensors(skeleton, tie), gptq)
+    finally:
+        weights.close()
+    return YuanFolder(Path(path), config, gptq, weights, tie, skeleton, gguf=gguf_file)
+
+
 def check_yuan_folder(path: str | Path) -> YuanFolder:
     """Check that `path` holds a loadable Yuan2 model; raise `ModelFolderError` naming the file at fault.
 
     Reads config.json, quantize_config.json (INT4), the safetensors headers (whole, sharded or byte-split) and checks
     that every tensor the model needs is there with the right shape. Tensor data is not read, except to compare a
-    stored lm_head with the embedding.
+    stored lm_head with the embedding. A GGUF file or set of parts goes to `check_yuan_gguf`.
     """
+    if is_gguf_path(path):
+        return check_yuan_gguf(path)
     folder = Path(path)
     if not folder.is_dir():
         raise ModelFolderError(f"model folder not found: {folder}")
@@ -332,8 +381,6 @@ def load_yuan(
     """
     from transformers import GenerationConfig
 
-    from .tokenization_yuan import load_yuan_tokenizer
-
     def report(fraction: float, message: str) -> None:
         if progress is not None:
             progress(fraction, message)
@@ -368,7 +415,7 @@ def load_yuan(
     if with_tokenizer:
         report(0.96, "Loading tokenizer")
         try:
-            tokenizer = load_yuan_tokenizer(folder.path)
+            tokenizer = _load_tokenizer(folder)
         except Exception as err:
             raise ModelFolderError(f"{TOKENIZER_FILE}: cannot be loaded ({err})") from err
         if model.generation_config.pad_token_id is None:
@@ -377,6 +424,17 @@ def load_yuan(
         model.generation_config.eos_token_id = config.eos_token_id
     report(1.0, "Ready")
     return model, tokenizer
+
+
+def _load_tokenizer(folder: YuanFolder):
+    from .tokenization_yuan import load_yuan_tokenizer
+
+    if folder.gguf is None:
+        return load_yuan_tokenizer(folder.path)
+    beside = folder.path if folder.path.is_dir() else folder.path.parent
+    if (beside / TOKENIZER_FILE).is_file():  # the release's tokenizer files next to the GGUF win
+        return load_yuan_tokenizer(beside)
+    return tokenizer_from_gguf(folder.gguf)
 
 
 def _from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -409,7 +467,10 @@ __all__ = [
     "YuanFolder",
     "build_model_skeleton",
     "check_yuan_folder",
+    "check_yuan_gguf",
+    "is_gguf_path",
     "is_yuan_folder",
+    "is_yuan_gguf",
     "load_yuan",
     "needs_native_loader",
     "read_tensor",

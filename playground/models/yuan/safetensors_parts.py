@@ -54,10 +54,11 @@ class PartedFile:
 
     @property
     def name(self) -> str:
-        """How messages refer to this file: `a.safetensors` or `a.safetensors00..02`."""
+        """How messages refer to this file: `a.safetensors`, `a.safetensors00..02`, `a-00.gguf..a-02.gguf`."""
         if len(self.paths) == 1:
             return self.paths[0].name
-        return f"{self.paths[0].name}..{SPLIT_PART.match(self.paths[-1].name).group('number')}"
+        split = SPLIT_PART.match(self.paths[-1].name)
+        return f"{self.paths[0].name}..{split.group('number') if split else self.paths[-1].name}"
 
     def readinto(self, offset: int, buffer: memoryview) -> None:
         """Fill `buffer` with the bytes at `offset`, crossing part boundaries as needed."""
@@ -103,11 +104,22 @@ class PartedFile:
 
 @dataclass
 class TensorEntry:
+    """A stored tensor's bytes. Other entry kinds (the GGUF reader's repacked or dequantised tensors) have the same
+    fields and `read`, so the loader reads them all alike."""
+
     file: PartedFile
     dtype: torch.dtype
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the (virtual) file
     nbytes: int
+
+    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor's bytes read into `out` (a CPU tensor of the same dtype and size) or into a new tensor."""
+        if out is None:
+            out = torch.empty(self.shape, dtype=self.dtype)
+        if self.nbytes:
+            self.file.readinto(self.offset, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        return out
 
 
 def _read_safetensors_header(file: PartedFile) -> dict[str, TensorEntry]:
@@ -153,12 +165,8 @@ def _read_safetensors_header(file: PartedFile) -> dict[str, TensorEntry]:
 
 
 def read_tensor(entry: TensorEntry, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The tensor's bytes read into `out` (a CPU tensor of the same dtype and size) or into a new tensor."""
-    if out is None:
-        out = torch.empty(entry.shape, dtype=entry.dtype)
-    if entry.nbytes:
-        entry.file.readinto(entry.offset, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
-    return out
+    """The entry's tensor, into `out` or a new tensor (see `TensorEntry.read`)."""
+    return entry.read(out)
 
 
 def tensors_equal(a: TensorEntry, b: TensorEntry) -> bool:
