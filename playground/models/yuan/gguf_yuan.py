@@ -34,7 +34,6 @@ from playground.errors import ModelFolderError
 
 from .configuration_yuan import YuanConfig
 from .gptq import GPTQSettings
-from .gptq_format import _pack_rows
 from .safetensors_parts import PartedFile, TensorEntry, WeightIndex, tensors_equal
 
 ARCH = "yuan2_moe"
@@ -324,18 +323,24 @@ class _Q4Blocks:
     _cache: tuple[torch.Tensor, torch.Tensor] | None = None
     _read: frozenset = frozenset()
 
-    def ints_and_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The 4-bit values [in, out] (int32) and the scales [in/32, out] (fp16), read once per linear."""
+    def packed_and_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """GPTQ's `qweight` [in/8, out] (int32) and `scales` [in/32, out] (fp16), read once per linear.
+
+        A Q4_0 block holds elements 0-15 in its 16 bytes' low nibbles and 16-31 in their high nibbles; GPTQ packs 8
+        consecutive input elements per int32, element k in bits 4k. Pairing the elements into bytes (even one low,
+        odd one high) and reading 4 bytes as a little-endian int32 gives exactly that, with byte operations only.
+        """
         if self._cache is None:
             out_features, in_features = self.tensor.shape
             raw = torch.empty(self.tensor.nbytes, dtype=torch.uint8)
             self.file.readinto(self.tensor.offset, memoryview(raw.numpy()))
             blocks = raw.view(out_features, in_features // Q4_0_GROUP, 18)
             scales = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)  # [out, groups]
-            nibbles = blocks[..., 2:].to(torch.int32)
-            # Low nibbles are a block's elements 0-15, high nibbles 16-31.
-            ints = torch.cat((nibbles & 0xF, nibbles >> 4), dim=-1).view(out_features, in_features)
-            self._cache = ints.t(), scales.t().contiguous()
+            nibbles = blocks[..., 2:]
+            elements = torch.cat((nibbles & 0xF, nibbles >> 4), dim=-1)  # [out, groups, 32] in input order
+            paired = elements[..., 0::2] | (elements[..., 1::2] << 4)
+            packed = paired.contiguous().view(torch.int32).view(out_features, in_features // 8)
+            self._cache = packed.t().contiguous(), scales.t().contiguous()
         return self._cache
 
     def done(self, part: str) -> None:
@@ -367,10 +372,10 @@ class _Q4Entry:
             # Q4_0's zero is 8 for every group; GPTQ v1 stores zero - 1 in each nibble.
             value = torch.full(self.shape, 0x77777777, dtype=torch.int32)
         elif self.part == "scales":
-            value = self.blocks.ints_and_scales()[1]
+            value = self.blocks.packed_and_scales()[1]
             self.blocks.done("scales")
         else:
-            value = _pack_rows(self.blocks.ints_and_scales()[0], 4)
+            value = self.blocks.packed_and_scales()[0]
             self.blocks.done("qweight")
         return value if out is None else out.copy_(value)
 
