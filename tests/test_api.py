@@ -383,3 +383,28 @@ def test_disconnect_mid_stream_frees_the_queue(server, model_id):
         wait_for(server, running=0, queued=0)
     reply = httpx.post(url, json={"messages": CHAT, "max_tokens": 4, "model": model_id}, timeout=60)
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+
+
+def test_v1_takes_the_fields_only_transformers_has():
+    from playground.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+
+    body = {"messages": CHAT, "typical_p": 0.5, "no_repeat_ngram_size": 3}
+    params = ChatCompletionRequest(**body).sampling_params()
+    assert (params.typical_p, params.no_repeat_ngram_size) == (0.5, 3)  # not dropped to 1.0 and 0
+    params = CompletionRequest(prompt="Hi", typical_p=0.25, no_repeat_ngram_size=2).sampling_params()
+    assert (params.typical_p, params.no_repeat_ngram_size) == (0.25, 2)
+
+
+def test_no_repeat_ngram_size_reaches_the_model_through_v1(server, model_id):
+    body = {"model": model_id, "prompt": "List the numbers: one, two, three, one, two, three, one, two,",
+            "max_tokens": 24, "temperature": 0, "logprobs": 1}
+    free = post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]["tokens"]
+    held = post(server, "/v1/completions", {**body, "no_repeat_ngram_size": 1}).json()["choices"][0]["logprobs"]
+    assert len(set(free)) < len(free)  # greedy repeats itself here
+    assert len(set(held["tokens"])) == len(held["tokens"])  # no token twice: the field was applied
+
+
+@pytest.mark.parametrize("body, param", [({"typical_p": 0}, "typical_p"), ({"no_repeat_ngram_size": 65},
+                                                                             "no_repeat_ngram_size")])
+def test_v1_checks_the_transformers_only_fields(server, model_id, body, param):
+    assert_error(post(server, "/v1/chat/completions", {"model": model_id, "messages": CHAT, **body}), 400, param)

@@ -15,12 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from playground.api.http_errors import from_parameter_error
 from playground.errors import ParameterError
-from playground.params import OPENAI_FIELDS, WIRE_NAMES, SamplingParams, from_wire, reject_bools, request_fields
+from playground.params import SAMPLING_FIELDS, WIRE_NAMES, SamplingParams, from_wire, reject_bools, request_fields
 from playground.structured import ResponseFormat
 
 MAX_TOP_LOGPROBS = 20
-# The OpenAI-style sampling fields, from the playground's registry (OpenAI's own, then vLLM-style extensions).
-SamplingFields = create_model("SamplingFields", **request_fields(OPENAI_FIELDS, wire=True))
+# Every sampling field of the playground's registry under its wire name: OpenAI's own, vLLM-style extensions and
+# those only transformers has (typical_p, no_repeat_ngram_size). A local model honours them all; in front of a remote
+# engine a non-default value the engine cannot take is a 400 naming it (RemoteEngine.request_fields), never dropped.
+SamplingFields = create_model("SamplingFields", **request_fields(SAMPLING_FIELDS, wire=True))
 
 
 class StreamOptions(BaseModel):
