@@ -86,22 +86,24 @@ def test_failed_first_load_leaves_no_model(tmp_path):
 
 
 def test_two_loads_at_once_one_wins(tiny_folder):
+    """A load asked for while another is running is refused, not stacked: the first load is held inside its progress
+    callback until the second has been answered."""
     manager = ModelManager()
-    outcomes = []
-    barrier = threading.Barrier(2)
+    started, answered = threading.Event(), threading.Event()
 
-    def load():
-        barrier.wait()
-        try:
+    def hold(fraction, message):
+        started.set()
+        assert answered.wait(timeout=60), "the second load was never answered"
+
+    first = threading.Thread(target=manager.load, args=(tiny_folder,), kwargs={"progress": hold})
+    first.start()
+    assert started.wait(timeout=60)
+    try:
+        with pytest.raises(LoadInProgressError):
             manager.load(tiny_folder)
-            outcomes.append("loaded")
-        except LoadInProgressError:
-            outcomes.append("refused")
-
-    threads = [threading.Thread(target=load) for _ in range(2)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert sorted(outcomes) in (["loaded", "refused"], ["loaded", "loaded"])  # the second may start after
+    finally:
+        answered.set()
+        first.join(timeout=120)
     assert manager.status()["state"] == "ready"
 
 

@@ -7,6 +7,7 @@ import time
 from types import SimpleNamespace
 
 import psutil
+import pytest
 
 from playground.memory import MIB, MemorySampler, NvmlReader, NvmlUnavailable
 
@@ -106,10 +107,12 @@ def test_nvml_reader_maps_pynvml(monkeypatch):
                    "process_used": 2 * MIB}
 
 
-def test_real_nvml_reader_raises_unavailable_here():
-    try:
-        NvmlReader()
-    except NvmlUnavailable as exc:
-        assert "NVML" in str(exc)
-    else:  # a machine with a driver: the reader works instead
-        assert NvmlReader().device_count() >= 0
+def test_the_real_nvml_reader_works_exactly_where_an_nvidia_driver_is():
+    import ctypes.util
+
+    driver = ctypes.util.find_library("nvidia-ml") is not None or os.path.exists("/proc/driver/nvidia/version")
+    if driver:
+        assert NvmlReader().device_count() >= 1
+    else:  # this project's machines: the panel falls back, saying why
+        with pytest.raises(NvmlUnavailable, match="NVML"):
+            NvmlReader()

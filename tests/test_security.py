@@ -11,7 +11,7 @@ import psutil
 import pytest
 from gradio_client import Client
 
-from harness import REPO, LaunchedServer
+from harness import LaunchedServer
 from playground.config import parse_args
 from playground.manager import EMBEDDED
 from playground.ui.model_panel import ENABLE_HINT, ModelChoiceError, model_choices, resolve_choice
@@ -185,9 +185,25 @@ def test_panel_loads_from_the_root_only_safetensors(guarded):
 # ----------------------------------------------------------------------------------------- remote code
 
 
-def test_no_remote_code_anywhere():
-    offenders = [str(path.relative_to(REPO)) for path in (REPO / "playground").rglob("*.py")
-                 if re.search(r"trust_remote_code\s*=\s*True", path.read_text(encoding="utf-8"))]
-    assert offenders == []
-    loader_source = (REPO / "playground" / "model_loading.py").read_text(encoding="utf-8")
-    assert "use_safetensors=True" in loader_source
+def test_a_folder_asking_for_remote_code_never_runs_it(tiny_folder, tmp_path):
+    """A transformers folder whose config names remote code (auto_map) is refused with the reason, and the remote
+    module is never imported: it would leave a marker file."""
+    import json
+
+    from playground.errors import ModelFolderError
+    from playground.manager import ModelManager
+
+    folder = tmp_path / "remote-code"
+    shutil.copytree(tiny_folder, folder)
+    marker = tmp_path / "remote-code-ran"
+    (folder / "configuration_custom.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise RuntimeError('remote code ran')\n", encoding="utf-8")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig"}
+    config["model_type"] = "custom-remote"
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    manager = ModelManager()
+    with pytest.raises(ModelFolderError, match="remote-code"):
+        manager.load(folder)
+    assert not marker.exists()
+    assert "trust_remote_code" in manager.status()["last_error"]  # the reason names what it would take
