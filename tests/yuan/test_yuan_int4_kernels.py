@@ -17,6 +17,7 @@ from playground.models.yuan.quant_kernels import (
     DenseKernel,
     Int4PackKernel,
     KernelChooser,
+    convert_quantized_layers,
     int4_rows,
     nibble_bytes,
     tinygemm_scales_and_zeros,
@@ -162,6 +163,26 @@ def test_int4pack_kernel_on_cuda():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the model
+
+
+def test_a_model_moved_after_its_load_gets_its_kernels_in_one_explicit_step(tiny_int4_dir, fast_and_exact):
+    """The CPU twin of a model moved to CUDA after load: forward never converts (a layer without a kernel stays on the
+    exact path, whatever it is called with); `convert_quantized_layers` does it once, routers in float32."""
+    moved, _ = load_yuan(tiny_int4_dir, dtype=torch.float32, with_tokenizer=False)  # exact: no kernels
+    layers = {name: m for name, m in moved.named_modules() if isinstance(m, QuantLinear)}
+    with torch.inference_mode():
+        moved(PROMPT.to(torch.long))
+        layers["model.layers.0.self_attn.q_proj"](torch.randn(2, layers["model.layers.0.self_attn.q_proj"].in_features,
+                                                              dtype=torch.bfloat16))
+    assert all(layer.kernel is None for layer in layers.values())
+    counts = convert_quantized_layers(moved, "cpu", torch.float32)
+    routers = [name for name in layers if ".mlp.gate." in name]
+    assert counts == {"dense-float32": len(routers), "int4pack-cpu": len(layers) - len(routers)}
+    assert all(layers[name].kernel.name == "dense-float32" for name in routers)
+    assert convert_quantized_layers(moved, "cpu", torch.float32) == {}  # converted layers are left alone
+    fast, exact = fast_and_exact
+    with torch.inference_mode():
+        assert _relative_error(moved(PROMPT).logits, exact(PROMPT).logits) < 0.05
 
 
 def test_default_precision_per_device():

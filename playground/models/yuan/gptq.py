@@ -136,8 +136,9 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self._sequential_groups: bool | None = None  # whether g_idx is i // group_size, checked on first use
-        self.kernel: nn.Module | None = None  # a fused kernel holding the weights in its own layout
-        self._cuda_kernel_tried = False
+        # A fused kernel holding the weights in its own layout, given once after load (quant_kernels.KernelChooser);
+        # without one the layer runs the exact path. forward never converts.
+        self.kernel: nn.Module | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, bits: int = 4) -> "QuantLinear":
@@ -189,13 +190,6 @@ class QuantLinear(nn.Module):
             self._buffers[name] = self._buffers[name].new_empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 on CUDA stays exact; half-precision calls try a fused kernel once.
-        half = x.dtype in (torch.float16, torch.bfloat16)
-        if self.kernel is None and x.is_cuda and half and not self._cuda_kernel_tried:
-            from .quant_kernels import adopt_cuda_kernel  # lazy: only layers that were not converted at load
-
-            self._cuda_kernel_tried = True
-            adopt_cuda_kernel(self, x.dtype)
         if self.kernel is None:
             return self._torch_forward(x)
         out = self.kernel(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gptq import QuantLinear
+from .precision import ROUTER_LINEAR
 
 logger = logging.getLogger(__name__)
 
@@ -306,9 +307,16 @@ class KernelChooser:
         self.counts["exact"] = self.counts.get("exact", 0) + 1
 
 
-def adopt_cuda_kernel(layer: QuantLinear, dtype: torch.dtype) -> None:
-    """For a layer first called on CUDA without a kernel chosen at load: use Marlin or int4pack if they agree."""
-    KernelChooser(layer.qweight.device, dtype).convert(layer)
+def convert_quantized_layers(model: nn.Module, device: torch.device | str, activation_dtype: torch.dtype
+                             ) -> dict[str, int]:
+    """Give every quantized layer of `model` that has none its kernel, in one explicit step: for a model moved to
+    another device after its load (`load_yuan` converts as it reads). One chooser, so each kind is checked once per
+    weight shape; the routers get their float32 dense copy. Returns the kernels chosen (counts)."""
+    chooser = KernelChooser(torch.device(device), activation_dtype)
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and module.kernel is None:
+            chooser.convert(module, float32_dense=bool(ROUTER_LINEAR.search(name)))
+    return chooser.counts
 
 
 __all__ = [
@@ -316,7 +324,7 @@ __all__ = [
     "Int4PackKernel",
     "KernelChooser",
     "MarlinKernel",
-    "adopt_cuda_kernel",
+    "convert_quantized_layers",
     "build_int4pack",
     "cpu_block_n",
     "int4_rows",
