@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("PLAYGROUND_CACHE_DIR", str(REPO / ".cache"))
 
-from playground.manager import get_manager  # noqa: E402  (after the cache folder is set)
+from playground.manager import ModelManager  # noqa: E402  (after the cache folder is set)
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
 START_TIMEOUT_S = 240
@@ -77,11 +77,10 @@ def stop_server(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def in_process(tokens: int, seed: int) -> tuple[int, float, str]:
+def in_process(manager: ModelManager, tokens: int, seed: int) -> tuple[int, float, str]:
     """(new tokens, seconds, text) for one manager stream."""
     started = time.perf_counter()
-    for event in get_manager().stream(messages=PROMPT, params={"temperature": 0, "max_new_tokens": tokens,
-                                                                "seed": seed}):
+    for event in manager.stream(messages=PROMPT, params={"temperature": 0, "max_new_tokens": tokens, "seed": seed}):
         if event.kind == "done":
             return event.stats.new_tokens, time.perf_counter() - started, event.text
     raise RuntimeError("no done event")
@@ -114,10 +113,11 @@ def main() -> None:
 
     process, url = start_server(args.model)
     try:
-        get_manager().load(args.model)
+        manager = ModelManager()
+        manager.load(args.model)
         rates: dict[str, list[float]] = {"api": [], "in-process": []}
         with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
-            runs = {"in-process": lambda: in_process(args.tokens, args.seed),
+            runs = {"in-process": lambda: in_process(manager, args.tokens, args.seed),
                     "api": lambda: through_api(client, url, args.tokens, args.seed)}
             texts = {side: run()[2] for side, run in runs.items()}  # warm-up, and the replies to compare
             for round_index in range(args.rounds):
@@ -131,7 +131,7 @@ def main() -> None:
 
     local, api = rates["in-process"], rates["api"]
     ratios = [a / b for a, b in zip(api, local)]
-    print(f"\nmodel {get_manager().status()['name']}, {args.tokens} new tokens, greedy, seed {args.seed}, "
+    print(f"\nmodel {manager.status()['name']}, {args.tokens} new tokens, greedy, seed {args.seed}, "
           f"{args.rounds} rounds, load average {os.getloadavg()[0]:.2f}")
     print(f"same reply both ways: {texts['api'] == texts['in-process']}")
     print(f"in-process manager stream: median {statistics.median(local):.1f} tok/s, best {max(local):.1f}")

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from playground.manager import get_manager  # noqa: E402
+from playground.manager import ModelManager  # noqa: E402
 from playground.params import SamplingParams  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def load_for_rates(description: str):
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    manager = get_manager()
+    manager = ModelManager()
     status = manager.load(args.model)
     manager.loaded.model.generation_config.min_new_tokens = args.tokens
     params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=args.tokens, seed=1234)

@@ -30,7 +30,7 @@ def open_share_link(server: uvicorn.Server, host: str, port: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     app = create_app(settings)
-    load_in_background(settings)
+    load_in_background(settings, app.state.manager)
     # A short graceful shutdown: open UI event streams would otherwise hold a stop for a long time.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                             timeout_graceful_shutdown=3)

@@ -11,6 +11,7 @@ from pathlib import Path
 from playground.embedded import hub_snapshot, on_spaces
 from playground.params import EXTENSION_FIELDS, VLLM_EXTENSIONS
 from playground.remote import CHAT_FORMATS, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S
+from playground.manager import DEFAULT_MAX_PROMPT_CHARS
 from playground.storage import default_data_dir
 
 # A Hugging Face model repo id: "owner/name" (letters, digits, "-", "_", "."), not an existing path.
@@ -20,7 +21,6 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Request limits: a body this size is parsed in well under a second; a prompt this long is more than any of the
 # served models' contexts (so nothing that could run is refused), and is refused before it is tokenized.
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
-DEFAULT_MAX_PROMPT_CHARS = 100_000
 
 
 @dataclass

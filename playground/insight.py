@@ -2,7 +2,7 @@
 
 Everything here is plain data in, plain data (pandas frames, escaped HTML, small dicts) out, so the views can be
 tested without a browser. The one function that touches a whole vocabulary (`explore_distribution`) is meant to
-run through `get_manager().compute(...)`: see ModelManager.compute for why.
+run through the manager's `compute(...)`: see ModelManager.compute for why.
 """
 
 from __future__ import annotations

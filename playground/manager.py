@@ -1,6 +1,7 @@
 """The model manager: the one process-wide object that owns the loaded model and every generation.
 
-The chat tab, the sampling lab, the HTTP APIs and the LangChain integration all go through `get_manager()`.
+The entry point (`server.create_app`) builds one and hands it to the chat tab, the sampling lab, the HTTP APIs
+(`request.app.state.manager`, a FastAPI dependency) and the LangChain integration; nothing fetches a global.
 Generations are serialised per device in arrival order (a waiting caller can read its place), each can be
 cancelled and stops within one token, and each ends with stats. The pieces live beside it: loading in
 `model_loading.py`, the queue, events and the two generation paths (local, remote engine) in `generation/`.
@@ -17,7 +18,6 @@ from typing import Any, Callable, Iterator
 import torch
 
 from playground.chat_format import checked_input, normalise_messages
-from playground.config import DEFAULT_MAX_PROMPT_CHARS
 from playground.errors import LoadInProgressError, ModelFolderError, ModelNotLoadedError, ParameterError, PlaygroundError
 from playground.generation import scheduling
 from playground.generation.events import (  # noqa: F401  (re-exported: the manager's callers use these types)
@@ -41,8 +41,12 @@ from playground.structured import ResponseFormat
 # ------------------------------------------------------------------------------------------- the manager
 
 
+# A longer prompt (all messages) is refused before it is tokenized; --max-prompt-chars changes it.
+DEFAULT_MAX_PROMPT_CHARS = 100_000
+
+
 class ModelManager:
-    def __init__(self):
+    def __init__(self, max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, prompt_cache_bytes: int | None = None):
         self._backend: LocalBackend | RemoteBackend | None = None  # the current model, local or remote
         self._load_lock = threading.Lock()
         self._loading: dict[str, Any] | None = None
@@ -54,8 +58,8 @@ class ModelManager:
         self._handles_lock = threading.Lock()
         self._memory: MemorySampler | None = None
         self.gpu_calls = GpuCalls()  # model calls go through it (ZeroGPU); it keeps the last call's CUDA figures
-        self.max_prompt_chars = DEFAULT_MAX_PROMPT_CHARS  # the server sets --max-prompt-chars
-        self.prompt_cache_bytes: int | None = None  # the server sets --prompt-cache-mb (None: sized at each load)
+        self.max_prompt_chars = max_prompt_chars
+        self.prompt_cache_bytes = prompt_cache_bytes  # the prompt cache's budget (None: sized at each load)
 
     # --------------------------------------------------------------------------------------- loading
 
@@ -425,15 +429,3 @@ class ModelManager:
         """The remote engine's Prometheus figures for the memory sampler; None for a local model."""
         return self._backend.metrics() if self._backend is not None else None
 
-
-_manager: ModelManager | None = None
-_manager_lock = threading.Lock()
-
-
-def get_manager() -> ModelManager:
-    """The process-wide model manager."""
-    global _manager
-    with _manager_lock:
-        if _manager is None:
-            _manager = ModelManager()
-        return _manager

@@ -17,25 +17,31 @@ from playground.api.guards import LoginPageGuard, MethodGuard, RequestSizeLimit
 from playground.api.http_errors import ApiRoute
 from playground.config import Settings
 from playground.errors import PlaygroundError
-from playground.manager import get_manager
+from playground.manager import ModelManager
 from playground.storage import Storage, StorageError
 from playground.ui.app import TITLE, build_app
 
 
-def load_in_background(settings: Settings) -> threading.Thread:
+def build_manager(settings: Settings) -> ModelManager:
+    """The app's model manager, configured by the options (one per app: two apps in a process do not share one)."""
+    cache_bytes = None if settings.prompt_cache_mb is None else settings.prompt_cache_mb * 2**20
+    return ModelManager(max_prompt_chars=settings.max_prompt_chars, prompt_cache_bytes=cache_bytes)
+
+
+def load_in_background(settings: Settings, manager: ModelManager) -> threading.Thread:
     """Start loading the model without holding up the server; a failure is kept in the manager's status."""
 
     def load():
         try:
             if settings.backend == "openai":
                 # An engine still starting (vLLM loads for minutes) is tried again with back-off until it answers.
-                get_manager().keep_connecting_remote(
+                manager.keep_connecting_remote(
                     settings.base_url, api_key=settings.remote_api_key, model=settings.remote_model,
                     timeout_s=settings.remote_timeout, concurrency=settings.remote_concurrency,
                     chat_format=settings.remote_chat_format, extensions=settings.remote_extensions,
                 )
             else:
-                get_manager().load(settings.model, device=settings.device, dtype=settings.dtype)
+                manager.load(settings.model, device=settings.device, dtype=settings.dtype)
         except PlaygroundError:
             pass  # the status line and /healthz show the error; the server stays up
 
@@ -96,15 +102,19 @@ def ui_login(settings: Settings) -> tuple[Any, str] | tuple[None, None]:
     return None, None
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, manager: ModelManager | None = None) -> FastAPI:
+    """The app for `settings`, around `manager` (built from the settings when not given): the UI's tabs, the API
+    routes (`app.state.manager`) and /healthz all use it."""
+    manager = manager if manager is not None else build_manager(settings)
     docs = {} if settings.api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = FastAPI(title=TITLE, version=__version__, **docs)
+    app.state.manager = manager
     health = APIRouter(route_class=ApiRoute, dependencies=[Depends(api_key_check(settings.api_key))])
 
     @health.get("/healthz")
     def healthz() -> dict:
         """The model manager's status: state (loading, ready, error, empty), model facts, queue."""
-        return get_manager().status()
+        return manager.status()
 
     app.include_router(health)
     routers = [health, *include_api(app, api_key=settings.api_key)]  # before the mount: POST / is the API's
@@ -115,11 +125,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(LoginPageGuard)
     app.add_middleware(MethodGuard, routes=api_methods(routers), hidden=SCHEMA_PAGES if settings.api_key else set())
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
-    manager = get_manager()
-    manager.max_prompt_chars = settings.max_prompt_chars
-    manager.prompt_cache_bytes = None if settings.prompt_cache_mb is None else settings.prompt_cache_mb * 2**20
     manager.memory()  # start sampling now so the panel has history when first opened
-    demo = build_app(settings, open_storage(settings))  # the History tab lists what is already saved
+    demo = build_app(settings, manager, open_storage(settings))  # the History tab lists what is already saved
     # The browser UI cannot send a bearer key: a login page stands in front of it (see ui_login).
     app = gr.mount_gradio_app(app, demo, path="/", auth=auth, auth_message=auth_message,
                               max_file_size=settings.max_request_bytes)

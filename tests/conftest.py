@@ -33,3 +33,14 @@ def launched_server(tmp_path_factory):
 def yuan_tokenizer_dir() -> Path:
     assert (YUAN_TOKENIZER_DIR / "tokenizer.model").is_file(), f"missing {YUAN_TOKENIZER_DIR}"
     return YUAN_TOKENIZER_DIR
+
+
+@pytest.fixture(scope="session")
+def embedded_manager():
+    """A model manager of this test process with the embedded model, loaded once for the session (what the app's
+    entry point builds; in-process tests share it as the app's tabs and routes share theirs)."""
+    from playground.manager import ModelManager
+
+    manager = ModelManager()
+    manager.load()
+    return manager

@@ -13,7 +13,6 @@ from pydantic import BaseModel, Field
 
 from playground.errors import ParameterError, PlaygroundError
 from playground.integrations.langchain import PlaygroundAPIError, PlaygroundChatModel
-from playground.manager import get_manager
 
 COLOURS = [SystemMessage("You are terse."), HumanMessage("Name three colours.")]
 PERSON_SCHEMA = {"title": "PersonDict", "type": "object", "required": ["name", "age"],
@@ -21,20 +20,16 @@ PERSON_SCHEMA = {"title": "PersonDict", "type": "object", "required": ["name", "
 
 
 @pytest.fixture(scope="module")
-def local_model():
-    """This test process's own manager with the embedded model loaded (once)."""
-    manager = get_manager()
-    if manager.loaded is None:
-        manager.load()
-    return manager.status()["name"]
+def local_model(embedded_manager):
+    """This test process's manager with the embedded model (loaded once per session)."""
+    return embedded_manager
 
 
 @pytest.fixture(params=["in-process", "http"])
 def chat(request) -> PlaygroundChatModel:
     """The same greedy model in both modes."""
     if request.param == "in-process":
-        request.getfixturevalue("local_model")
-        return PlaygroundChatModel(temperature=0, max_tokens=12)
+        return PlaygroundChatModel(manager=request.getfixturevalue("local_model"), temperature=0, max_tokens=12)
     server = request.getfixturevalue("launched_server")
     return PlaygroundChatModel(base_url=server.url, temperature=0, max_tokens=12)
 
@@ -75,16 +70,16 @@ def test_stop_strings_are_honoured(chat):
 
 
 def test_sampling_fields_are_model_attributes(local_model):
-    seeded = PlaygroundChatModel(temperature=1.0, top_p=1.0, top_k=0, seed=11, max_tokens=8)
+    seeded = PlaygroundChatModel(manager=local_model, temperature=1.0, top_p=1.0, top_k=0, seed=11, max_tokens=8)
     assert seeded.invoke("Tell me a word.").content == seeded.invoke("Tell me a word.").content
-    assert PlaygroundChatModel(max_tokens=3).invoke("Hi").usage_metadata["output_tokens"] <= 3
+    assert PlaygroundChatModel(manager=local_model, max_tokens=3).invoke("Hi").usage_metadata["output_tokens"] <= 3
     with pytest.raises(ParameterError, match="temperature"):
-        PlaygroundChatModel(temperature=11).invoke("Hi")
+        PlaygroundChatModel(manager=local_model, temperature=11).invoke("Hi")
 
 
 def test_async_stream_in_process(local_model):
     async def collect() -> str:
-        chat = PlaygroundChatModel(temperature=0, max_tokens=6)
+        chat = PlaygroundChatModel(manager=local_model, temperature=0, max_tokens=6)
         return "".join([chunk.content async for chunk in chat.astream("Hi")])
 
     assert asyncio.run(collect()).strip()
@@ -92,9 +87,11 @@ def test_async_stream_in_process(local_model):
 
 def test_unsupported_messages_and_models_are_clear_errors(local_model, launched_server):
     with pytest.raises(PlaygroundError, match="ToolMessage"):
-        PlaygroundChatModel().invoke([ToolMessage("42", tool_call_id="x")])
+        PlaygroundChatModel(manager=local_model).invoke([ToolMessage("42", tool_call_id="x")])
     with pytest.raises(PlaygroundError, match="not loaded"):
-        PlaygroundChatModel(model="gpt-4o").invoke("Hi")
+        PlaygroundChatModel(manager=local_model, model="gpt-4o").invoke("Hi")
+    with pytest.raises(PlaygroundError, match="needs base_url .* or manager"):
+        PlaygroundChatModel().invoke("Hi")
     with pytest.raises(PlaygroundAPIError, match="gpt-4o") as raised:
         PlaygroundChatModel(base_url=f"{launched_server.url}/v1", model="gpt-4o").invoke("Hi")
     assert raised.value.status_code == 404
@@ -104,8 +101,8 @@ def test_unsupported_messages_and_models_are_clear_errors(local_model, launched_
 
 
 def test_breaking_out_of_a_stream_frees_the_manager(local_model):
-    manager = get_manager()
-    for chunk in PlaygroundChatModel(temperature=0, max_tokens=200).stream("Write a long story."):
+    manager = local_model
+    for chunk in PlaygroundChatModel(manager=manager, temperature=0, max_tokens=200).stream("Write a long story."):
         if chunk.content:
             break
     status = manager.status()
@@ -139,7 +136,8 @@ def test_structured_output_in_both_modes(chat):
 
 
 def test_include_raw_keeps_a_reply_that_does_not_parse(local_model):
-    cut = PlaygroundChatModel(temperature=0, max_tokens=3).with_structured_output(Person, include_raw=True)
+    cut = PlaygroundChatModel(manager=local_model, temperature=0, max_tokens=3).with_structured_output(
+        Person, include_raw=True)
     result = cut.invoke("Describe a person.")  # three tokens cannot close the object
     assert result["parsed"] is None and result["parsing_error"] is not None
     assert result["raw"].response_metadata["finish_reason"] == "length"

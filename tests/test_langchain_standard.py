@@ -11,7 +11,6 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from playground.integrations.langchain import PlaygroundChatModel
-from playground.manager import get_manager
 
 # A 135M model decoding greedily falls into loops ("sampu, sampu, ...") that never close a JSON string; a light
 # repetition penalty (an extension the model takes) keeps its replies finite.
@@ -20,12 +19,15 @@ OWN_PARAMS = {"repetition_penalty": 1.1}
 STANDARD_PARAMS = {"temperature": 0, "max_tokens": 100}
 
 
+# The suites build the model from `chat_model_params`, a property without fixtures: the session's manager is put
+# here by the autouse fixture below before any test of this module runs.
+MANAGER: dict = {}
+
+
 @pytest.fixture(scope="module", autouse=True)
-def embedded_model():
-    """This test process's manager with the embedded model loaded (once)."""
-    manager = get_manager()
-    if manager.loaded is None:
-        manager.load()
+def embedded_model(embedded_manager):
+    """The session's manager with the embedded model."""
+    MANAGER["manager"] = embedded_manager
 
 
 class Capabilities:
@@ -37,7 +39,7 @@ class Capabilities:
 
     @property
     def chat_model_params(self) -> dict:
-        return dict(OWN_PARAMS)
+        return dict(OWN_PARAMS, manager=MANAGER["manager"])
 
     @property
     def supports_model_override(self) -> bool:

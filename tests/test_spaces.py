@@ -13,7 +13,7 @@ import playground.embedded as embedded
 from playground.config import parse_args, resolve_hub_model
 from playground.embedded import HUB_REPO, ensure_converted
 from playground.errors import ModelFolderError
-from playground.manager import get_manager
+from playground.manager import ModelManager
 from playground.spaces_support import GpuCalls
 from tests.conftest import REPO
 
@@ -160,8 +160,6 @@ def fake_spaces(monkeypatch):
 
     module.GPU = GPU
     monkeypatch.setitem(sys.modules, "spaces", module)
-    # A fresh shim for the process's manager: it looks for `spaces` on its first call.
-    monkeypatch.setattr(get_manager(), "gpu_calls", GpuCalls())
     yield calls
 
 
@@ -179,7 +177,8 @@ def test_spaces_gpu_wraps_the_generation_and_records_memory(fake_spaces, monkeyp
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 3 * 2**20)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 5 * 2**20)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 8 * 2**20)
-    gpu_calls = get_manager().gpu_calls
+    manager = ModelManager()  # its shim looks for `spaces` on its first call: the fake one
+    gpu_calls = manager.gpu_calls
     assert gpu_calls.run(lambda: "generated") == "generated"
     assert fake_spaces == ["_call_and_record"] and gpu_calls.zero_gpu
     figures = gpu_calls.last_memory
@@ -187,7 +186,7 @@ def test_spaces_gpu_wraps_the_generation_and_records_memory(fake_spaces, monkeyp
     monkeypatch.setattr("playground.memory.MemorySampler.record", lambda self: self.sample())
     from playground.ui.memory_tab import memory_report
 
-    assert "ZeroGPU call" in memory_report() and "peak 5 MiB" in memory_report()
+    assert "ZeroGPU call" in memory_report(manager) and "peak 5 MiB" in memory_report(manager)
 
 
 def test_the_manager_runs_generate_through_the_shim(fake_spaces, tmp_path):

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from fake_engine import FakeEngine
 from playground.errors import ParameterError
-from playground.manager import ModelManager, get_manager
+from playground.manager import ModelManager
 from playground.structured import ResponseFormat, reply_vocabulary
 
 PERSON = {
@@ -39,12 +39,9 @@ class Person(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def manager() -> ModelManager:
-    """This test process's manager with the embedded model loaded (once)."""
-    manager = get_manager()
-    if manager.loaded is None:
-        manager.load()
-    return manager
+def manager(embedded_manager) -> ModelManager:
+    """The session's manager with the embedded model."""
+    return embedded_manager
 
 
 # ------------------------------------------------------------------------------------------ the format type

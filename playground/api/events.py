@@ -14,15 +14,15 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 from fastapi import Request
 
 from playground.api.http_errors import ClientDisconnected
-from playground.manager import GenerationEvent, GenerationHandle, get_manager
+from playground.manager import GenerationEvent, GenerationHandle, ModelManager
 
 T = TypeVar("T")
 _END = object()
 API_OWNER = "api"
 
 
-async def generation_events(**stream_kwargs: Any) -> AsyncIterator[GenerationEvent]:
-    """`get_manager().stream(**stream_kwargs)`, event by event; the manager's errors are re-raised here."""
+async def generation_events(manager: ModelManager, **stream_kwargs: Any) -> AsyncIterator[GenerationEvent]:
+    """`manager.stream(**stream_kwargs)`, event by event; the manager's errors are re-raised here."""
     handle = GenerationHandle(API_OWNER)
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
@@ -35,7 +35,7 @@ async def generation_events(**stream_kwargs: Any) -> AsyncIterator[GenerationEve
 
     def drive() -> None:
         try:
-            for event in get_manager().stream(handle=handle, **stream_kwargs):
+            for event in manager.stream(handle=handle, **stream_kwargs):
                 post(event)
         except BaseException as exc:  # noqa: BLE001  (handed to the consumer, never lost in the thread)
             post(exc)

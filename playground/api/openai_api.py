@@ -12,23 +12,24 @@ from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from playground.api import sse
 from playground.api.http_errors import ApiError, ApiRoute, from_parameter_error, generation_failed, to_api_error
+from playground.api.dependencies import current_manager
 from playground.api.events import collect, first_event, generation_events, unless_disconnected
 from playground.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from playground.errors import ParameterError
-from playground.manager import GenerationEvent, GenerationStats, TokenInfo, get_manager
+from playground.manager import GenerationEvent, GenerationStats, ModelManager, TokenInfo
 
 router = APIRouter(prefix="/v1", route_class=ApiRoute, tags=["OpenAI-compatible"])
 
 ChoiceForEvent = Callable[[GenerationEvent], dict[str, Any] | None]
 
 
-def serving_model(requested: str | None) -> str:
+def serving_model(manager: ModelManager, requested: str | None) -> str:
     """The loaded model's id; 503 while none is ready, 404 when the request names another model."""
-    name = get_manager().require_model().name
+    name = manager.require_model().name
     if requested and requested != name:
         raise ApiError(
             404, f"the model {requested!r} does not exist here; this server serves {name!r} (GET /v1/models)",
@@ -173,9 +174,9 @@ def prompt_errors_named(field_name: str) -> Iterator[None]:
 
 
 @router.get("/models")
-def list_models() -> dict[str, Any]:
+def list_models(manager: ModelManager = Depends(current_manager)) -> dict[str, Any]:
     """The one model this server serves: the loaded one."""
-    loaded = get_manager().require_model()
+    loaded = manager.require_model()
     return {
         "object": "list",
         "data": [{"id": loaded.name, "object": "model", "created": 0, "owned_by": "yuan-playground"}],
@@ -183,12 +184,13 @@ def list_models() -> dict[str, Any]:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           manager: ModelManager = Depends(current_manager)):
     """Chat with the loaded model through its own chat format; `stream: true` for server-sent events."""
-    model = serving_model(body.model)
+    model = serving_model(manager, body.model)
     envelope = Envelope("chat.completion.chunk" if body.stream else "chat.completion", model, new_id("chatcmpl"))
     events = generation_events(
-        messages=body.message_dicts(), params=body.sampling_params(), logprobs=body.logprobs_count,
+        manager, messages=body.message_dicts(), params=body.sampling_params(), logprobs=body.logprobs_count,
         response_format=body.response_format,
     )
     if body.stream:
@@ -226,12 +228,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, request: Request):
+async def completions(body: CompletionRequest, request: Request, manager: ModelManager = Depends(current_manager)):
     """Continue raw prompt text (no chat format); `stream: true` for server-sent events."""
-    model = serving_model(body.model)
+    model = serving_model(manager, body.model)
     envelope = Envelope("text_completion", model, new_id("cmpl"))
-    events = generation_events(prompt=body.prompt_text, params=body.sampling_params(), logprobs=body.logprobs,
-                               response_format=body.response_format)
+    events = generation_events(manager, prompt=body.prompt_text, params=body.sampling_params(),
+                               logprobs=body.logprobs, response_format=body.response_format)
     with_logprobs = body.logprobs is not None
     offsets = TextOffsets()
     if body.stream:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from playground.api.http_errors import ApiRoute, generation_failed
+from playground.api.dependencies import current_manager
 from playground.api.events import collect, generation_events, unless_disconnected
+from playground.manager import ModelManager
 from playground.params import GREEDY, SAMPLING_FIELDS, SamplingParams, request_fields
 
 router = APIRouter(route_class=ApiRoute, tags=["tutorial endpoint"])
@@ -92,10 +94,11 @@ def extended_history(history: History, prompt: str, response: str) -> list[Any]:
 
 
 @router.post("/")
-async def seed_chat(body: SeedRequest, request: Request) -> dict[str, Any]:
+async def seed_chat(body: SeedRequest, request: Request,
+                    manager: ModelManager = Depends(current_manager)) -> dict[str, Any]:
     """One reply to `prompt` after `history`, formatted with the model's chat format."""
     params = body.sampling_params()
-    events = generation_events(messages=body.messages(), params=params)
+    events = generation_events(manager, messages=body.messages(), params=params)
     done, _ = await unless_disconnected(request, collect(events))
     if done.stats.finish_reason == "error":
         raise generation_failed(done.stats)

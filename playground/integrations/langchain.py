@@ -2,14 +2,14 @@
 
     from playground.integrations.langchain import PlaygroundChatModel
 
-    chat = PlaygroundChatModel(temperature=0, max_tokens=64)           # this process's manager
+    chat = PlaygroundChatModel(manager=manager, temperature=0)          # a ModelManager of this process
     chat = PlaygroundChatModel(base_url="http://127.0.0.1:7860",        # a running playground server
                                api_key="...", temperature=0)
     chat.invoke("Hello"); chat.stream("Hello"); chat.batch(["Hi", "Bye"])
     chat.with_structured_output(Person).invoke("Describe a person")    # a Person, decoded under its JSON schema
 
-In-process, the manager must have a model loaded (`get_manager().load()`); generations queue with every
-other caller of the manager. Over HTTP it speaks the server's /v1/chat/completions with server-sent events.
+In-process, give it the manager the app was built with (`app.state.manager`) or one of your own with a model
+loaded (`ModelManager().load()`); generations queue with every other caller of that manager. Over HTTP it speaks the server's /v1/chat/completions with server-sent events.
 Sampling fields left unset keep the playground's defaults (SamplingParams). Structured output sends a
 `response_format` (playground.structured) and parses the reply; there is no tool calling.
 """
@@ -64,8 +64,10 @@ class PlaygroundChatModel(_SamplingChatModel):
     model_config = ConfigDict(populate_by_name=True)
 
     model_name: str | None = Field(None, alias="model", description="None: whichever model is loaded")
-    base_url: str | None = Field(None, description="a playground server, e.g. http://127.0.0.1:7860; "
-                                                    "None: this process's model manager")
+    base_url: str | None = Field(None, description="a playground server, e.g. http://127.0.0.1:7860 "
+                                                    "(or give `manager`)")
+    manager: Any = Field(None, exclude=True, repr=False,
+                         description="a ModelManager of this process, for in-process use (or give `base_url`)")
     api_key: SecretStr | None = Field(None, description="the server's --api-key, if it has one")
     timeout: float = Field(300.0, description="seconds to wait for a server (HTTP mode)")
     _last_served: str | None = PrivateAttr(None)  # the model the server named in its latest reply (HTTP mode)
@@ -73,6 +75,12 @@ class PlaygroundChatModel(_SamplingChatModel):
     @property
     def _llm_type(self) -> str:
         return "yuan-playground"
+
+    def _manager(self):
+        if self.manager is None:
+            raise PlaygroundError("PlaygroundChatModel needs base_url (a playground server) or manager (a ModelManager "
+                                  "of this process)")
+        return self.manager
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         """LangSmith's standard fields: which model answered, its temperature, token limit and stop strings."""
@@ -91,9 +99,7 @@ class PlaygroundChatModel(_SamplingChatModel):
         if self.model_name:
             return self.model_name
         if self.base_url is None:
-            from playground.manager import get_manager
-
-            loaded = get_manager().loaded
+            loaded = self._manager().loaded
             return loaded.name if loaded is not None else "no model loaded"
         return self._last_served or server_root(self.base_url)
 
@@ -181,9 +187,7 @@ class PlaygroundChatModel(_SamplingChatModel):
 
     def _local_chunks(self, messages: list[dict[str, str]], sampling: dict[str, Any], model: str | None,
                       response_format: ResponseFormat | None) -> Iterator[ChatGenerationChunk]:
-        from playground.manager import get_manager
-
-        manager = get_manager()
+        manager = self._manager()
         name = manager.require_model().name
         if model and model != name:
             raise PlaygroundError(f"the model {model!r} is not loaded; the manager has {name!r}")

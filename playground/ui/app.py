@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from playground.config import Settings
-from playground.manager import get_manager
+from playground.manager import ModelManager
 from playground.storage import Storage
 from playground.ui.chat_tab import build_chat_tab
 from playground.ui.history_tab import build_history_tab
@@ -24,8 +24,8 @@ STAND_IN_NOTE = (
 )
 
 
-def status_line() -> str:
-    status = get_manager().status()
+def status_line(manager: ModelManager) -> str:
+    status = manager.status()
     if status["state"] == "loading":
         loading = status["loading"]
         return f"Loading **{loading['model']}**: {loading['message']} ({loading['fraction']:.0%})"
@@ -46,31 +46,37 @@ def status_line() -> str:
     return "No model loaded."
 
 
-def stand_in_banner() -> dict:
+def stand_in_banner(manager: ModelManager) -> dict:
     """A one-line note while the embedded stand-in serves, saying what it is and how to serve Yuan2-M32."""
-    status = get_manager().status()
+    status = manager.status()
     serving_stand_in = status["state"] == "ready" and status.get("kind") == "embedded"
     return gr.update(value=STAND_IN_NOTE.format(name=status.get("name")) if serving_stand_in else "",
                      visible=serving_stand_in)
 
 
-def build_app(settings: Settings | None = None, storage: Storage | None = None) -> gr.Blocks:
-    """The whole UI; chats and lab runs are saved to `storage` (None: nothing is saved)."""
-    settings = settings or Settings()
+def build_app(settings: Settings, manager: ModelManager, storage: Storage | None = None) -> gr.Blocks:
+    """The whole UI around `manager`; chats and lab runs are saved to `storage` (None: nothing is saved)."""
+
+    def current_status() -> str:
+        return status_line(manager)
+
+    def current_banner() -> dict:
+        return stand_in_banner(manager)
+
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}")
-        status = gr.Markdown(status_line, elem_id="model-status")
+        status = gr.Markdown(current_status, elem_id="model-status")
         banner = gr.Markdown(visible=False, elem_id="stand-in-banner")
-        build_model_panel(settings.models_root, device=settings.device, dtype=settings.dtype)
+        build_model_panel(manager, settings.models_root, device=settings.device, dtype=settings.dtype)
         with gr.Tabs(elem_id="tabs"):  # explicit, so the History tab can switch to the Chat tab
-            chat = build_chat_tab(storage)
-            lab = build_lab_tab(storage)
-            build_insight_tab(chat.details, lab.details)
-            build_memory_tab()
-            build_history_tab(chat, lab, storage)
+            chat = build_chat_tab(manager, storage)
+            lab = build_lab_tab(manager, storage)
+            build_insight_tab(manager, chat.details, lab.details)
+            build_memory_tab(manager)
+            build_history_tab(manager, chat, lab, storage)
         status_timer = gr.Timer(2.0)
-        status_timer.tick(status_line, None, status, api_name="status", show_progress="hidden", queue=False)
-        status_timer.tick(stand_in_banner, None, banner, api_name=False, show_progress="hidden", queue=False)
-        demo.load(stand_in_banner, None, banner, api_name=False, show_progress="hidden", queue=False)
+        status_timer.tick(current_status, None, status, api_name="status", show_progress="hidden", queue=False)
+        status_timer.tick(current_banner, None, banner, api_name=False, show_progress="hidden", queue=False)
+        demo.load(current_banner, None, banner, api_name=False, show_progress="hidden", queue=False)
         chat.restore_on_load(demo, storage)  # the chat this browser showed before a reload
     return demo

@@ -10,7 +10,7 @@ import gradio as gr
 from playground.chat_format import message_text
 from playground.errors import PlaygroundError, not_unicode
 from playground.insight import INSPECT_TOP, routing_to_state, tokens_to_state
-from playground.manager import GenerationStats, get_manager
+from playground.manager import GenerationStats, ModelManager
 from playground.storage import Storage, StorageError
 from playground.structured import checked_reply, schema_from_text
 from playground.ui.controls import PresetPicker, params_from_controls, sampling_controls
@@ -78,15 +78,20 @@ def saved_chat_states(chat) -> tuple:
 # ----------------------------------------------------------------------------- saving turns as they happen
 
 
-def reply_stats(result: GenerationStats) -> dict[str, Any]:
+def loaded_model_name(manager: ModelManager) -> str | None:
+    loaded = manager.loaded
+    return loaded.name if loaded else None
+
+
+def reply_stats(result: GenerationStats, model: str | None) -> dict[str, Any]:
     """What is saved with a reply: its stats, the line shown under it, and the model that wrote it."""
-    loaded = get_manager().loaded
-    return {**result.as_dict(), "summary": result.summary(), "model": loaded.name if loaded else None}
+    return {**result.as_dict(), "summary": result.summary(), "model": model}
 
 
 def save_turn(storage: Storage | None, chat_id: str | None, earlier: list[dict], role: str, content: str,
-              stats: dict | None = None, system_prompt: str | None = None) -> str | None:
-    """Save one turn after the `earlier` ones; returns the chat's id (a chat is created by its first save).
+              stats: dict | None = None, system_prompt: str | None = None, model: str | None = None) -> str | None:
+    """Save one turn after the `earlier` ones; returns the chat's id (a chat is created by its first save, with
+    `model`, the model serving it).
 
     Saving never breaks the chat: a storage problem is shown as a warning and the conversation goes on.
     """
@@ -94,8 +99,7 @@ def save_turn(storage: Storage | None, chat_id: str | None, earlier: list[dict],
         return chat_id
     try:
         if chat_id is None:
-            loaded = get_manager().loaded
-            chat_id = storage.create_chat(model=loaded.name if loaded else None, system_prompt=system_prompt or "")
+            chat_id = storage.create_chat(model=model, system_prompt=system_prompt or "")
             for position, message in enumerate(earlier):  # turns from before saving worked, if any
                 storage.put_message(chat_id, position, message["role"], message_text(message["content"]))
         storage.put_message(chat_id, len(earlier), role, content, stats=stats,
@@ -128,14 +132,13 @@ def _messages(history: list[dict], system_prompt: str) -> list[dict]:
     return messages + [{"role": m["role"], "content": message_text(m["content"])} for m in history]
 
 
-def stream_reply(storage, history, stats, details, system_prompt, sampling, request, chat_id=None):
+def stream_reply(manager, storage, history, stats, details, system_prompt, sampling, request, chat_id=None):
     """Generate the assistant turn after `history` (which ends with the user's turn); yields UI updates.
 
     `details` runs alongside `stats`: per reply, its tokens with their probabilities and (models with experts)
     the experts each token went to, for the Insight tab. A finished reply is saved to chat `chat_id` (when
     saving is on) before it is shown as done; a reply still streaming is never saved.
     """
-    manager = get_manager()
     sampling = dict(sampling)
     try:
         response_format = schema_from_text(sampling.pop(SCHEMA_INPUT, ""))
@@ -159,7 +162,8 @@ def stream_reply(storage, history, stats, details, system_prompt, sampling, requ
                 if result.finish_reason == "error":
                     yield display(history, stats), history, stats, f"⚠️ {result.error}", details
                     return
-                save_turn(storage, chat_id, history, "assistant", event.text, stats=reply_stats(result))
+                save_turn(storage, chat_id, history, "assistant", event.text,
+                          stats=reply_stats(result, loaded_model_name(manager)))
                 shown, summary = event.text, result.summary()
                 if response_format is not None:  # pretty-printed, and checked against the schema
                     shown, verdict = checked_reply(event.text, response_format)
@@ -174,8 +178,8 @@ def stream_reply(storage, history, stats, details, system_prompt, sampling, requ
         yield display(history, stats), history, stats, f"⚠️ {exc}", details
 
 
-def build_chat_tab(storage: Storage | None = None) -> ChatTab:
-    """The Chat tab; turns are saved to `storage` (None: not saved)."""
+def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> ChatTab:
+    """The Chat tab, replying through `manager`; turns are saved to `storage` (None: not saved)."""
     with gr.Tab("Chat", id="chat"):
         history = gr.State([])
         stats = gr.State([])
@@ -201,7 +205,7 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
                 system_prompt = gr.Textbox(label="System prompt", lines=1, max_lines=8,
                                            placeholder="Optional instructions for the model")
                 presets = PresetPicker()
-                controls = sampling_controls(per_row=2)
+                controls = sampling_controls(manager, per_row=2)
                 presets.save_row(controls, api_prefix="chat")
                 with gr.Accordion("Structured output", open=False):
                     schema = gr.Code(value="", language="json", lines=5, elem_id="chat-schema",
@@ -222,7 +226,7 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
 
         def send_turn(text, history, stats, details, system_prompt, chat_id, request, sampling, box_later):
             text = message_text(text)
-            if _owner(request) and get_manager().busy(_owner(request)):
+            if _owner(request) and manager.busy(_owner(request)):
                 # Enter while a reply streams: the message stays in the box, to send when the reply is done.
                 gr.Warning("A reply is still being written: your message stays in the box. Send it when the reply "
                            "is done, or press Stop.")
@@ -232,7 +236,7 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
                 gr.Warning("Type a message first.")
                 yield display(history, stats), history, stats, "⚠️ The message is empty.", details, chat_id, text
                 return
-            limit = get_manager().max_prompt_chars
+            limit = manager.max_prompt_chars
             problem = (f"The message is {len(text)} characters; the limit is {limit}." if len(text) > limit
                        else not_unicode(text, "the message") or not_unicode(system_prompt or "", "the system prompt"))
             if problem:  # refused before anything is saved: no empty chat is left behind
@@ -241,9 +245,11 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
                 return
             turn = history + [{"role": "user", "content": text}]
             # Saved as soon as it is sent, so a crash during the reply keeps the question.
-            chat_id = save_turn(storage, chat_id, history, "user", text, system_prompt=system_prompt)
+            chat_id = save_turn(storage, chat_id, history, "user", text, system_prompt=system_prompt,
+                                model=loaded_model_name(manager))
             final, box = None, ""  # the box is emptied once; later updates leave what is typed meanwhile alone
-            for update in stream_reply(storage, turn, stats, details, system_prompt, sampling, request, chat_id):
+            for update in stream_reply(manager, storage, turn, stats, details, system_prompt, sampling, request,
+                                       chat_id):
                 final = update
                 yield (*update, chat_id, box)
                 box = box_later
@@ -260,8 +266,8 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
                 history, stats, details = history[:-1], stats[:-1], details[: len(stats) - 1]
             # else: a reopened chat whose last reply was cut off (a crash): answer its last message now
             final = None
-            for update in stream_reply(storage, history, stats, details[: len(stats)], system_prompt, sampling,
-                                       request, chat_id):
+            for update in stream_reply(manager, storage, history, stats, details[: len(stats)], system_prompt,
+                                       sampling, request, chat_id):
                 final = update
                 yield (*update, chat_id)
             if final is not None and final[1] is history:
@@ -277,7 +283,7 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
             return display(history, stats), history, stats, "Removed the last turn.", details, chat_id
 
         def clear_chat(request: gr.Request = None):
-            get_manager().cancel(_owner(request)) if _owner(request) else None
+            manager.cancel(_owner(request)) if _owner(request) else None
             # The next message starts a new saved chat; this one stays in the History tab.
             return [], [], [], "Cleared: your next message starts a new chat (this one stays in History).", [], None
 
@@ -287,14 +293,14 @@ def build_chat_tab(storage: Storage | None = None) -> ChatTab:
             return (*(gr.update(interactive=False) for _ in buttons[:-1]), gr.update(interactive=True, variant="stop"))
 
         def buttons_idle(request: gr.Request = None):
-            if _owner(request) and get_manager().busy(_owner(request)):
+            if _owner(request) and manager.busy(_owner(request)):
                 return (gr.skip(),) * len(buttons)  # another reply of this page is still running
             return (*(gr.update(interactive=True) for _ in buttons[:-1]),
                     gr.update(interactive=False, variant="secondary"))
 
         def stop_generation(request: gr.Request = None):
             owner = _owner(request)
-            count = get_manager().cancel(owner) if owner else 0
+            count = manager.cancel(owner) if owner else 0
             return "Stopping…" if count else "Nothing is running."
 
         # State outputs are not part of the API, so the endpoints' visible outputs stay as they were.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
@@ -10,10 +10,13 @@ from playground.errors import ParameterError
 from playground.params import SAMPLING_FIELDS, SamplingParams
 from playground.presets import load_presets, save_user_preset
 
+if TYPE_CHECKING:
+    from playground.manager import ModelManager
+
 Controls = dict[str, gr.components.Component]  # one control per sampling field, in the registry's order
 
 
-def sampling_controls(defaults: SamplingParams | None = None, per_row: int = 2) -> Controls:
+def sampling_controls(manager: ModelManager, defaults: SamplingParams | None = None, per_row: int = 2) -> Controls:
     """One control per SamplingParams field, named and ordered as the registry lists them, `per_row` to a row.
 
     Numbers are plain number boxes with no bounds of their own: a value out of range reaches SamplingParams,
@@ -37,21 +40,18 @@ def sampling_controls(defaults: SamplingParams | None = None, per_row: int = 2) 
             controls[field.name] = gr.Textbox(value=values[field.name], lines=2, label=f"{field.name} strings",
                                               info="one per line; \\n means a newline",
                                               elem_id=f"sampling-{field.name}")
-    mark_unavailable_controls(controls)
+    mark_unavailable_controls(manager, controls)
     return controls
 
 
-def mark_unavailable_controls(controls: Controls) -> None:
+def mark_unavailable_controls(manager: ModelManager, controls: Controls) -> None:
     """Grey out the fields the current engine cannot take (a remote engine may lack some), and bring them back
     when the model changes. The page's greyed set is kept per session, so a tick changes nothing until it differs."""
-    from playground.manager import get_manager
-
     check = gr.Timer(2.0)
     shown = gr.State(None)  # the fields this page shows greyed out; None before the first check
     infos = {name: getattr(control, "info", None) for name, control in controls.items()}
 
     def mark(greyed):
-        manager = get_manager()
         missing = sorted(manager.unavailable_params()) if manager.status()["state"] == "ready" else greyed
         if missing is None or missing == greyed:
             return [gr.skip() for _ in controls] + [greyed]

@@ -8,7 +8,7 @@ import pandas as pd
 
 from playground.errors import PlaygroundError
 from playground.insight import MAX_EXPLORER_TOP, explore_distribution, explorer_summary, readable
-from playground.manager import get_manager
+from playground.manager import ModelManager
 from playground.params import DISTRIBUTION_FIELDS, SAMPLING_FIELDS, SamplingParams
 
 EXPLORER_COLOURS = {"kept": "#3b82f6", "cut": "#d1d5db"}
@@ -21,49 +21,57 @@ def nothing_drawn(message: str):
     return None, None, gr.update(choices=[], value=None), message, gr.update(visible=False)
 
 
-def draw_distribution(forward: dict | None, top_n, **settings):
-    """(bar chart frame, table, token choices, summary, results box) for the stored forward pass under these
-    settings.
+class NextTokenExplorer:
+    """The explorer's handlers, over the app's model manager (bound methods: Gradio reads their parameters)."""
 
-    No model run: the distribution is redrawn from the stored logits, on a short-lived thread (manager.compute).
-    The chart gets only new data, never new properties: a property change makes Gradio's plot re-render while the
-    data arrive, and it then kept the previous tokens (its bars are sorted by their zero-padded rank label).
-    """
-    if not forward:
-        return nothing_drawn("Enter text and press **Next tokens** first.")
-    try:
-        params = SamplingParams.from_form(settings)
-        tokenizer = get_manager().require_model().tokenizer
-    except PlaygroundError as exc:
-        return nothing_drawn(f"⚠️ {exc}")
-    frame = get_manager().compute(
-        lambda: explore_distribution(forward["logits"], forward["prompt_ids"], params, tokenizer, int(top_n))
-    )
-    choices = [(label, int(token_id)) for label, token_id in zip(frame["label"], frame["id"])]
-    return (frame[CHART_COLUMNS], readable(frame[TABLE_COLUMNS]), gr.update(choices=choices, value=None),
-            explorer_summary(frame, params), gr.update(visible=True))
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
 
+    def draw_distribution(self, forward: dict | None, top_n, **settings):
+        """(bar chart frame, table, token choices, summary, results box) for the stored forward pass under these
+        settings.
 
-def next_tokens(text, request: gr.Request = None, top_n=20, **settings):
-    """One forward pass for `text` (queued like any generation), then the distribution under the settings."""
-    if not text or not str(text).strip():
-        return (*nothing_drawn("⚠️ The text is empty."), None)
-    try:
-        prompt_ids, logits = get_manager().next_token_logits(prompt=str(text), owner=getattr(request, "session_hash", None))
-    except PlaygroundError as exc:
-        return (*nothing_drawn(f"⚠️ {exc}"), None)
-    forward = {"text": str(text), "prompt_ids": prompt_ids, "logits": logits}
-    return (*draw_distribution(forward, top_n, **settings), forward)
+        No model run: the distribution is redrawn from the stored logits, on a short-lived thread (manager.compute).
+        The chart gets only new data, never new properties: a property change makes Gradio's plot re-render while the
+        data arrive, and it then kept the previous tokens (its bars are sorted by their zero-padded rank label).
+        """
+        if not forward:
+            return nothing_drawn("Enter text and press **Next tokens** first.")
+        try:
+            params = SamplingParams.from_form(settings)
+            tokenizer = self.manager.require_model().tokenizer
+        except PlaygroundError as exc:
+            return nothing_drawn(f"⚠️ {exc}")
+        frame = self.manager.compute(
+            lambda: explore_distribution(forward["logits"], forward["prompt_ids"], params, tokenizer, int(top_n))
+        )
+        choices = [(label, int(token_id)) for label, token_id in zip(frame["label"], frame["id"])]
+        return (frame[CHART_COLUMNS], readable(frame[TABLE_COLUMNS]), gr.update(choices=choices, value=None),
+                explorer_summary(frame, params), gr.update(visible=True))
 
 
-def append_token(forward: dict | None, token_id) -> str | gr.update:
-    """The explored text with the chosen token's text appended (the caller then explores again)."""
-    if not forward or token_id in (None, ""):
-        return gr.update()
-    return forward["text"] + get_manager().require_model().tokenizer.decode([int(token_id)])
+    def next_tokens(self, text, request: gr.Request = None, top_n=20, **settings):
+        """One forward pass for `text` (queued like any generation), then the distribution under the settings."""
+        if not text or not str(text).strip():
+            return (*nothing_drawn("⚠️ The text is empty."), None)
+        try:
+            prompt_ids, logits = self.manager.next_token_logits(prompt=str(text),
+                                                                owner=getattr(request, "session_hash", None))
+        except PlaygroundError as exc:
+            return (*nothing_drawn(f"⚠️ {exc}"), None)
+        forward = {"text": str(text), "prompt_ids": prompt_ids, "logits": logits}
+        return (*self.draw_distribution(forward, top_n, **settings), forward)
 
 
-def build_next_token_explorer(lab_prompt: gr.Textbox) -> None:
+    def append_token(self, forward: dict | None, token_id) -> str | gr.update:
+        """The explored text with the chosen token's text appended (the caller then explores again)."""
+        if not forward or token_id in (None, ""):
+            return gr.update()
+        return forward["text"] + self.manager.require_model().tokenizer.decode([int(token_id)])
+
+
+def build_next_token_explorer(manager: ModelManager, lab_prompt: gr.Textbox) -> None:
+    explorer = NextTokenExplorer(manager)
     with gr.Accordion("Next-token explorer", open=False):
         gr.Markdown(
             "The model's most likely next tokens for a text, from one forward pass. Moving a setting redraws the "
@@ -102,7 +110,7 @@ def build_next_token_explorer(lab_prompt: gr.Textbox) -> None:
 
         def prompt_in_chat_format(prompt):
             try:
-                return get_manager().build_prompt([{"role": "user", "content": prompt or ""}])
+                return manager.build_prompt([{"role": "user", "content": prompt or ""}])
             except PlaygroundError as exc:
                 gr.Warning(str(exc))
                 return gr.update()
@@ -112,18 +120,18 @@ def build_next_token_explorer(lab_prompt: gr.Textbox) -> None:
             frame = shown if isinstance(shown, pd.DataFrame) else pd.DataFrame(shown)
             if state is None or frame.empty or "id" not in frame or not 0 <= row < len(frame):
                 return gr.update()
-            return append_token(state, int(frame.iloc[row]["id"]))
+            return explorer.append_token(state, int(frame.iloc[row]["id"]))
 
         use_prompt.click(prompt_in_chat_format, lab_prompt, text, api_name="explore_chat_prompt")
-        go.click(next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name="explore")
-        text.submit(next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name=False)
+        go.click(explorer.next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name="explore")
+        text.submit(explorer.next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name=False)
         for control in [*settings.values(), top_n]:
-            control.change(draw_distribution, [forward], drawn, inputs_kwargs=shown, api_name=False,
+            control.change(explorer.draw_distribution, [forward], drawn, inputs_kwargs=shown, api_name=False,
                            show_progress="hidden", trigger_mode="always_last")
         # A visible endpoint for the same redraw (the e2e test and API users change settings through it).
         redraw = gr.Button(visible=False)
-        redraw.click(draw_distribution, [forward], drawn, inputs_kwargs=shown, api_name="explore_redraw")
-        append.click(append_token, [forward, choice], text, api_name="explore_append").then(
-            next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name=False)
+        redraw.click(explorer.draw_distribution, [forward], drawn, inputs_kwargs=shown, api_name="explore_redraw")
+        append.click(explorer.append_token, [forward, choice], text, api_name="explore_append").then(
+            explorer.next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name=False)
         table.select(append_row, [forward, table], text, api_name=False).then(
-            next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name=False)
+            explorer.next_tokens, [text], [*drawn, forward], inputs_kwargs=shown, api_name=False)

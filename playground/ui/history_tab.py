@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from playground.manager import get_manager
+from playground.manager import ModelManager
 from playground.storage import MAX_IMPORT_BYTES, Storage, StorageError
 from playground.ui.chat_tab import ChatTab
 from playground.ui.history_views import CHAT_COLUMNS, RUN_COLUMNS, HistoryViews, md_text, plural
@@ -93,8 +93,8 @@ def _list_panel(kind: str, noun: str, columns: list[str], value, open_label: str
     return panel, rename, open_button, export
 
 
-def build_history_tab(chat: ChatTab, lab: LabTab, storage: Storage | None = None) -> None:
-    views = HistoryViews(storage)
+def build_history_tab(manager: ModelManager, chat: ChatTab, lab: LabTab, storage: Storage | None = None) -> None:
+    views = HistoryViews(manager, storage)
     with gr.Tab("History", id="history") as tab:
         gr.Markdown(views.where_saved(), elem_id="history-location")
         with gr.Row():
@@ -229,7 +229,7 @@ def _wire_chats(views: HistoryViews, chats: ListPanel, chat: ChatTab, tabs: gr.T
         # The deleted chat leaves the Chat tab too, else its next message would save it all again as a new chat.
         owner = getattr(request, "session_hash", None)
         if owner:
-            get_manager().cancel(owner)  # a reply still streaming into it stops
+            views.manager.cancel(owner)  # a reply still streaming into it stops
         return {**updates, chat.chatbot: [], chat.history: [], chat.stats: [], chat.details: [], chat.chat_id: None,
                 chat.status: "This chat was deleted in the History tab; your next message starts a new one."}
 

@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from playground.manager import get_manager
+from playground.manager import ModelManager
 from playground.storage import Storage, StorageError, export_json, read_chat_file, run_rows
 from playground.ui.chat_tab import saved_chat_states
 from playground.ui.lab_tab import SETTING_FIELDS
@@ -70,7 +70,8 @@ class HistoryViews:
     """What the History tab shows and does, over one store (None: nothing is saved). Plain values: these are
     also the API endpoints."""
 
-    def __init__(self, storage: Storage | None):
+    def __init__(self, manager: ModelManager, storage: Storage | None):
+        self.manager = manager
         self.storage = storage
 
     def _choose(self, row_id: str, kind: str) -> str | None:
@@ -112,7 +113,7 @@ class HistoryViews:
             return (f"⚠️ There is no saved chat {chat_id!r}.", *keep)
         owner = getattr(request, "session_hash", None)
         if owner:
-            get_manager().cancel(owner)  # as Clear does: a reply still streaming into the old chat stops
+            self.manager.cancel(owner)  # as Clear does: a reply still streaming into the old chat stops
         states = saved_chat_states(chat)  # (chatbot, system prompt, history, stats, details, chat id)
         history = states[2]
         note = (f"Opened **{md_text(chat.title or '(untitled)')}** ({len(history)} messages) in the Chat tab; "
@@ -124,7 +125,7 @@ class HistoryViews:
     def new_chat(self, request: gr.Request | None = None):
         owner = getattr(request, "session_hash", None)
         if owner:
-            get_manager().cancel(owner)
+            self.manager.cancel(owner)
         return ("Started a new chat: your next message in the Chat tab begins it.", [], "", [], [], [], None,
                 "New chat.", gr.Tabs(selected="chat"))
 

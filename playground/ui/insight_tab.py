@@ -15,7 +15,7 @@ from playground.insight import (
     tokens_frame,
     tokens_html,
 )
-from playground.manager import get_manager
+from playground.manager import ModelManager
 
 SOURCES = ["Chat reply", "Lab cell"]
 REMOTE_ROUTING = (
@@ -48,9 +48,8 @@ def pick(chat_details: list, lab_details: list, source: str, number: Any) -> tup
     return items[index - 1], f"{what.capitalize()} {index}"
 
 
-def routing_view(details: dict | None) -> tuple[str, pd.DataFrame | None, str]:
-    """(heatmap HTML, expert load frame, note) for one reply."""
-    status = get_manager().status()
+def routing_view(details: dict | None, status: dict) -> tuple[str, pd.DataFrame | None, str]:
+    """(heatmap HTML, expert load frame, note) for one reply, given the manager's status."""
     if status.get("base_url"):  # a remote engine reports no experts
         return "", None, REMOTE_ROUTING.format(name=status.get("name"), url=status.get("base_url"))
     if not status.get("has_experts"):
@@ -65,12 +64,12 @@ def routing_view(details: dict | None) -> tuple[str, pd.DataFrame | None, str]:
     return routing_heatmap_html(routing), load, note
 
 
-def inspect(chat_details, lab_details, source, number):
+def inspect(status: dict, chat_details, lab_details, source, number):
     """(heading, tokens HTML, token table, first token's alternatives, routing heatmap, expert load, routing note,
     the inspected tokens, token tables' box, expert load's box): the boxes show only what has content."""
     details, heading = pick(chat_details, lab_details, source, number)
     tokens = (details or {}).get("tokens") or []
-    heat, load, routing_note = routing_view(details)
+    heat, load, routing_note = routing_view(details, status)
     load_box = gr.update(visible=load is not None)
     if details is None:
         return heading, "", None, None, heat, load, routing_note, [], gr.update(visible=False), load_box
@@ -94,7 +93,10 @@ def token_alternatives(tokens: list, index: Any):
     return readable(alternatives_frame(token)), f"Token {position}: id {token['id']}, text {token['text']!r}"
 
 
-def build_insight_tab(chat_details: gr.State, lab_details: gr.State):
+def build_insight_tab(manager: ModelManager, chat_details: gr.State, lab_details: gr.State):
+    def inspect_reply(chat_details, lab_details, source, number):
+        return inspect(manager.status(), chat_details, lab_details, source, number)
+
     with gr.Tab("Insight", id="insight"):
         gr.Markdown(
             "Look inside a reply: each token coloured by the probability it was sampled with, its top alternatives "
@@ -130,7 +132,7 @@ def build_insight_tab(chat_details: gr.State, lab_details: gr.State):
             row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
             return (row + 1, *token_alternatives(tokens, row + 1))
 
-        go.click(inspect, [chat_details, lab_details, source, number],
+        go.click(inspect_reply, [chat_details, lab_details, source, number],
                  [heading, view, table, alternatives, heatmap, load, routing_note, inspected, token_tables, load_box],
                  api_name="insight_inspect")  # API clients get the first seven: the state and the boxes are not sent
         index.submit(token_alternatives, [inspected, index], [alternatives, token_line], api_name="insight_token")

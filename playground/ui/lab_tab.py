@@ -15,7 +15,7 @@ import pandas as pd
 
 from playground.errors import ParameterError, PlaygroundError
 from playground.insight import INSPECT_TOP, for_people, mean_logprob, readable, routing_to_state, tokens_to_state
-from playground.manager import get_manager
+from playground.manager import ModelManager
 from playground.params import EXAMPLE_BASE, EXAMPLE_FIELD, NUMERIC_FIELDS, SamplingParams
 from playground.presets import load_presets
 from playground.structured import checked_reply, schema_from_text
@@ -188,19 +188,18 @@ def write_csv(frame: pd.DataFrame) -> str:
 
 
 def save_run(storage: Storage | None, prompt: str, settings: list[SamplingParams], outputs: list[str],
-             stats: list[Any]) -> str | None:
+             stats: list[Any], model: str | None = None) -> str | None:
     """Store a finished run with the cells that finished (when saving is on); returns its id.
 
     A storage problem is a warning: the results on screen and their CSV are still there.
     """
     if storage is None:
         return None
-    loaded = get_manager().loaded
     cells = [LabCell(index, table_row(params), outputs[index],
                      {**stats[index].as_dict(), "summary": stats[index].summary()})
              for index, params in enumerate(settings) if stats[index] is not None]
     try:
-        return storage.save_lab_run(prompt, cells, model=loaded.name if loaded else None,
+        return storage.save_lab_run(prompt, cells, model=model,
                                     settings=[table_row(params) for params in settings])
     except StorageError as exc:
         gr.Warning(f"This run was not saved: {exc}")
@@ -233,8 +232,8 @@ class LabView:
                 *self.sweep_plots, *self.cards, self.results_box, self.sweep_box, self.details]
 
 
-def run_lab(storage: Storage | None, view: LabView, prompt: str, table: Any, schema: str = "",
-            request: gr.Request | None = None):
+def run_lab(manager: ModelManager, storage: Storage | None, view: LabView, prompt: str, table: Any,
+            schema: str = "", request: gr.Request | None = None):
     """Run the prompt under each setting in turn (through the manager's queue), streaming into the cards.
 
     Nothing on screen changes until a setting starts: a run refused before that (by validation, or a refusal of
@@ -267,7 +266,6 @@ def run_lab(storage: Storage | None, view: LabView, prompt: str, table: Any, sch
             shown[view.cards[i]] = gr.update(visible=used)
         return shown
 
-    manager = get_manager()
     loaded = manager.loaded
     capture_routing = bool(loaded and loaded.has_experts)
     tokens: list[list[Any]] = [[] for _ in settings]
@@ -323,7 +321,7 @@ def run_lab(storage: Storage | None, view: LabView, prompt: str, table: Any, sch
     if all(s is None for s in stats):
         yield {**cells(), view.status: f"⚠️ {refused[0]}" if refused else "Nothing finished."}
         return
-    save_run(storage, prompt, settings, outputs, stats)
+    save_run(storage, prompt, settings, outputs, stats, model=loaded.name if loaded else None)
     frame = results_frame(prompt, settings, outputs, stats)
     done = {**cells(), view.results: readable(results_view(frame, logprobs)), view.csv_file: write_csv(frame),
             view.results_box: gr.update(visible=True), view.shared: shared, view.details: details,
@@ -353,7 +351,7 @@ class LabTab:
     table: gr.Dataframe
 
 
-def build_lab_tab(storage: Storage | None = None) -> LabTab:
+def build_lab_tab(manager: ModelManager, storage: Storage | None = None) -> LabTab:
     """The Sampling lab tab; finished runs are saved to `storage` (None: not saved)."""
     with gr.Tab("Sampling lab", id="lab"):
         gr.Markdown(
@@ -418,7 +416,7 @@ def build_lab_tab(storage: Storage | None = None) -> LabTab:
 
         def stop_lab(request: gr.Request = None):
             owner = getattr(request, "session_hash", None)
-            return "Stopping…" if owner and get_manager().cancel(owner) else "Nothing is running."
+            return "Stopping…" if owner and manager.cancel(owner) else "Nothing is running."
 
         def put_preset(table, chosen, row):
             try:
@@ -428,7 +426,7 @@ def build_lab_tab(storage: Storage | None = None) -> LabTab:
                 return table, f"⚠️ {exc}"
 
         def run_and_save(prompt: str, table: Any, response_schema: str = "", request: gr.Request | None = None):
-            yield from run_lab(storage, view, prompt, table, response_schema, request)
+            yield from run_lab(manager, storage, view, prompt, table, response_schema, request)
 
         preset_button.click(put_preset, [table, preset, preset_row], [table, status], api_name="lab_preset_row")
         preset.focus(lambda current: gr.update(choices=preset_names(), value=current), preset, preset,
@@ -436,5 +434,5 @@ def build_lab_tab(storage: Storage | None = None) -> LabTab:
         sweep_button.click(fill_sweep, [table, sweep_parameter, sweep_values], [table, status], api_name="lab_sweep")
         run.click(run_and_save, [prompt, table, schema], view.outputs(), api_name="lab_run", concurrency_limit=None)
         stop.click(stop_lab, None, status, api_name="lab_stop", queue=False)
-        build_next_token_explorer(prompt)
+        build_next_token_explorer(manager, prompt)
     return LabTab(details=details, prompt=prompt, table=table)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from playground.manager import get_manager
+from playground.manager import ModelManager
 from playground.memory import remote_gauges
 
 
-def memory_report() -> str:
+def memory_report(manager: ModelManager) -> str:
     """The latest reading in words: per GPU, or the process and system memory without NVML."""
-    manager = get_manager()
     sampler = manager.memory()
     reading = sampler.latest() or sampler.record()
     lines = [f"**Source:** {sampler.describe_source()}", ""]
@@ -83,21 +82,27 @@ def remote_report(status: dict, metrics: dict[str, float] | None, unreachable: s
 REMOTE_PLOTS = [("%", "Remote KV cache used (%)"), ("requests", "Remote requests"), ("tokens/s", "Remote tokens/s")]
 
 
-def memory_tick():
-    sampler = get_manager().memory()
+def memory_tick(manager: ModelManager):
+    sampler = manager.memory()
     remote = sampler.remote_frame()
-    shown = bool(get_manager().status().get("base_url")) and not remote.empty
+    shown = bool(manager.status().get("base_url")) and not remote.empty
     remote_updates = [
         gr.update(value=remote[remote["unit"] == unit][["seconds", "series", "value"]], visible=shown)
         for unit, _ in REMOTE_PLOTS
     ]
-    return sampler.frame(), memory_report(), *remote_updates
+    return sampler.frame(), memory_report(manager), *remote_updates
 
 
-def build_memory_tab():
+def build_memory_tab(manager: ModelManager):
+    def report_now() -> str:
+        return memory_report(manager)
+
+    def tick():
+        return memory_tick(manager)
+
     # Named for what it shows: GPU figures appear in it when there is a GPU.
     with gr.Tab("Memory", id="memory"):
-        report = gr.Markdown(memory_report, elem_id="memory-report")
+        report = gr.Markdown(report_now, elem_id="memory-report")
         plot = gr.LinePlot(
             x="seconds", y="MiB", color="series", title="Memory over the last minutes",
             x_title="seconds ago", y_title="MiB", height=320, elem_id="memory-plot",
@@ -115,14 +120,14 @@ def build_memory_tab():
         timer = gr.Timer(1.0)
 
         def set_interval(seconds):
-            get_manager().memory().set_interval(seconds)
+            manager.memory().set_interval(seconds)
             return gr.Timer(value=seconds)
 
         def set_paused(is_paused):
-            get_manager().memory().paused = bool(is_paused)
+            manager.memory().paused = bool(is_paused)
             return gr.Timer(active=not is_paused)
 
-        timer.tick(memory_tick, None, [plot, report, *remote_plots], api_name="memory_tick", show_progress="hidden",
+        timer.tick(tick, None, [plot, report, *remote_plots], api_name="memory_tick", show_progress="hidden",
                    queue=False)
         interval.change(set_interval, interval, timer, api_name=False)
         paused.change(set_paused, paused, timer, api_name=False)

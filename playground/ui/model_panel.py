@@ -14,7 +14,7 @@ from typing import Iterator
 import gradio as gr
 
 from playground.errors import ModelFolderError, PlaygroundError, not_unicode
-from playground.manager import EMBEDDED, get_manager
+from playground.manager import EMBEDDED, ModelManager
 from playground.models.yuan.gguf_yuan import GGUF_PART
 
 ENABLE_HINT = ("Loading model folders from the UI is off: start the server with `--models-root DIR` "
@@ -91,7 +91,8 @@ def resolve_choice(choice: str | None, models_root: str | None) -> str | None:
     return str(candidate)
 
 
-def load_choice(choice: str | None, models_root: str | None, device: str = "auto", dtype: str = "auto") -> Iterator[str]:
+def load_choice(manager: ModelManager, choice: str | None, models_root: str | None, device: str = "auto",
+                dtype: str = "auto") -> Iterator[str]:
     """Load a panel choice, yielding progress lines and then the outcome.
 
     The load runs on a thread of its own that ends with it: a long-lived thread that runs torch kernels (such as
@@ -103,7 +104,6 @@ def load_choice(choice: str | None, models_root: str | None, device: str = "auto
         gr.Warning(str(exc))
         yield f"⚠️ {exc}"
         return
-    manager = get_manager()
     loaded = manager.loaded
     if loaded is not None and (loaded.kind == "embedded" if target is None else loaded.path == target):
         yield f"**{loaded.name}** is already loaded: nothing to do."  # a second load would only cost time
@@ -133,7 +133,7 @@ def load_choice(choice: str | None, models_root: str | None, device: str = "auto
     yield f"✅ Loaded **{result['name']}** ({result['kind']}, {result['dtype']} on {result['device']}) in {result['load_time_s']:.1f} s"
 
 
-def build_model_panel(models_root: str | None, device: str = "auto", dtype: str = "auto") -> None:
+def build_model_panel(manager: ModelManager, models_root: str | None, device: str = "auto", dtype: str = "auto") -> None:
     with gr.Accordion("Model", open=False, elem_id="model-panel"):
         where = f"Folders under `{models_root}` and the embedded model." if models_root else ENABLE_HINT
         gr.Markdown(where)
@@ -147,7 +147,7 @@ def build_model_panel(models_root: str | None, device: str = "auto", dtype: str 
             return gr.update(choices=model_choices(models_root), value=current)
 
         def load_model(choice):
-            yield from load_choice(choice, models_root, device=device, dtype=dtype)
+            yield from load_choice(manager, choice, models_root, device=device, dtype=dtype)
 
         chooser.focus(refresh, chooser, chooser, api_name="model_choices", show_progress="hidden", queue=False)
         load.click(load_model, chooser, outcome, api_name="model_load", concurrency_limit=None)
