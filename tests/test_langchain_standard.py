@@ -93,4 +93,4 @@ class TestPlaygroundChatModelUnit(Capabilities, ChatModelUnitTests):
 class TestPlaygroundChatModelIntegration(Capabilities, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict:
-        return {**STANDARD_PARAMS, **OWN_PARAMS}
+        return {**STANDARD_PARAMS, **super().chat_model_params}

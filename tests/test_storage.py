@@ -15,6 +15,7 @@ import threading
 import pytest
 
 from playground import storage as storage_module
+from playground.manager import ModelManager
 from playground.storage import (
     DATABASE_NAME,
     EXPORT_FORMAT,
@@ -364,7 +365,7 @@ def test_history_tab_shows_imported_and_reopens_runs_in_the_lab(store):
     made = store.create_chat()
     store.put_message(made, 0, "user", "hello")
     (copy,) = store.import_chats(parse_chat_export(export_json(store.export_chats()).encode()))
-    views = HistoryViews(store)
+    views = HistoryViews(ModelManager(), store)  # no model: nothing here generates
     table = views.chats_table().set_index("id")
     assert table.loc[made, "title"] == "hello" and table.loc[copy, "title"] == "hello" + IMPORTED
     assert list(views.chats_table()) == ["title", "updated", "messages", "model", "id"]
