@@ -16,7 +16,6 @@ import playground.generation.scheduling as scheduling
 from harness import LaunchedServer
 from playground.errors import LoadInProgressError
 from playground.manager import ModelManager
-from test_manager import tiny_folder  # noqa: F401  (the shared tiny random Llama fixture)
 
 GREEDY = {"temperature": 0, "max_new_tokens": 12}
 

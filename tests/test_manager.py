@@ -7,30 +7,11 @@ import time
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from playground.embedded import ensure_converted
 from playground.errors import LoadInProgressError, ModelFolderError, ModelNotLoadedError, ParameterError
 from playground.manager import FifoGate, GenerationHandle, ModelManager
 
 from harness import count_tokens
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
-    """A random 2-layer Llama with the embedded model's tokenizer and chat template, saved as safetensors."""
-    tokenizer = AutoTokenizer.from_pretrained(ensure_converted())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture()

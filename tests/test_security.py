@@ -15,7 +15,6 @@ from harness import LaunchedServer
 from playground.config import parse_args
 from playground.manager import EMBEDDED
 from playground.ui.model_panel import ENABLE_HINT, ModelChoiceError, model_choices, resolve_choice
-from test_manager import tiny_folder  # noqa: F401  (the shared tiny random Llama fixture)
 
 API_KEY = "security-key-42"
 BEARER = {"Authorization": f"Bearer {API_KEY}"}
