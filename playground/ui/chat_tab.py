@@ -13,7 +13,7 @@ from playground.insight import INSPECT_TOP, routing_to_state, tokens_to_state
 from playground.manager import GenerationStats, ModelManager
 from playground.storage import Storage, StorageError
 from playground.structured import checked_reply, schema_from_text
-from playground.ui.controls import PresetPicker, params_from_controls, sampling_controls
+from playground.ui.controls import PresetPicker, params_from_controls, sampling_controls, session_owner
 
 SCHEMA_INPUT = "response_schema"  # the chat's structured-output box, passed with the sampling controls
 
@@ -30,10 +30,6 @@ def display(history: list[dict], stats: list[str]) -> list[dict]:
                 content = f"{content}\n\n<sub>{line}</sub>"
         shown.append({"role": message["role"], "content": content})
     return shown
-
-
-def _owner(request: gr.Request | None) -> str | None:
-    return getattr(request, "session_hash", None)
 
 
 @dataclass
@@ -144,7 +140,7 @@ def stream_reply(manager, storage, history, stats, details, system_prompt, sampl
         response_format = schema_from_text(sampling.pop(SCHEMA_INPUT, ""))
         params = params_from_controls(sampling)
         loaded = manager.require_model()
-        events = manager.stream(messages=_messages(history, system_prompt), params=params, owner=_owner(request),
+        events = manager.stream(messages=_messages(history, system_prompt), params=params, owner=session_owner(request),
                                 logprobs=INSPECT_TOP, capture_routing=loaded.has_experts,
                                 response_format=response_format)
         reply, tokens = "", []
@@ -226,7 +222,7 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
 
         def send_turn(text, history, stats, details, system_prompt, chat_id, request, sampling, box_later):
             text = message_text(text)
-            if _owner(request) and manager.busy(_owner(request)):
+            if session_owner(request) and manager.busy(session_owner(request)):
                 # Enter while a reply streams: the message stays in the box, to send when the reply is done.
                 gr.Warning("A reply is still being written: your message stays in the box. Send it when the reply "
                            "is done, or press Stop.")
@@ -283,7 +279,7 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
             return display(history, stats), history, stats, "Removed the last turn.", details, chat_id
 
         def clear_chat(request: gr.Request = None):
-            manager.cancel(_owner(request)) if _owner(request) else None
+            manager.cancel(session_owner(request)) if session_owner(request) else None
             # The next message starts a new saved chat; this one stays in the History tab.
             return [], [], [], "Cleared: your next message starts a new chat (this one stays in History).", [], None
 
@@ -293,13 +289,13 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
             return (*(gr.update(interactive=False) for _ in buttons[:-1]), gr.update(interactive=True, variant="stop"))
 
         def buttons_idle(request: gr.Request = None):
-            if _owner(request) and manager.busy(_owner(request)):
+            if session_owner(request) and manager.busy(session_owner(request)):
                 return (gr.skip(),) * len(buttons)  # another reply of this page is still running
             return (*(gr.update(interactive=True) for _ in buttons[:-1]),
                     gr.update(interactive=False, variant="secondary"))
 
         def stop_generation(request: gr.Request = None):
-            owner = _owner(request)
+            owner = session_owner(request)
             count = manager.cancel(owner) if owner else 0
             return "Stopping…" if count else "Nothing is running."
 

@@ -16,6 +16,12 @@ if TYPE_CHECKING:
 Controls = dict[str, gr.components.Component]  # one control per sampling field, in the registry's order
 
 
+def session_owner(request: gr.Request | None) -> str | None:
+    """Who a page's generations belong to in the manager's queue (Stop, queue places, one reply at a time): its
+    Gradio session; None for a call without one."""
+    return getattr(request, "session_hash", None)
+
+
 def sampling_controls(manager: ModelManager, defaults: SamplingParams | None = None, per_row: int = 2) -> Controls:
     """One control per SamplingParams field, named and ordered as the registry lists them, `per_row` to a row.
 

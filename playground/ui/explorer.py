@@ -10,6 +10,7 @@ from playground.errors import PlaygroundError
 from playground.insight import MAX_EXPLORER_TOP, explore_distribution, explorer_summary, readable
 from playground.manager import ModelManager
 from playground.params import DISTRIBUTION_FIELDS, SAMPLING_FIELDS, SamplingParams
+from playground.ui.controls import session_owner
 
 EXPLORER_COLOURS = {"kept": "#3b82f6", "cut": "#d1d5db"}
 CHART_COLUMNS = ["label", "bar", "status", "token", "model p", "sampled p"]
@@ -56,7 +57,7 @@ class NextTokenExplorer:
             return (*nothing_drawn("⚠️ The text is empty."), None)
         try:
             prompt_ids, logits = self.manager.next_token_logits(prompt=str(text),
-                                                                owner=getattr(request, "session_hash", None))
+                                                                owner=session_owner(request))
         except PlaygroundError as exc:
             return (*nothing_drawn(f"⚠️ {exc}"), None)
         forward = {"text": str(text), "prompt_ids": prompt_ids, "logits": logits}

@@ -17,6 +17,7 @@ import pandas as pd
 from playground.manager import ModelManager
 from playground.storage import MAX_IMPORT_BYTES, Storage, StorageError
 from playground.ui.chat_tab import ChatTab
+from playground.ui.controls import session_owner
 from playground.ui.history_views import CHAT_COLUMNS, RUN_COLUMNS, HistoryViews, md_text, plural
 from playground.ui.lab_tab import LabTab
 
@@ -227,7 +228,7 @@ def _wire_chats(views: HistoryViews, chats: ListPanel, chat: ChatTab, tabs: gr.T
         if not deleted or row_id != open_id:
             return updates
         # The deleted chat leaves the Chat tab too, else its next message would save it all again as a new chat.
-        owner = getattr(request, "session_hash", None)
+        owner = session_owner(request)
         if owner:
             views.manager.cancel(owner)  # a reply still streaming into it stops
         return {**updates, chat.chatbot: [], chat.history: [], chat.stats: [], chat.details: [], chat.chat_id: None,

@@ -17,6 +17,7 @@ import pandas as pd
 from playground.manager import ModelManager
 from playground.storage import Storage, StorageError, export_json, read_chat_file, run_rows
 from playground.ui.chat_tab import saved_chat_states
+from playground.ui.controls import session_owner
 from playground.ui.lab_tab import SETTING_FIELDS
 
 CHAT_COLUMNS = ["title", "updated", "messages", "model", "id"]
@@ -111,7 +112,7 @@ class HistoryViews:
             return (f"⚠️ {exc}", *keep)
         if chat is None:
             return (f"⚠️ There is no saved chat {chat_id!r}.", *keep)
-        owner = getattr(request, "session_hash", None)
+        owner = session_owner(request)
         if owner:
             self.manager.cancel(owner)  # as Clear does: a reply still streaming into the old chat stops
         states = saved_chat_states(chat)  # (chatbot, system prompt, history, stats, details, chat id)
@@ -123,7 +124,7 @@ class HistoryViews:
         return (note, *states, f"Reopened saved chat “{chat.title or chat.id}”.", gr.Tabs(selected="chat"))
 
     def new_chat(self, request: gr.Request | None = None):
-        owner = getattr(request, "session_hash", None)
+        owner = session_owner(request)
         if owner:
             self.manager.cancel(owner)
         return ("Started a new chat: your next message in the Chat tab begins it.", [], "", [], [], [], None,

@@ -20,7 +20,7 @@ from playground.params import EXAMPLE_BASE, EXAMPLE_FIELD, NUMERIC_FIELDS, Sampl
 from playground.presets import load_presets
 from playground.structured import checked_reply, schema_from_text
 from playground.storage import LabCell, Storage, StorageError
-from playground.ui.controls import preset_names
+from playground.ui.controls import preset_names, session_owner
 from playground.ui.explorer import build_next_token_explorer
 
 MAX_COLUMNS = 6
@@ -239,7 +239,7 @@ def run_lab(manager: ModelManager, storage: Storage | None, view: LabView, promp
     Nothing on screen changes until a setting starts: a run refused before that (by validation, or a refusal of
     every setting) leaves the previous results, their CSV and the Insight tab's cells as they were.
     """
-    owner = getattr(request, "session_hash", None)
+    owner = session_owner(request)
     try:
         if not prompt or not str(prompt).strip():
             raise ParameterError("the prompt is empty", field="prompt")
@@ -415,7 +415,7 @@ def build_lab_tab(manager: ModelManager, storage: Storage | None = None) -> LabT
                 return table, f"⚠️ {exc}"
 
         def stop_lab(request: gr.Request = None):
-            owner = getattr(request, "session_hash", None)
+            owner = session_owner(request)
             return "Stopping…" if owner and manager.cancel(owner) else "Nothing is running."
 
         def put_preset(table, chosen, row):
