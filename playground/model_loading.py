@@ -105,7 +105,7 @@ def _load_yuan_folder(path: Path, device, dtype, report) -> LoadedModel:
     torch_dtype = None if dtype in (None, "", "auto") else resolve_dtype(dtype, device)
     model, tokenizer = load_yuan(folder, device=device, dtype=torch_dtype, progress=report)
     if folder.gguf is not None:
-        name, kind = gguf_model_name(path), "yuan-gguf-q4_0" if folder.quantized else "yuan-gguf"
+        name, kind = gguf_model_name(folder.gguf), "yuan-gguf-q4_0" if folder.quantized else "yuan-gguf"
     else:
         name, kind = model_name(path), "yuan-int4" if folder.quantized else "yuan"
     loaded = _finish(model, tokenizer, name, kind, str(path), device, report, chat_format=YuanChatFormat(tokenizer),

@@ -8,14 +8,13 @@ or the interpreter named by PLAYGROUND_VLLM_PYTHON).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 
-from harness import REPO, free_port
+from harness import REPO, free_port, stop_process_group
 
 VLLM_VENV = REPO / ".cache" / "vllm-venv"
 # What a Yuan folder needs on vLLM: the release tokenizer (--tokenizer-mode yuan); eager mode on CPU, where
@@ -83,11 +82,5 @@ class VllmServer:
         return response.json()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process, grace_s=30)
         self._log.close()

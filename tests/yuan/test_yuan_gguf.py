@@ -66,12 +66,12 @@ def q4_twin(files, tokenizer_dir):
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
         state[native_name(tensor.name)] = torch.from_numpy(np.array(values, dtype=np.float32))
-    config = read_gguf(files["q4_parts"][0])
+    header = read_gguf(files["q4_parts"][0])
     folder = root / "q4-twin"
     write_folder_files(folder, tiny_config_dict(), tokenizer_dir, None)
     specs = [(name, torch.float32, tuple(value.shape)) for name, value in state.items()]
     write_safetensors(specs, state.__getitem__, folder, "model.safetensors")
-    assert len(config.tensors) == len(state)
+    assert len(header.tensors) == len(state)
     return folder
 
 

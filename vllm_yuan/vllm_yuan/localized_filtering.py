@@ -111,10 +111,10 @@ class YuanLocalizedFiltering(MambaBase, nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         metadata = get_forward_context().attn_metadata
         metadata = metadata.get(self.prefix) if isinstance(metadata, dict) else None
-        output = torch.zeros_like(hidden_states)
         if metadata is None:  # profile and dummy runs: the shape is what matters
             window = F.pad(hidden_states, (0, 0, STATE_ROWS, 0))
             return self._filter(window, first_is_start=True)
+        output = torch.zeros_like(hidden_states)  # rows past the batch's tokens are padding
 
         state = self.kv_cache[0]  # [slots, 2, hidden]
         num_decodes, num_prefill_tokens = metadata.num_decode_tokens, metadata.num_prefill_tokens

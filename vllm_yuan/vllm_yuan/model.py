@@ -242,11 +242,11 @@ class YuanForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP, SupportsQu
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         bits = getattr(self.quant_config, "weight_bits", 4)
-        dequantized = {layer.mlp.dequantized for layer in self.model.layers if isinstance(layer, YuanDecoderLayer)}
+        dequantized = any(layer.mlp.dequantized for layer in self.model.layers if isinstance(layer, YuanDecoderLayer))
         # Layers past the config's count (a run with --hf-overrides num_hidden_layers=K) are not read.
         layers = self.config.num_hidden_layers
         kept = ((name, tensor) for name, tensor in weights if _layer_index(name) < layers)
-        converted = release_to_vllm(kept, bits=bits, dequantize_experts=True in dequantized)
+        converted = release_to_vllm(kept, bits=bits, dequantize_experts=dequantized)
         loader = AutoWeightsLoader(self)  # a tied head skips the stored lm_head.weight
         return loader.load_weights(converted)
 

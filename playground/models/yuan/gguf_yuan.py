@@ -34,7 +34,7 @@ from playground.errors import ModelFolderError
 
 from .configuration_yuan import YuanConfig
 from .gptq import GPTQSettings
-from .safetensors_parts import PartedFile, TensorEntry, WeightIndex, tensors_equal
+from .safetensors_parts import PartedFile, TensorEntry, WeightIndex, ordered_parts, tensors_equal
 
 ARCH = "yuan2_moe"
 MAGIC = b"GGUF"
@@ -88,19 +88,10 @@ def find_gguf_parts(path: str | Path) -> list[Path]:
     match = GGUF_PART.match(path.name)
     if match is None:
         return [path]
-    width = len(match.group("number"))
-    numbered = sorted((int(m.group("number")), p) for p in path.parent.iterdir()
-                      if (m := GGUF_PART.match(p.name)) and m.group("stem") == match.group("stem"))
-    parts = []
-    for expected, (number, part) in enumerate(numbered):
-        if number != expected:
-            raise ModelFolderError(f"missing GGUF part {match.group('stem')}-{expected:0{width}d}.gguf")
-        parts.append(part)
-    # Raw chunks cut at a fixed size: every part but the last is as big as the first.
-    for part in parts[1:-1]:
-        if part.stat().st_size != parts[0].stat().st_size:
-            raise ModelFolderError(f"{part.name} is truncated: it is smaller than {parts[0].name}")
-    return parts
+    stem, width = match.group("stem"), len(match.group("number"))
+    numbered = [(int(m.group("number")), p) for p in path.parent.iterdir()
+                if (m := GGUF_PART.match(p.name)) and m.group("stem") == stem]
+    return ordered_parts(numbered, lambda n: f"GGUF part {stem}-{n:0{width}d}.gguf")
 
 
 @dataclass
@@ -186,9 +177,9 @@ def gguf_architecture(path: str | Path) -> str | None:
     return None
 
 
-def gguf_model_name(path: str | Path) -> str:
+def gguf_model_name(gguf_file: "GGUFFile") -> str:
     """How the model is named in the UI: the file's stem, without a part number."""
-    first = find_gguf_parts(path)[0]
+    first = gguf_file.file.paths[0]
     match = GGUF_PART.match(first.name)
     return match.group("stem") if match else first.stem
 

@@ -180,27 +180,31 @@ def tensors_equal(a: TensorEntry, b: TensorEntry) -> bool:
     return True
 
 
+def ordered_parts(numbered: list[tuple[int, Path]], part_name) -> list[Path]:
+    """The paths of one set of raw parts, checked: numbered 0, 1, ... without a gap (`part_name(number)` names a
+    missing one), and every part but the last as big as the first (chunks cut at a fixed size, as `split -b` does)."""
+    numbered = sorted(numbered)
+    for expected, (number, _) in enumerate(numbered):
+        if number != expected:
+            raise ModelFolderError(f"missing {part_name(expected)}")
+    paths = [path for _, path in numbered]
+    for path in paths[1:-1]:
+        if path.stat().st_size != paths[0].stat().st_size:
+            raise ModelFolderError(f"{path.name} is truncated: it is smaller than {paths[0].name}")
+    return paths
+
+
 def _split_groups(folder: Path) -> dict[str, list[Path]]:
     """Byte-split weight parts by file stem, checked to be numbered 00, 01, ... without gaps."""
     groups: dict[str, list[tuple[int, Path]]] = {}
+    widths: dict[str, int] = {}
     for path in folder.iterdir():
         match = SPLIT_PART.match(path.name)
         if match and path.is_file():
             groups.setdefault(match.group("stem"), []).append((int(match.group("number")), path))
-    result = {}
-    for stem, numbered in groups.items():
-        numbered.sort()
-        width = len(SPLIT_PART.match(numbered[0][1].name).group("number"))
-        for expected, (number, _) in enumerate(numbered):
-            if number != expected:
-                raise ModelFolderError(f"missing weight part {stem}{expected:0{width}d}")
-        paths = [path for _, path in numbered]
-        # `split -b` makes every part but the last the same size; a shorter one was cut.
-        for path in paths[1:-1]:
-            if path.stat().st_size != paths[0].stat().st_size:
-                raise ModelFolderError(f"{path.name} is truncated: it is smaller than {paths[0].name}")
-        result[stem] = paths
-    return result
+            widths[match.group("stem")] = len(match.group("number"))
+    return {stem: ordered_parts(numbered, lambda n, stem=stem: f"weight part {stem}{n:0{widths[stem]}d}")
+            for stem, numbered in groups.items()}
 
 
 @dataclass
