@@ -32,8 +32,8 @@ from transformers import PreTrainedModel
 from playground.errors import ModelFolderError
 
 from .configuration_yuan import YuanConfig
-from .gguf_yuan import ARCH as GGUF_ARCH
 from .gguf_yuan import (
+    ARCH as GGUF_ARCH,
     GGUF_PART,
     GGUFFile,
     config_from_gguf,
