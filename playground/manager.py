@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
 import torch
@@ -20,19 +21,11 @@ import torch
 from playground.chat_format import checked_input, normalise_messages
 from playground.errors import LoadInProgressError, ModelFolderError, ModelNotLoadedError, ParameterError, PlaygroundError
 from playground.generation import scheduling
-from playground.generation.events import (  # noqa: F401  (re-exported: the manager's callers use these types)
-    ExpertRouting, GenerationEvent, GenerationResult, GenerationStats, TokenInfo)
-from playground.generation.backends import LocalBackend, RemoteBackend
-from playground.generation.scheduling import DeviceWorker, FifoGate, GenerationHandle
+from playground.generation.events import GenerationEvent, GenerationResult, GenerationStats, TokenInfo
+from playground.generation.backends import Backend, GenerationRequest, LocalBackend, RemoteBackend
+from playground.generation.scheduling import DeviceWorker, FifoGate, GenerationHandle, start_on_thread
 from playground.memory import MemorySampler
-from playground.model_loading import (  # noqa: F401  (EMBEDDED, resolve_* re-exported)
-    EMBEDDED,
-    LoadedModel,
-    Progress,
-    build_local_model,
-    resolve_device,
-    resolve_dtype,
-)
+from playground.model_loading import EMBEDDED, LoadedModel, Progress, build_local_model, resolve_device
 from playground.params import SamplingParams
 from playground.spaces_support import GpuCalls
 from playground.structured import ResponseFormat
@@ -47,7 +40,7 @@ DEFAULT_MAX_PROMPT_CHARS = 100_000
 
 class ModelManager:
     def __init__(self, max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, prompt_cache_bytes: int | None = None):
-        self._backend: LocalBackend | RemoteBackend | None = None  # the current model, local or remote
+        self._backend: Backend | None = None  # the current model, local or remote
         self._load_lock = threading.Lock()
         self._loading: dict[str, Any] | None = None
         self._last_error: str | None = None
@@ -62,6 +55,12 @@ class ModelManager:
         self.prompt_cache_bytes = prompt_cache_bytes  # the prompt cache's budget (None: sized at each load)
 
     # --------------------------------------------------------------------------------------- loading
+
+    def load_on_thread(self, model: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto"
+                       ) -> "Future[dict[str, Any]]":
+        """`load` on a thread of its own that ends with it (a long-lived thread that ran torch kernels, such as a
+        web server's worker, would keep an OpenMP team alive and slow every later generation; see DeviceWorker)."""
+        return start_on_thread(lambda: self.load(model, device=device, dtype=dtype), name="model-load")
 
     def load(
         self,
@@ -166,7 +165,30 @@ class ModelManager:
             delay = min(max_delay_s, delay * 2)
         return False
 
-    def _switch_to(self, backend: LocalBackend | RemoteBackend) -> None:
+    def cancel_all(self) -> int:
+        """Cancel every queued or running generation (the server is stopping); returns how many."""
+        with self._handles_lock:
+            handles = list(self._handles.values())
+        for handle in handles:
+            handle.cancel()
+        return len(handles)
+
+    def close(self) -> None:
+        """Cancel what runs, let the model go and stop this manager's threads (device workers, memory sampler): for an
+        app that ends while its process goes on (tests, an embedding application)."""
+        self.cancel_all()
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
+        with self._gates_lock:
+            workers, self._workers = list(self._workers.values()), {}
+        for worker in workers:
+            worker.shutdown(wait=True)
+        if self._memory is not None:
+            self._memory.stop()
+            self._memory = None
+
+    def _switch_to(self, backend: Backend) -> None:
         previous, self._backend = self._backend, backend
         self._last_error = None
         if previous is not None:
@@ -194,7 +216,7 @@ class ModelManager:
         backend = self._backend
         return backend.loaded if backend is not None else None
 
-    def _require_backend(self) -> LocalBackend | RemoteBackend:
+    def _require_backend(self) -> Backend:
         backend = self._backend
         if backend is None:
             if self._loading:
@@ -281,7 +303,8 @@ class ModelManager:
             raise ParameterError("logprobs must be between 0 and 20", field="logprobs")
         backend = self._require_backend()
         messages = checked_input(messages, prompt, self.max_prompt_chars)
-        prepared = backend.prepare(messages, prompt, params, response_format)  # bad input fails here, not queued
+        request = GenerationRequest(messages, prompt, params, response_format, logprobs, capture_routing)
+        prepared = backend.prepare(request)  # bad input fails here, not queued
         handle = handle or GenerationHandle(owner)
         with self._handles_lock:
             self._handles[handle.id] = handle
@@ -303,9 +326,8 @@ class ModelManager:
             # The model may have been swapped while this caller waited: use the current one if this gate orders it.
             current = self._require_backend()
             if current is not backend and current.gate_key == backend.gate_key:
-                backend, prepared = current, current.prepare(messages, prompt, params, response_format)
-            yield from backend.stream(prepared, messages, prompt, params, handle, time.perf_counter() - queued_at,
-                                      logprobs, capture_routing)
+                backend, prepared = current, current.prepare(request)
+            yield from backend.stream(request, prepared, handle, time.perf_counter() - queued_at)
         finally:
             handle.cancel()  # no-op after a normal end; stops a generation whose consumer went away
             gate.leave(handle)
@@ -381,7 +403,7 @@ class ModelManager:
         loaded = backend.local("the next-token explorer")
         messages = checked_input(messages, prompt, self.max_prompt_chars)
         # The prompt's ids, prepared as a reply's prompt.
-        input_ids = backend.prepare(messages, prompt, SamplingParams.one_forward_pass()).input_ids
+        input_ids = backend.prepare(GenerationRequest(messages, prompt, SamplingParams.one_forward_pass())).input_ids
         handle = GenerationHandle(owner)
         gate = self._gate(loaded.device)
         gate.join(handle)
@@ -395,26 +417,9 @@ class ModelManager:
 
     @staticmethod
     def compute(fn: Callable[[], Any]) -> Any:
-        """Run a small torch computation off the generation thread, on a thread that ends with it.
-
-        A long-lived thread that runs parallel torch kernels keeps an OpenMP team alive and slows every
-        generation (see DeviceWorker); a short-lived one takes its team with it.
-        """
-        outcome: list[Any] = []
-
-        def run():
-            try:
-                outcome.append((True, fn()))
-            except BaseException as exc:
-                outcome.append((False, exc))
-
-        thread = threading.Thread(target=run, name="compute")
-        thread.start()
-        thread.join()
-        ok, value = outcome[0]
-        if not ok:
-            raise value
-        return value
+        """Run a small torch computation off the generation thread, on a thread that ends with it (see
+        `start_on_thread`)."""
+        return start_on_thread(fn, name="compute").result()
 
     # ----------------------------------------------------------------------------------------- memory
 

@@ -7,7 +7,8 @@ line shows. The manager makes it current; nothing here holds state.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +37,7 @@ class LoadedModel:
     context_length: int
     has_experts: bool = False
     prefill_chunk_tokens: int | None = None  # a long prompt is computed this many tokens at a time (None: at once)
+    loaded_at: float = field(default_factory=time.time)  # when it was ready (Unix time): /v1/models' "created"
 
 
 def build_local_model(target: str, device: str, dtype: str, report: Progress) -> LoadedModel:

@@ -53,7 +53,7 @@ class Limits:
             return f"must be {self.reads}"
         too_low = value <= self.low if self.exclusive_low else value < self.low
         if too_low or value > self.high:
-            return f"must be {self.reads}, got {value}"
+            return f"must be {self.reads}, got {int(value) if float(value).is_integer() else value}"
         return None
 
 
@@ -71,36 +71,41 @@ class SamplingParams(BaseModel):
 
     temperature: Annotated[float, Limits(
         "between 0 and 5 (0 means greedy)", 0.0, 5.0, api="openai", step=0.05, slider=(0, 2), example=(0.0, 0.7, 1.2),
-    )] = Field(0.7, allow_inf_nan=False, description="flattens (above 1) or sharpens (below 1) the distribution")
+    )] = Field(0.7, allow_inf_nan=False, title="Temperature",
+                description="flattens (above 1) or sharpens (below 1) the distribution")
     top_p: Annotated[float, Limits(
         "greater than 0 and at most 1", 0.0, 1.0, exclusive_low=True, api="openai", step=0.01, slider=(0.01, 1),
-    )] = Field(0.9, allow_inf_nan=False, description="keeps the smallest set of tokens holding this much probability")
+    )] = Field(0.9, allow_inf_nan=False, title="Top-p",
+                description="keeps the smallest set of tokens holding this much probability")
     top_k: Annotated[int, Limits(
         "an integer between 0 and 10000 (0 turns it off)", 0, 10_000, api="vllm", slider=(0, 200),
-    )] = Field(50, description="keeps the k most likely tokens")
+    )] = Field(50, description="keeps the k most likely tokens", title="Top-k")
     min_p: Annotated[float, Limits(
         "between 0 and 1 (0 turns it off)", 0.0, 1.0, api="vllm", step=0.01, slider=(0, 1),
-    )] = Field(0.0, allow_inf_nan=False, description="drops tokens less likely than this fraction of the top one")
+    )] = Field(0.0, allow_inf_nan=False, title="Min-p",
+                description="drops tokens less likely than this fraction of the top one")
     typical_p: Annotated[float, Limits(
         "greater than 0 and at most 1 (1 turns it off)", 0.0, 1.0, exclusive_low=True, step=0.01,
-    )] = Field(1.0, allow_inf_nan=False, description="locally typical sampling")
+    )] = Field(1.0, allow_inf_nan=False, description="locally typical sampling", title="Typical-p")
     repetition_penalty: Annotated[float, Limits(
         "greater than 0 and at most 10 (1 turns it off)", 0.0, 10.0, exclusive_low=True, api="vllm", step=0.01,
         slider=(0.5, 2),
-    )] = Field(1.0, allow_inf_nan=False, description="makes tokens already in the text less likely")
+    )] = Field(1.0, allow_inf_nan=False, title="Repetition penalty",
+                description="makes tokens already in the text less likely")
     no_repeat_ngram_size: Annotated[int, Limits(
         "an integer between 0 and 64 (0 turns it off)", 0, 64,
-    )] = Field(0, description="never repeats an n-gram of this size")
+    )] = Field(0, description="never repeats an n-gram of this size", title="No-repeat n-gram size")
     max_new_tokens: Annotated[int, Limits(
         f"an integer between 1 and {MAX_NEW_TOKENS_LIMIT}", 1, MAX_NEW_TOKENS_LIMIT, api="openai",
         wire_name="max_tokens",
-    )] = Field(256, description="new tokens at most")
+    )] = Field(256, description="new tokens at most", title="Max new tokens")
     seed: Annotated[int | None, Limits(
         f"an integer between 0 and {SEED_LIMIT}, or empty for a random seed", 0, SEED_LIMIT, api="openai",
-    )] = Field(None, description="the same seed and settings give the same text; empty: a new random seed")
+    )] = Field(None, title="Seed",
+                description="the same seed and settings give the same text; empty: a new random seed")
     stop: Annotated[list[str], Limits(
         f"at most {MAX_STOP_STRINGS} strings of 1 to {MAX_STOP_LENGTH} characters", api="openai",
-    )] = Field(default_factory=list, description="the reply ends before any of these strings")
+    )] = Field(default_factory=list, description="the reply ends before any of these strings", title="Stop strings")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -242,6 +247,7 @@ class SamplingField:
     default: Any
     help: str
     limits: Limits
+    label: str  # how people read its name (a control's label): "Top-p" for top_p
 
     @property
     def wire_name(self) -> str:
@@ -265,7 +271,7 @@ class SamplingField:
 
 SAMPLING_FIELDS: dict[str, SamplingField] = {
     name: SamplingField(name, info.annotation, info.get_default(call_default_factory=True), info.description or "",
-                        next(item for item in info.metadata if isinstance(item, Limits)))
+                        next(item for item in info.metadata if isinstance(item, Limits)), info.title or name)
     for name, info in SamplingParams.model_fields.items()
 }
 # The numbers: the lab's table columns and its sweep list.

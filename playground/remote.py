@@ -1,20 +1,20 @@
 """A remote OpenAI-compatible engine (vLLM, another playground, ...) behind the model manager.
 
-The manager keeps its queue and its events; only the tokens come from elsewhere, over HTTP streaming. Streams run
-on one asyncio loop per engine so that a stop can cancel a request while it waits for the remote's next byte (a
+The manager keeps its queue and its events; only the tokens come from elsewhere, streamed through OpenAI's client
+(retries, timeouts and errors worded here). Streams run on one asyncio loop per engine so that a stop can cancel a request while it waits for the remote's next byte (a
 blocking read could not be interrupted), which also closes the connection and lets the engine drop the request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import queue
 import threading
 import time
 from typing import Any, Iterator
 
 import httpx
+import openai
 
 from playground.errors import ParameterError, PlaygroundError
 from playground.params import EXTENSION_FIELDS, SAMPLING_FIELDS, VLLM_EXTENSIONS, SamplingParams, to_wire
@@ -111,9 +111,10 @@ class RemoteEngine:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(connect=5.0, read=self.timeout_s, write=30.0, pool=self.timeout_s)
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)  # short calls
-        self._aclient = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers, timeout=timeout,
-            limits=httpx.Limits(max_connections=self.concurrency + 2, max_keepalive_connections=self.concurrency),
+        self._openai = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0,  # retried here
+            http_client=httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(
+                max_connections=self.concurrency + 2, max_keepalive_connections=self.concurrency)),
         )
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="remote-http", daemon=True)
@@ -281,34 +282,37 @@ class RemoteEngine:
     async def _stream_into(self, path: str, body: dict[str, Any], chat: bool, put) -> None:
         for attempt in range(RETRIES + 1):
             last_try = attempt == RETRIES
+            answered = False  # once the engine has answered, a failure is never sent again
             try:
-                async with self._aclient.stream("POST", path, json=body) as response:
-                    if response.status_code in RETRY_STATUSES and not last_try:
-                        await response.aread()
-                        await asyncio.sleep(_retry_delay(attempt, response))
-                        continue
-                    if response.status_code >= 400:
-                        await response.aread()
-                        self._raise_for_status(response)
-                    async for line in response.aiter_lines():
-                        data = _sse_data(line)
-                        if data is _DONE:
-                            return
-                        if data is not None:
-                            for item in _chunk_items(data, chat):
-                                put(item)
-                    return
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                if last_try:
-                    raise RemoteUnreachable(
-                        f"cannot reach the remote engine at {self.base_url} after {RETRIES + 1} tries: {exc}") from None
-                await asyncio.sleep(BACKOFF_S * 2 ** attempt)
-            except httpx.TimeoutException:
+                # OpenAI's own client reads the stream (SSE framing, error events); the chunks stay plain dicts, as
+                # engines differ in what they put in them (vLLM 0.4's logprobs).
+                stream = await self._openai.post(path, body=body, cast_to=object, stream=True,
+                                                 stream_cls=openai.AsyncStream[object])
+                answered = True
+                async with stream:  # its connection is closed however this ends (a stop cancels this task)
+                    async for data in stream:
+                        for item in _chunk_items(data, chat):
+                            put(item)
+                return
+            except openai.APIStatusError as exc:
+                if exc.status_code in RETRY_STATUSES and not last_try:
+                    await asyncio.sleep(_retry_delay(attempt, exc.response))
+                    continue
+                self._raise_for_status(exc.response)
+                raise RemoteError(f"the remote engine answered {exc.status_code}") from None
+            except (openai.APITimeoutError, httpx.TimeoutException):
                 raise RemoteTimeout(
                     f"the remote engine at {self.base_url} sent nothing for {self.timeout_s:g} s "
                     "(--remote-timeout); it may be overloaded") from None
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.NetworkError):
-                raise RemoteError("the remote engine went away mid-reply") from None
+            except (openai.APIConnectionError, httpx.TransportError) as exc:
+                if answered:
+                    raise RemoteError("the remote engine went away mid-reply") from None
+                if last_try:  # nothing was sent back: it was safe to send again, up to here
+                    raise RemoteUnreachable(f"cannot reach the remote engine at {self.base_url} after {RETRIES + 1} "
+                                            f"tries: {exc.__cause__ or exc}") from None
+                await asyncio.sleep(BACKOFF_S * 2 ** attempt)
+            except openai.APIError as exc:  # an error event in the stream
+                raise RemoteError(f"the remote engine failed: {exc.message}") from None
 
     def metrics(self) -> dict[str, float] | None:
         """The engine's Prometheus metrics, or None when it has none; `metrics_error` says which when unreachable."""
@@ -324,7 +328,7 @@ class RemoteEngine:
 
     def close(self) -> None:
         async def shut():
-            await self._aclient.aclose()
+            await self._openai.close()
 
         if self._loop.is_running():
             try:
@@ -359,23 +363,6 @@ def _error_detail(response: httpx.Response) -> str:
         if isinstance(error, str):
             return error
     return response.text
-
-
-_DONE = object()
-
-
-def _sse_data(line: str) -> dict[str, Any] | object | None:
-    """One server-sent-events line -> its JSON data, _DONE at the end, None for blank/comment lines."""
-    if not line.startswith("data:"):
-        return None  # blank separators and ": comment" lines (queue positions)
-    payload = line[len("data:"):].strip()
-    if payload == "[DONE]":
-        return _DONE
-    data = json.loads(payload)
-    if "error" in data and "choices" not in data:
-        message = data["error"].get("message") if isinstance(data["error"], dict) else data["error"]
-        raise RemoteError(f"the remote engine failed: {message}")
-    return data
 
 
 def _chunk_items(data: dict[str, Any], chat: bool) -> Iterator[tuple[str, Any]]:

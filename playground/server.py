@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 from fastapi import APIRouter, Depends, FastAPI
@@ -13,13 +13,14 @@ from fastapi import APIRouter, Depends, FastAPI
 from playground import __version__
 from playground.api import include_api
 from playground.api.auth import api_key_check
-from playground.api.guards import LoginPageGuard, MethodGuard, RequestSizeLimit
+from playground.api.guards import EndStreamsOnShutdown, LoginPageGuard, MethodGuard, RequestSizeLimit, ShutdownSignal
 from playground.api.http_errors import ApiRoute
 from playground.config import Settings
 from playground.errors import PlaygroundError
 from playground.manager import ModelManager
-from playground.storage import Storage, StorageError
-from playground.ui.app import TITLE, build_app
+from playground.storage import Storage
+from playground.storage_exchange import StorageError
+from playground.ui.app import APP_CSS, TITLE, build_app
 
 
 def build_manager(settings: Settings) -> ModelManager:
@@ -28,8 +29,10 @@ def build_manager(settings: Settings) -> ModelManager:
     return ModelManager(max_prompt_chars=settings.max_prompt_chars, prompt_cache_bytes=cache_bytes)
 
 
-def load_in_background(settings: Settings, manager: ModelManager) -> threading.Thread:
-    """Start loading the model without holding up the server; a failure is kept in the manager's status."""
+def load_in_background(settings: Settings, manager: ModelManager,
+                       announce: Callable[[str], None] | None = None) -> threading.Thread:
+    """Start loading the model without holding up the server; a failure is kept in the manager's status.
+    `announce` gets one line when the model is ready or has failed (the command prints it)."""
 
     def load():
         try:
@@ -44,6 +47,10 @@ def load_in_background(settings: Settings, manager: ModelManager) -> threading.T
                 manager.load(settings.model, device=settings.device, dtype=settings.dtype)
         except PlaygroundError:
             pass  # the status line and /healthz show the error; the server stays up
+        if announce is not None:
+            status = manager.status()
+            announce(f"Ready: {status['name']} ({status['kind']}, {status['dtype']} on {status['device']})"
+                     if status["state"] == "ready" else f"No model loaded: {status['last_error']}")
 
     thread = threading.Thread(target=load, name="model-load", daemon=True)
     thread.start()
@@ -124,11 +131,13 @@ def create_app(settings: Settings, manager: ModelManager | None = None) -> FastA
     if auth is not None:  # only a login page has anything to hide; without one the page is not rewritten
         app.add_middleware(LoginPageGuard)
     app.add_middleware(MethodGuard, routes=api_methods(routers), hidden=SCHEMA_PAGES if settings.api_key else set())
+    app.state.shutdown = ShutdownSignal()  # set by the command's server when it stops (cli.PlaygroundServer)
+    app.add_middleware(EndStreamsOnShutdown, shutdown=app.state.shutdown)
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
     manager.memory()  # start sampling now so the panel has history when first opened
     demo = build_app(settings, manager, open_storage(settings))  # the History tab lists what is already saved
     # The browser UI cannot send a bearer key: a login page stands in front of it (see ui_login).
     app = gr.mount_gradio_app(app, demo, path="/", auth=auth, auth_message=auth_message,
-                              max_file_size=settings.max_request_bytes)
+                              max_file_size=settings.max_request_bytes, css=APP_CSS)
     calm_gradio_queue(demo)  # after mounting, which sets up the queue it starts
     return app

@@ -21,14 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from playground.errors import not_unicode
-from playground.storage_exchange import (  # re-exported: other modules import these from playground.storage
-    EXPORT_FORMAT,
-    EXPORT_VERSION,
-    MAX_IMPORT_BYTES,
-    MAX_TITLE_CHARS,
+from playground.storage_exchange import (
     ROLES,
     Chat,
-    ImportFileError,
     LabCell,
     LabRun,
     Message,
@@ -39,23 +34,12 @@ from playground.storage_exchange import (  # re-exported: other modules import t
     checked_stats,
     checked_title,
     dumps,
-    export_json,
-    finite,
-    iso_time,
     loads,
     new_id,
-    parse_chat_export,
-    read_chat_file,
-    run_rows,
     runs_csv,
 )
 
-__all__ = [
-    "DATABASE_NAME", "EXPORT_FORMAT", "EXPORT_VERSION", "MAX_IMPORT_BYTES", "MAX_SEARCH_CHARS", "MAX_TITLE_CHARS",
-    "SCHEMA_VERSION", "Chat", "ImportFileError", "LabCell", "LabRun", "Message", "Storage", "StorageError",
-    "chat_title", "check_text", "default_data_dir", "export_json", "finite", "iso_time", "new_id",
-    "parse_chat_export", "read_chat_file", "run_rows",
-]
+__all__ = ["DATABASE_NAME", "MAX_SEARCH_CHARS", "SCHEMA_VERSION", "Storage", "default_data_dir"]
 
 DATABASE_NAME = "playground.sqlite3"
 DATABASE_COMPANIONS = ("-wal", "-shm", "-journal")  # SQLite's side files next to the database
@@ -292,14 +276,17 @@ class Storage:
 
     def list_chats(self, query: str = "") -> list[dict[str, Any]]:
         """Every chat (with `query`: those whose title or a message holds it, in any case), the most recently
-        updated first, with its message count and whether it was imported."""
+        updated first, with its message count, whether it was imported and (with a query) the first message that
+        holds it ("hit"; None when only the title does)."""
         rows = self._read(
-            "SELECT c.id, c.title, c.created, c.updated, c.model, c.imported IS NOT NULL, COUNT(m.position) "
+            "SELECT c.id, c.title, c.created, c.updated, c.model, c.imported IS NOT NULL, COUNT(m.position), "
+            "(SELECT h.content FROM messages h WHERE :q != '' AND h.chat_id = c.id AND contains_text(h.content, :q) "
+            "ORDER BY h.position LIMIT 1) "
             "FROM chats c LEFT JOIN messages m ON m.chat_id = c.id "
             "WHERE :q = '' OR contains_text(c.title, :q) "
             "OR EXISTS (SELECT 1 FROM messages s WHERE s.chat_id = c.id AND contains_text(s.content, :q)) "
             "GROUP BY c.id ORDER BY c.updated DESC, c.rowid DESC", {"q": self._search_term(query)})
-        columns = ("id", "title", "created", "updated", "model", "imported", "messages")
+        columns = ("id", "title", "created", "updated", "model", "imported", "messages", "hit")
         return [{**dict(zip(columns, row)), "imported": bool(row[5])} for row in rows]
 
     def load_chat(self, chat_id: str) -> Chat | None:
@@ -351,14 +338,18 @@ class Storage:
         self._set_title("lab_runs", "lab run", run_id, title)
 
     def list_runs(self, query: str = "") -> list[dict[str, Any]]:
-        """Every run (with `query`: those whose title, prompt or an output holds it, in any case), newest first."""
+        """Every run (with `query`: those whose title, prompt or an output holds it, in any case), newest first, with
+        its settings and (with a query) the first output that holds it ("hit")."""
         rows = self._read(
-            "SELECT r.id, r.title, r.created, r.model, r.prompt, COUNT(c.setting_index) AS cells "
+            "SELECT r.id, r.title, r.created, r.model, r.prompt, COUNT(c.setting_index) AS cells, r.settings, "
+            "(SELECT h.output FROM lab_cells h WHERE :q != '' AND h.run_id = r.id AND contains_text(h.output, :q) "
+            "ORDER BY h.setting_index LIMIT 1) "
             "FROM lab_runs r LEFT JOIN lab_cells c ON c.run_id = r.id "
             "WHERE :q = '' OR contains_text(r.title, :q) OR contains_text(r.prompt, :q) "
             "OR EXISTS (SELECT 1 FROM lab_cells o WHERE o.run_id = r.id AND contains_text(o.output, :q)) "
             "GROUP BY r.id ORDER BY r.created DESC, r.rowid DESC", {"q": self._search_term(query)})
-        return [dict(zip(("id", "title", "created", "model", "prompt", "cells"), row)) for row in rows]
+        columns = ("id", "title", "created", "model", "prompt", "cells", "settings", "hit")
+        return [{**dict(zip(columns, row)), "settings": loads(row[6]) if row[6] else []} for row in rows]
 
     def search(self, query: str) -> dict[str, list[dict[str, Any]]]:
         """The chats and runs holding `query` (case-insensitive), as list_chats and list_runs give them."""

@@ -33,6 +33,7 @@ from playground.errors import PlaygroundError, not_unicode
 EXPORT_FORMAT = "yuan-playground-chat"
 EXPORT_VERSION = 1
 MAX_IMPORT_BYTES = 10 * 1024 * 1024
+UPLOAD_OVERHEAD_BYTES = 64 * 1024  # room for a multipart upload's headers and boundaries
 TITLE_CHARS = 60  # a title made from the first message
 MAX_TITLE_CHARS = 200  # a title the user gives
 ROLES = ("user", "assistant")
@@ -175,25 +176,31 @@ def chats_document(chats: list[Chat]) -> dict[str, Any]:
         for chat in chats]}
 
 
+def result_row(setting: int, params: dict[str, Any], prompt: str, output: str,
+               stats: dict[str, Any] | None) -> dict[str, Any]:
+    """One setting's results row: its parameters and metrics (the lab's CSV and table, and History's export of a
+    run, have the same columns). A setting that never ran has "not run" as its finish and no metrics."""
+    row: dict[str, Any] = {"setting": setting, **params}
+    if stats:
+        row.update(
+            seed=stats.get("seed"), prompt_tokens=stats.get("prompt_tokens"),
+            cached_prompt_tokens=stats.get("cached_tokens"), new_tokens=stats.get("new_tokens"),
+            time_to_first_token_s=round(stats.get("time_to_first_token_s") or 0, 3),
+            decode_tokens_per_s=round(stats.get("decode_tokens_per_s") or 0, 2),
+            total_s=round(stats.get("total_s") or 0, 3), finish_reason=stats.get("finish_reason"),
+            characters=len(output), words=len(output.split()), mean_logprob=stats.get("mean_logprob"),
+        )
+    else:
+        row.update(finish_reason="not run")
+    row.update(prompt=prompt, output=output)
+    return row
+
+
 def run_rows(run: LabRun) -> list[dict[str, Any]]:
-    """One results row per cell, with the sampling lab's own columns (results_frame) after the run's id."""
-    rows = []
-    for cell in run.cells:
-        row: dict[str, Any] = {"run_id": run.id, "run_created": iso_time(run.created), "model": run.model,
-                               "setting": cell.setting_index + 1, **cell.params}
-        stats = cell.stats or {}
-        if stats:
-            text = cell.output
-            row.update(
-                seed=stats.get("seed"), prompt_tokens=stats.get("prompt_tokens"), new_tokens=stats.get("new_tokens"),
-                time_to_first_token_s=round(stats.get("time_to_first_token_s") or 0, 3),
-                decode_tokens_per_s=round(stats.get("decode_tokens_per_s") or 0, 2),
-                total_s=round(stats.get("total_s") or 0, 3), finish_reason=stats.get("finish_reason"),
-                characters=len(text), words=len(text.split()),
-            )
-        row.update(prompt=run.prompt, output=cell.output)
-        rows.append(row)
-    return rows
+    """One results row per finished cell (`result_row`) after the run's id, time and model."""
+    return [{"run_id": run.id, "run_created": iso_time(run.created), "model": run.model,
+             **result_row(cell.setting_index + 1, cell.params, run.prompt, cell.output, cell.stats)}
+            for cell in run.cells]
 
 
 def runs_csv(runs: list[LabRun]) -> str:
@@ -243,11 +250,26 @@ def _not_strict_json(constant: str) -> None:
     raise ImportFileError(f"the file is not strict JSON: {constant} is not a JSON value")
 
 
-def _document(data: bytes) -> dict[str, Any]:
+def import_limit_bytes(max_request_bytes: int | None = None) -> int:
+    """The largest chat file this server imports: MAX_IMPORT_BYTES, or less where the server's request limit
+    (--max-request-bytes) would refuse the upload first (a multipart upload adds a few hundred bytes)."""
+    if max_request_bytes is None:
+        return MAX_IMPORT_BYTES
+    return max(0, min(MAX_IMPORT_BYTES, max_request_bytes - UPLOAD_OVERHEAD_BYTES))
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+def _check_size(size: int, limit: int) -> None:
+    if size > limit:
+        raise ImportFileError(f"the file is {megabytes(size)}; this server imports chat files up to {megabytes(limit)}")
+
+
+def _document(data: bytes, limit: int = MAX_IMPORT_BYTES) -> dict[str, Any]:
     """The file's JSON object, checked to be a chat export of the version this playground reads."""
-    if len(data) > MAX_IMPORT_BYTES:
-        raise ImportFileError(f"the file is {len(data) / 2**20:.1f} MB; chat files up to "
-                              f"{MAX_IMPORT_BYTES // 2**20} MB can be imported")
+    _check_size(len(data), limit)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -304,9 +326,9 @@ def _chat(item: Any, where: str, now: float) -> Chat:
     )
 
 
-def parse_chat_export(data: bytes) -> list[Chat]:
+def parse_chat_export(data: bytes, limit: int = MAX_IMPORT_BYTES) -> list[Chat]:
     """Validate an exported chats file; raises ImportFileError naming what is wrong (and where)."""
-    items = _document(data).get("chats")
+    items = _document(data, limit).get("chats")
     if not isinstance(items, list):
         raise ImportFileError("\"chats\" must be a list of chats")
     if not items:
@@ -315,15 +337,12 @@ def parse_chat_export(data: bytes) -> list[Chat]:
     return [_chat(item, f"chat {number}", now) for number, item in enumerate(items, start=1)]
 
 
-def read_chat_file(path: str | os.PathLike) -> list[Chat]:
+def read_chat_file(path: str | os.PathLike, limit: int = MAX_IMPORT_BYTES) -> list[Chat]:
     """parse_chat_export for a file on disk; the size is checked before the file is read."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_IMPORT_BYTES:
-            raise ImportFileError(f"the file is {size / 2**20:.1f} MB; chat files up to "
-                                  f"{MAX_IMPORT_BYTES // 2**20} MB can be imported")
+        _check_size(path.stat().st_size, limit)
         data = path.read_bytes()
     except OSError as exc:
         raise ImportFileError(f"cannot read the file: {exc}") from exc
-    return parse_chat_export(data)
+    return parse_chat_export(data, limit)

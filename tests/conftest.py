@@ -43,7 +43,24 @@ def embedded_manager():
 
     manager = ModelManager()
     manager.load()
-    return manager
+    yield manager
+    manager.close()
+
+
+@pytest.fixture
+def new_manager():
+    """A factory of model managers that are closed (their threads stopped, their models let go) after the test."""
+    from playground.manager import ModelManager
+
+    made = []
+
+    def make(**kwargs):
+        made.append(ModelManager(**kwargs))
+        return made[-1]
+
+    yield make
+    for manager in made:
+        manager.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The test harness: launch the real app the way users start it (`python launch.py ...`) on a free loopback port.
+"""The test harness: the real app on a free loopback port, launched the way users start it (`python launch.py ...`,
+`LaunchedServer`) or, for the option matrix, built by the same entry code and served from this process (`ServedApp`).
 
 A module of its own, not conftest.py, so test files import it by a name no other conftest.py shadows.
 """
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +31,80 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class LaunchedServer:
+class ServerChecks:
+    """What a test asks of a running server: its status, waiting for a state."""
+
+    url: str
+    headers: dict[str, str]
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.url}/healthz", timeout=5, headers=self.headers).json()
+
+    def wait_until(self, states=("ready",), timeout: float = 240) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                last = self.status()
+                if last["state"] in states:
+                    return last
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not in {states} after {timeout} s (last status {last}):\n{self.log()}")
+
+    def check_alive(self) -> None:
+        """Raises when the server has ended."""
+
+    def log(self) -> str:
+        return ""
+
+
+class ServedApp(ServerChecks):
+    """The app `launch.py` builds for these options (`create_app`, the background load), served by uvicorn on a
+    loopback port from a thread of this process: what a subprocess gives, without its 8 s of imports. `manager`
+    shares an already loaded model manager instead of building and loading one. Options only (no environment)."""
+
+    def __init__(self, *args: str, manager=None):
+        import uvicorn
+
+        from playground.config import parse_args
+        from playground.server import create_app, load_in_background
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        settings = parse_args(["--host", "127.0.0.1", "--port", str(self.port), *args])
+        self.headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        self.app = create_app(settings, manager)
+        self.manager = self.app.state.manager
+        self._owns_manager = manager is None
+        if self._owns_manager:
+            load_in_background(settings, self.manager)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name=f"served-app-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the app did not start serving on port {self.port}")
+            time.sleep(0.05)
+
+    def check_alive(self) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError(f"the app on port {self.port} stopped serving")
+
+    def stop(self) -> None:
+        self.app.state.shutdown.set()  # open pages' event streams end now, as the command's server ends them
+        self.server.should_exit = True
+        self._thread.join(timeout=15)
+        if self._owns_manager:
+            self.manager.close()
+
+
+class LaunchedServer(ServerChecks):
     """`python launch.py ...` in a subprocess, as a user starts it."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, log_dir: Path | None = None,
@@ -50,23 +125,9 @@ class LaunchedServer:
             start_new_session=True,
         )
 
-    def status(self) -> dict:
-        return httpx.get(f"{self.url}/healthz", timeout=5, headers=self.headers).json()
-
-    def wait_until(self, states=("ready",), timeout: float = 240) -> dict:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                last = self.status()
-                if last["state"] in states:
-                    return last
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server not in {states} after {timeout} s (last status {last}):\n{self.log()}")
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
 
     def log(self) -> str:
         self._log.flush()
@@ -75,6 +136,11 @@ class LaunchedServer:
     def stop(self) -> None:
         stop_process_group(self.process, grace_s=15)
         self._log.close()
+
+    def interrupt(self, timeout: float = 30) -> int:
+        """Ctrl+C, as a person stops it in a terminal: its exit code once it has stopped."""
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=timeout)
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float) -> None:
@@ -86,3 +152,24 @@ def stop_process_group(process: subprocess.Popen, grace_s: float) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def chat_call(text: str | None, system_prompt: str = "", **settings) -> dict:
+    """Keyword arguments for the UI's `/chat` endpoint (`text=None`: `/chat_regenerate`, which takes no message):
+    every field by its name, greedy and seeded unless given, so a field the UI adds later shifts nothing; the rest
+    are the controls' defaults."""
+    named = {"system_prompt": system_prompt, "temperature": 0.0, "seed": 1, **settings}
+    return named if text is None else {"text": text, **named}
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.1):
+    """Poll `condition()` until it returns something truthy (returned) or `timeout` seconds pass (AssertionError
+    naming `what`): a test waits on state, never on a fixed sleep, and never for ever."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {timeout} s still waiting for {what}")
+        time.sleep(every)

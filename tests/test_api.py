@@ -11,10 +11,10 @@ import httpx
 import openai
 import pytest
 
-from harness import LaunchedServer
+from harness import ServedApp, ServerChecks
 from playground.api.openai_api import Envelope, sse_body
 from playground.config import parse_args
-from playground.manager import GenerationEvent, GenerationStats
+from playground.generation.events import GenerationEvent, GenerationStats
 
 API_KEY = "test-key-123"
 CHAT = [{"role": "user", "content": "Name three colours."}]
@@ -22,7 +22,7 @@ ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
-def server(launched_server) -> LaunchedServer:
+def server(launched_server) -> ServerChecks:
     return launched_server
 
 
@@ -37,11 +37,10 @@ def model_id(server) -> str:
 
 
 @pytest.fixture(scope="module")
-def side_servers(tmp_path_factory):
-    """A server with --api-key and one whose model cannot load, started side by side to save time."""
-    logs = tmp_path_factory.mktemp("side-servers")
-    keyed = LaunchedServer("--api-key", API_KEY, log_dir=logs)
-    broken = LaunchedServer("--model", "/nonexistent/model", log_dir=logs)
+def side_servers(embedded_manager):
+    """An app with --api-key (sharing the session's loaded model) and one whose model cannot load."""
+    keyed = ServedApp("--api-key", API_KEY, manager=embedded_manager)
+    broken = ServedApp("--model", "/nonexistent/model")
     try:
         keyed.wait_until(("ready",))
         broken.wait_until(("error",))
@@ -51,7 +50,7 @@ def side_servers(tmp_path_factory):
         broken.stop()
 
 
-def post(server: LaunchedServer, path: str, body=None, content: str | None = None, **kwargs) -> httpx.Response:
+def post(server: ServerChecks, path: str, body=None, content: str | None = None, **kwargs) -> httpx.Response:
     if content is not None:
         kwargs.update(content=content, headers={"Content-Type": "application/json", **kwargs.get("headers", {})})
     else:
@@ -69,7 +68,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
     return error
 
 
-def wait_for(server: LaunchedServer, running: int, queued: int, timeout: float = 5) -> dict:
+def wait_for(server: ServerChecks, running: int, queued: int, timeout: float = 5) -> dict:
     """Poll /healthz until the manager shows `running` and `queued` generations."""
     deadline = time.monotonic() + timeout
     while True:

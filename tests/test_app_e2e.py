@@ -8,18 +8,19 @@ import pandas as pd
 import pytest
 from gradio_client import Client
 
+from harness import chat_call, wait_for
+
 from playground.ui.lab_tab import SETTING_FIELDS
 
 pytestmark = pytest.mark.slow
 
-# chat endpoint inputs after the message and system prompt, in the UI's order
 GREEDY = dict(temperature=0.0, top_p=0.9, top_k=50, min_p=0.0, typical_p=1.0, repetition_penalty=1.0,
               no_repeat_ngram_size=0, max_new_tokens=24, seed=1, stop="")
 
 
 def chat_args(message, system="", **overrides):
-    values = {**GREEDY, **overrides}
-    return [message, system, *values.values()]
+    """The `/chat` endpoint's arguments, by name (`message` None: `/chat_regenerate`'s)."""
+    return chat_call(message, system, **{**GREEDY, **overrides})
 
 
 def reply_text(chat):
@@ -40,7 +41,7 @@ def test_status_and_health(launched_server, client):
 
 
 def test_chat_streams_a_reply_with_stats(client):
-    job = client.submit(*chat_args("What is the capital of France?"), api_name="/chat")
+    job = client.submit(**chat_args("What is the capital of France?"), api_name="/chat")
     updates = list(job)
     chat, status, box = job.outputs()[-1]
     assert len(updates) >= 3  # streamed: several partial replies before the last
@@ -53,36 +54,37 @@ def test_chat_streams_a_reply_with_stats(client):
 
 
 def test_chat_keeps_turns_undo_and_clear(client):
-    client.predict(*chat_args("My name is Ada. Say hi.", max_new_tokens=12), api_name="/chat")
-    chat, _, _ = client.predict(*chat_args("Say goodbye.", max_new_tokens=12), api_name="/chat")
+    client.predict(**chat_args("My name is Ada. Say hi.", max_new_tokens=12), api_name="/chat")
+    chat, _, _ = client.predict(**chat_args("Say goodbye.", max_new_tokens=12), api_name="/chat")
     assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
-    chat, status = client.predict(api_name="/chat_undo")
+    chat, status, box = client.predict(api_name="/chat_undo")
     assert [m["role"] for m in chat] == ["user", "assistant"]
-    chat, status = client.predict(*chat_args("", max_new_tokens=12)[1:], api_name="/chat_regenerate")
+    assert box == "Say goodbye."  # the undone message is back in the box, to edit and send again
+    chat, status = client.predict(**chat_args(None, max_new_tokens=12), api_name="/chat_regenerate")
     assert [m["role"] for m in chat] == ["user", "assistant"]
     chat, status = client.predict(api_name="/chat_clear")
     assert chat == []
 
 
 def test_bad_chat_input_shows_a_message_and_keeps_history(client):
-    client.predict(*chat_args("Hello!", max_new_tokens=8), api_name="/chat")
-    chat, status, box = client.predict(*chat_args("   "), api_name="/chat")
+    client.predict(**chat_args("Hello!", max_new_tokens=8), api_name="/chat")
+    chat, status, box = client.predict(**chat_args("   "), api_name="/chat")
     assert "empty" in status and len(chat) == 2
-    chat, status, box = client.predict(*chat_args("Hi again", seed=-1), api_name="/chat")
+    chat, status, box = client.predict(**chat_args("Hi again", seed=-1), api_name="/chat")
     assert "seed" in status and "between 0 and" in status
     assert len(chat) == 2 and box == "Hi again"  # history kept, message given back to edit
     # refused with the message the lab and the APIs give, not clamped to a slider's end
-    chat, status, box = client.predict(*chat_args("Hi again", temperature=9.0), api_name="/chat")
-    assert "temperature: must be between 0 and 5 (0 means greedy), got 9.0" in status
+    chat, status, box = client.predict(**chat_args("Hi again", temperature=9.0), api_name="/chat")
+    assert "temperature: must be between 0 and 5 (0 means greedy), got 9" in status
     assert len(chat) == 2 and box == "Hi again"
-    chat, status, _ = client.predict(*chat_args("Still there?", max_new_tokens=6), api_name="/chat")
+    chat, status, _ = client.predict(**chat_args("Still there?", max_new_tokens=6), api_name="/chat")
     assert [m["role"] for m in chat] == ["user", "assistant"] * 2
 
 
 def test_stop_button_really_stops(client, launched_server):
     long = chat_args("Write a very long story about a dragon and a knight.", temperature=0.8, seed=3,
                      max_new_tokens=1500)
-    job = client.submit(*long, api_name="/chat")
+    job = client.submit(**long, api_name="/chat")
     seen = 0
     for update in job:
         if update[0] and update[0][-1]["role"] == "assistant":
@@ -156,12 +158,15 @@ def test_memory_panel_gains_points(client):
     assert "No GPU readings" in report and "Process RSS" in report
     # A local model: the remote engine's plots stay hidden and empty.
     assert len(remote_plots) == 3 and not any(plot["visible"] or plot["value"]["data"] for plot in remote_plots)
-    time.sleep(2.5)
-    frame2, *_ = client.predict(api_name="/memory_tick")
-    rows1, rows2 = len(frame1["data"]), len(frame2["data"])
-    # The history holds the last 5 minutes, so on a server older than that the count stops growing: the points that
-    # are new are the ones younger than the 2.5 s since the first reading.
-    ages = [row[frame2["columns"].index("seconds")] for row in frame2["data"]]
-    assert rows2 >= rows1 >= 2 and sum(age > -2.0 for age in ages) >= 2  # two series, at least one new sample
+    newest = max(row[frame1["columns"].index("seconds")] for row in frame1["data"])
+
+    def later_tick():
+        # "seconds" is how long ago (negative): a sample taken after the first reading is younger than its newest.
+        frame, *_ = client.predict(api_name="/memory_tick")
+        ages = [row[frame["columns"].index("seconds")] for row in frame["data"]]
+        return frame if sum(age > newest + 0.05 for age in ages) >= 2 else None  # both series sampled again
+
+    frame2 = wait_for(later_tick, 15, "a memory sample after the first reading", every=0.5)
+    assert len(frame1["data"]) >= 2
     series = {row[frame2["columns"].index("series")] for row in frame2["data"]}
     assert series == {"process RSS", "system used"}

@@ -21,6 +21,8 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from harness import chat_call
+
 from playground.presets import user_presets_dir
 from playground.ui.lab_tab import SETTING_FIELDS
 
@@ -58,7 +60,7 @@ def ui_message(call: Callable[[], Any], pick: Callable[[Any], str]) -> str:
 def chat(message: str = "Hello", system: str = "", **controls) -> Callable[[Client], str]:
     values = {**CHAT_CONTROLS, **controls}
     return lambda client: ui_message(
-        lambda: client.predict(message, system, *values.values(), api_name="/chat"), lambda out: out[1])
+        lambda: client.predict(**chat_call(message, system, **values), api_name="/chat"), lambda out: out[1])
 
 
 def raw_chat(message: str = "Hello", system: str = "", **controls) -> Callable[[Client], str]:
@@ -123,7 +125,7 @@ def preset_file(content: bytes) -> Callable[[Client], str]:
 
 def save_preset(name: str) -> Callable[[Client], str]:
     return lambda client: ui_message(
-        lambda: client.predict(name, *CHAT_CONTROLS.values(), api_name="/chat_preset_save"), lambda out: out[1])
+        lambda: client.predict(preset_name=name, **CHAT_CONTROLS, api_name="/chat_preset_save"), lambda out: out[1])
 
 
 def import_file(content: bytes) -> Callable[[Client], str]:
@@ -151,7 +153,7 @@ UI_CASES = [
     Case("chat-lone-surrogate", raw_chat("hello \ud800"), "surrogate"),
     Case("chat-system-surrogate", raw_chat("hello", system="be kind \udc00"), "the system prompt contains"),
     # Values a slider cannot take are refused by Gradio itself, naming the bound.
-    Case("chat-temperature-high", chat(temperature=9.0), "temperature: must be between 0 and 5 (0 means greedy), got 9.0"),
+    Case("chat-temperature-high", chat(temperature=9.0), "temperature: must be between 0 and 5 (0 means greedy), got 9"),
     Case("chat-temperature-nan", raw_chat(temperature=math.nan), "temperature"),
     Case("chat-temperature-text", chat(temperature="hot"), "temperature: must be between 0 and 5"),
     Case("chat-top-p-zero", chat(top_p=0.0), "top_p: must be greater than 0 and at most 1"),
@@ -330,7 +332,7 @@ def test_api_refuses_bad_input_with_a_reason(case: Case, launched_server):
 def test_control_characters_are_just_text(client, launched_server):
     """Control characters are valid Unicode: they reach the model and get a reply, in the UI and the API."""
     text = "Say hi\x00\x07\x1b[31m\x7f\u200b"
-    chat_out = client.predict(text, "", *CHAT_CONTROLS.values(), api_name="/chat")
+    chat_out = client.predict(**chat_call(text, **CHAT_CONTROLS), api_name="/chat")
     assert chat_out[1].startswith("Done:"), chat_out[1]
     response = httpx.post(f"{launched_server.url}/v1/chat/completions",
                           json={"messages": [{"role": "user", "content": text}], "max_tokens": 4, "temperature": 0},

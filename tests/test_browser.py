@@ -16,7 +16,7 @@ from playwright.sync_api import Page, expect
 
 from browser_support import TABS, browser_page, open_tab, page, playwright, screens, shot  # noqa: F401 (fixtures)
 from fake_engine import FakeEngine
-from harness import LaunchedServer
+from harness import ServedApp, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -121,8 +121,8 @@ def test_5_memory_plot_gains_points(page, screens):
         time.sleep(0.2)
     before = plotted_points(page)
     shot(page, screens, "5a-memory")
-    time.sleep(3.5)
-    after = plotted_points(page)
+    after = wait_for(lambda: plotted_points(page) > before and plotted_points(page), 20, "the plot's next point",
+                     every=0.5)
     assert after > before, (before, after)
     shot(page, screens, "5b-memory-later")
 
@@ -143,8 +143,7 @@ def remote_page(playwright, screens, tmp_path_factory):
     """A front (`--backend openai`) before a fake vLLM, in its own browser."""
     with FakeEngine(owned_by="vllm") as engine:
         engine.token_delay_s = 0.1
-        front = LaunchedServer("--backend", "openai", "--base-url", engine.base_url,
-                               log_dir=tmp_path_factory.mktemp("front"))
+        front = ServedApp("--backend", "openai", "--base-url", engine.base_url)
         try:
             front.wait_until(("ready",), timeout=90)
             with browser_page(playwright, front.url, screens / "remote-last.png") as page:
@@ -259,7 +258,8 @@ def test_11_the_chatbots_bin_really_clears(page, screens):
     shot(page, screens, "11-cleared")
 
 
-def test_12_out_of_range_is_refused_not_clamped(page, screens):
+def test_12_out_of_range_is_refused_not_clamped_and_the_field_is_marked(page, screens):
+    expect(page.locator("#sampling-temperature")).to_contain_text("Temperature")  # a label people read
     field = sampling_input(page, "temperature")
     field.fill("99")
     field.press("Tab")
@@ -267,9 +267,14 @@ def test_12_out_of_range_is_refused_not_clamped(page, screens):
     expect(page.locator("#chat-status")).to_contain_text("temperature: must be between 0 and 5", timeout=30_000)
     expect(field).to_have_value("99")  # not clamped behind the user's back
     expect(chat_box(page)).to_have_value("Hi")  # the message is given back
+    expect(page.locator("#sampling-temperature")).to_have_class(re.compile(r"\brefused\b"))  # and the field says so
+    shot(page, screens, "12-refused-not-clamped")
     field.fill("0.7")
     field.press("Tab")
-    shot(page, screens, "12-refused-not-clamped")
+    set_max_new_tokens(page, 8)
+    send(page, "Hi")
+    expect(page.locator("#chat-status")).to_contain_text("Done:", timeout=60_000)
+    expect(page.locator("#sampling-temperature")).not_to_have_class(re.compile(r"\brefused\b"))
 
 
 def test_13_structured_output_is_shown_pretty_and_checked(page, screens):

@@ -7,6 +7,8 @@ Screenshots of each step are kept in a temporary folder, printed at the start (r
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from playwright.sync_api import Page, expect
 
@@ -16,11 +18,14 @@ pytestmark = pytest.mark.slow
 
 CHAT_TEXT = "Say hello to the quokka."
 LAB_PROMPT = "Name a fruit."
+RUN_TITLE = f"{LAB_PROMPT} · temperature 0 / 0.7"  # an untitled run: its prompt and what its settings vary
 
 
 def cell(page: Page, table: str, text: str):
-    """A cell of a History list as shown (the table also keeps hidden copies of its cells for measuring)."""
-    return page.locator(f"#{table}").get_by_text(text, exact=True).filter(visible=True)
+    """A title cell (the first column) of a History list as shown (the table also keeps hidden copies of its cells
+    for measuring; a search's "found" column may hold the same words)."""
+    titles = page.locator(f"#{table}").get_by_test_id(re.compile(r"^cell-\d+-0$"))
+    return titles.get_by_text(text, exact=True).filter(visible=True)
 
 
 def search(page: Page, query: str) -> None:
@@ -131,7 +136,7 @@ def test_3_a_lab_run_reopens_in_the_lab(page, screens):
 
     open_tab(page, "History")
     search(page, "")
-    cell(page, "history-runs", LAB_PROMPT).first.click()
+    cell(page, "history-runs", RUN_TITLE).first.click()
     expect(page.locator("#history-run")).to_contain_text("Setting 2")
     expect(page.locator("#history-run-results")).to_be_visible()
     page.locator("#history-export-run").click()
@@ -142,11 +147,13 @@ def test_3_a_lab_run_reopens_in_the_lab(page, screens):
     expect(page.locator("#history-run")).to_be_hidden()
     expect(page.locator("#history-run-status")).to_have_text("")
 
-    cell(page, "history-runs", LAB_PROMPT).first.click()
+    cell(page, "history-runs", RUN_TITLE).first.click()
     page.locator("#history-open-run").click()
     expect(page.get_by_role("tab", name="Sampling lab", exact=True)).to_have_attribute("aria-selected", "true")
     expect(page.locator("#lab-prompt textarea")).to_have_value(LAB_PROMPT)
     settings = page.locator("#lab-settings")
     expect(settings.get_by_text("1.2", exact=True).filter(visible=True)).to_have_count(0)  # two settings again
     expect(settings.get_by_text("0.7", exact=True).filter(visible=True)).to_have_count(1)
+    expect(page.locator("#lab-results-box")).to_be_visible()  # with its results, as when it finished
+    expect(page.locator("#lab-status")).to_contain_text("Saved run of")
     shot(page, screens, "history-8-open-in-lab")

@@ -13,9 +13,8 @@ import torch
 from gradio_client import Client
 
 import playground.generation.scheduling as scheduling
-from harness import LaunchedServer
+from harness import ServedApp, chat_call
 from playground.errors import LoadInProgressError
-from playground.manager import ModelManager
 
 GREEDY = {"temperature": 0, "max_new_tokens": 12}
 
@@ -23,8 +22,8 @@ GREEDY = {"temperature": 0, "max_new_tokens": 12}
 # ------------------------------------------------------------------------------ out of memory mid-reply
 
 
-def test_out_of_memory_in_generation_is_reported_and_the_next_request_works(tiny_folder, monkeypatch):
-    manager = ModelManager()
+def test_out_of_memory_in_generation_is_reported_and_the_next_request_works(new_manager, tiny_folder, monkeypatch):
+    manager = new_manager()
     manager.load(tiny_folder)
     model = manager.loaded.model
     real_forward = model.forward
@@ -60,8 +59,8 @@ def test_out_of_memory_in_generation_is_reported_and_the_next_request_works(tiny
 # --------------------------------------------------------------------------- stop with others waiting
 
 
-def test_stop_frees_the_queue_for_the_next_caller(tiny_folder, monkeypatch):
-    manager = ModelManager()
+def test_stop_frees_the_queue_for_the_next_caller(new_manager, tiny_folder, monkeypatch):
+    manager = new_manager()
     manager.load(tiny_folder)
     model = manager.loaded.model
     real_forward = model.forward
@@ -98,8 +97,8 @@ def test_stop_frees_the_queue_for_the_next_caller(tiny_folder, monkeypatch):
 # ------------------------------------------------------------------------------------ two loads at once
 
 
-def test_two_loads_at_once_one_wins_and_nothing_is_half_loaded(tiny_folder, monkeypatch):
-    manager = ModelManager()
+def test_two_loads_at_once_one_wins_and_nothing_is_half_loaded(new_manager, tiny_folder, monkeypatch):
+    manager = new_manager()
     manager.load(tiny_folder)
     previous = manager.loaded
     release = threading.Event()
@@ -149,8 +148,7 @@ def write_broken_folders(root, tiny):
 def broken_start(tmp_path_factory, tiny_folder):
     root = tmp_path_factory.mktemp("models-root")
     write_broken_folders(root, tiny_folder)
-    server = LaunchedServer("--model", str(root / "corrupt"), "--models-root", str(root),
-                            log_dir=tmp_path_factory.mktemp("broken-start"))
+    server = ServedApp("--model", str(root / "corrupt"), "--models-root", str(root))
     try:
         server.wait_until(("error",))
         yield server
@@ -165,7 +163,7 @@ def test_a_corrupt_model_at_start_leaves_the_ui_and_status_up(broken_start):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     client = Client(broken_start.url, verbose=False)
     assert "No model loaded" in client.predict(api_name="/status") and "corrupt" in client.predict(api_name="/status")
-    chat = client.predict("Hello", "", 0.0, 0.9, 50, 0.0, 1.0, 1.0, 0, 8, 1, "", api_name="/chat")
+    chat = client.predict(**chat_call("Hello", max_new_tokens=8), api_name="/chat")
     assert "corrupt" in chat[1]  # the chat says why there is no reply
 
 
@@ -182,5 +180,5 @@ def test_reloading_broken_folders_reports_them_and_keeps_the_model(broken_start)
     status = broken_start.status()
     assert status["state"] == "ready" and status["name"] == "SmolLM2-135M-Instruct"  # the good model stayed
     assert "corrupt" in status["last_error"]
-    chat = client.predict("Say hi", "", 0.0, 0.9, 50, 0.0, 1.0, 1.0, 0, 6, 1, "", api_name="/chat")
+    chat = client.predict(**chat_call("Say hi", max_new_tokens=6), api_name="/chat")
     assert chat[1].startswith("Done:")

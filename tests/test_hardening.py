@@ -14,7 +14,7 @@ import psutil
 import pytest
 from gradio_client import Client
 
-from harness import LaunchedServer
+from harness import ServedApp, chat_call
 from playground.storage import Storage
 
 pytestmark = pytest.mark.slow
@@ -27,11 +27,10 @@ CONTROLS = dict(temperature=0.0, top_p=0.9, top_k=50, min_p=0.0, typical_p=1.0, 
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory):
-    """A server with --api-key and no --auth, saving chats to its own data folder."""
-    logs = tmp_path_factory.mktemp("keyed")
-    data = logs / "data"
-    server = LaunchedServer("--api-key", API_KEY, "--data-dir", str(data), log_dir=logs)
+def keyed(tmp_path_factory, embedded_manager):
+    """An app with --api-key and no --auth, saving chats to its own data folder (the session's loaded model)."""
+    data = tmp_path_factory.mktemp("keyed") / "data"
+    server = ServedApp("--api-key", API_KEY, "--data-dir", str(data), manager=embedded_manager)
     server.data_dir = data
     try:
         server.wait_until(("ready",))
@@ -61,7 +60,7 @@ def test_the_key_alone_guards_the_ui_and_its_api(keyed):
     assert wrong.status_code == 400
     # the key is the password (any user name), for a browser and for gradio_client alike
     client = Client(keyed.url, auth=("anyone", API_KEY), verbose=False)
-    chat, status, _ = client.predict("Say hi.", "", **CONTROLS, api_name="/chat")
+    chat, status, _ = client.predict(**chat_call("Say hi.", **CONTROLS), api_name="/chat")
     assert status.startswith("Done:"), status
     path, note = client.predict("", api_name="/chat_export")
     assert path and "Exported 1 chat" in note
@@ -139,7 +138,7 @@ def chunked_upload(port: int, size: int) -> str:
 
 
 def test_huge_requests_are_refused_fast_and_leave_no_memory_behind(keyed):
-    process = psutil.Process(keyed.process.pid)
+    process = psutil.Process()  # the app is served from this process
     before = process.memory_info().rss
     results: list[tuple[int, float, str]] = []
     threads = [threading.Thread(target=lambda: results.append(send_huge(keyed.url, TWENTY_MB))) for _ in range(3)]
@@ -158,3 +157,33 @@ def test_huge_requests_are_refused_fast_and_leave_no_memory_behind(keyed):
           f"after (and one chunked 12 MB): {after / 2**20:.0f} MiB")
     assert after - before < 2**30
     assert httpx.get(f"{keyed.url}/healthz", headers=BEARER, timeout=5).json()["state"] == "ready"
+
+
+def test_the_import_button_takes_what_the_request_limit_lets_through(embedded_manager, tmp_path):
+    """The History tab's import limit is the server's request limit less an upload's framing: a file of exactly that
+    size uploads, one over the request limit is refused (413), and an export larger than it says so."""
+    from playground.config import DEFAULT_MAX_REQUEST_BYTES
+    from playground.storage_exchange import MAX_IMPORT_BYTES, import_limit_bytes
+    from playground.ui.history_views import HistoryViews
+
+    limit = import_limit_bytes(DEFAULT_MAX_REQUEST_BYTES)
+    assert DEFAULT_MAX_REQUEST_BYTES - 2**17 < limit < DEFAULT_MAX_REQUEST_BYTES
+    assert import_limit_bytes(None) == import_limit_bytes(2**30) == MAX_IMPORT_BYTES
+    server = ServedApp("--data-dir", str(tmp_path / "data"), manager=embedded_manager)
+    try:
+        fits = httpx.post(f"{server.url}/gradio_api/upload", timeout=60,
+                          files={"files": ("chats.json", b" " * limit, "application/json")})
+        assert fits.status_code == 200, fits.text
+        over = httpx.post(f"{server.url}/gradio_api/upload", timeout=60,
+                          files={"files": ("chats.json", b" " * DEFAULT_MAX_REQUEST_BYTES, "application/json")})
+        assert over.status_code == 413
+    finally:
+        server.stop()
+    store = Storage(tmp_path / "export")
+    try:
+        chat_id = store.create_chat(model="tiny")
+        store.put_message(chat_id, 0, "user", "x" * 2000)
+        path, note = HistoryViews(embedded_manager, store, import_limit=1000).export_chats("")
+        assert path and "more than this server imports" in note and "--max-request-bytes" in note
+    finally:
+        store.close()

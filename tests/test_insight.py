@@ -129,7 +129,8 @@ def yuan(tmp_path_factory):
                                   num_attention_heads=2)
     manager = ModelManager()
     manager.load(folder)
-    return manager
+    yield manager
+    manager.close()
 
 
 MESSAGES = [{"role": "user", "content": "Tell me about <b>bold</b> experts & routers"}]

@@ -6,9 +6,11 @@ import pandas as pd
 import pytest
 from gradio_client import Client
 
+from harness import chat_call
+
 pytestmark = pytest.mark.slow
 
-GREEDY = [0.0, 0.9, 50, 0.0, 1.0, 1.0, 0, 12, 1, ""]
+GREEDY = dict(temperature=0.0, max_new_tokens=12, seed=1)
 # explorer settings: temperature, top_k, top_p, min_p, repetition_penalty, tokens shown
 EXPLORE = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, top_n=20)
 
@@ -25,16 +27,18 @@ def client(launched_server):
 def test_inspect_a_chat_reply_token_by_token(client):
     heading, *_ = client.predict("Chat reply", 0, api_name="/insight_inspect")
     assert "No chat replies to inspect yet" in heading
-    client.predict("What is the capital of France?", "", *GREEDY, api_name="/chat")
+    client.predict(**chat_call("What is the capital of France?", **GREEDY), api_name="/chat")
     heading, view, tokens, alternatives, heatmap, load, routing_note = client.predict(
         "Chat reply", 0, api_name="/insight_inspect")
     tokens = frame(tokens)
     assert heading.startswith(f"**Chat reply 1**: {len(tokens)} tokens") and 3 <= len(tokens) <= 12
     assert view.count('class="insight-token"') == len(tokens) and "Paris" in "".join(tokens["token"])
     greedy = frame(alternatives)
-    # greedy: the chosen token is the model's most likely one, and nothing is warped
+    # greedy: the chosen token is the model's most likely one, and it was chosen with certainty (sampled p 1), whatever
+    # its model probability; the sampling side lists only it, the rest of its column blank (not NaN)
     assert greedy.iloc[0]["model chosen"] and greedy.iloc[0]["sampled chosen"]
-    assert list(tokens["sampled p"]) == pytest.approx(list(tokens["model p"]), rel=1e-4)
+    assert list(tokens["sampled p"]) == [1.0] * len(tokens) and (tokens["model p"] < 1).any()
+    assert list(greedy["sampled token"][1:]) == [""] * (len(greedy) - 1)
     table, line = client.predict(3, api_name="/insight_token")
     assert line.startswith("Token 3:") and len(frame(table)) == 5
     assert "⚠️" in client.predict(99, api_name="/insight_token")[1]

@@ -15,8 +15,8 @@ from harness import count_tokens
 
 
 @pytest.fixture()
-def manager(tiny_folder):
-    manager = ModelManager()
+def manager(new_manager, tiny_folder):
+    manager = new_manager()
     manager.load(tiny_folder)
     return manager
 
@@ -25,8 +25,8 @@ def manager(tiny_folder):
 LONG = {"temperature": 0, "max_new_tokens": 400}
 
 
-def test_load_reports_status_and_progress(tiny_folder):
-    manager = ModelManager()
+def test_load_reports_status_and_progress(new_manager, tiny_folder):
+    manager = new_manager()
     seen = []
     status = manager.load(tiny_folder, progress=lambda fraction, message: seen.append((fraction, message)))
     assert status["state"] == "ready"
@@ -56,8 +56,8 @@ def test_failed_load_keeps_previous_model(manager, tmp_path):
     assert result.stats.new_tokens == 3
 
 
-def test_failed_first_load_leaves_no_model(tmp_path):
-    manager = ModelManager()
+def test_failed_first_load_leaves_no_model(new_manager, tmp_path):
+    manager = new_manager()
     with pytest.raises(ModelFolderError, match="config.json"):
         (tmp_path / "empty").mkdir()
         manager.load(tmp_path / "empty")
@@ -66,10 +66,10 @@ def test_failed_first_load_leaves_no_model(tmp_path):
         manager.generate(prompt="Hello")
 
 
-def test_two_loads_at_once_one_wins(tiny_folder):
+def test_two_loads_at_once_one_wins(new_manager, tiny_folder):
     """A load asked for while another is running is refused, not stacked: the first load is held inside its progress
     callback until the second has been answered."""
-    manager = ModelManager()
+    manager = new_manager()
     started, answered = threading.Event(), threading.Event()
 
     def hold(fraction, message):

@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
+from harness import wait_for
+
 from playground.memory import MIB, MemorySampler, NvmlReader, NvmlUnavailable
 
 
@@ -40,9 +42,7 @@ def test_background_thread_samples_pauses_and_changes_interval():
     sampler = MemorySampler(interval=0.05)
     sampler.start()
     try:
-        time.sleep(0.4)
-        count = len(sampler.history())
-        assert count >= 4
+        wait_for(lambda: len(sampler.history()) >= 4, 10, "four samples at a 0.05 s interval", every=0.02)
         sampler.paused = True
         time.sleep(0.1)
         paused_at = len(sampler.history())

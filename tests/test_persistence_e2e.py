@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from gradio_client import Client, handle_file
 
-from harness import LaunchedServer
-from playground.storage import EXPORT_FORMAT
+from harness import LaunchedServer, ServedApp, ServerChecks, chat_call
+from playground.storage_exchange import EXPORT_FORMAT
 from playground.ui.lab_tab import SETTING_FIELDS
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ GREEDY = dict(temperature=0.0, top_p=0.9, top_k=50, min_p=0.0, typical_p=1.0, re
 
 
 def chat_args(message, **overrides):
-    return [message, "", *{**GREEDY, **overrides}.values()]
+    return chat_call(message, **{**GREEDY, **overrides})
 
 
 def frame(table) -> pd.DataFrame:
@@ -39,8 +39,11 @@ def text_of(message) -> str:
     return "".join(part["text"] for part in content) if isinstance(content, list) else content
 
 
-def start(data_dir: Path, log_dir: Path) -> tuple[LaunchedServer, Client]:
-    server = LaunchedServer("--data-dir", str(data_dir), log_dir=log_dir)
+def start(data_dir: Path, log_dir: Path, manager=None) -> tuple[ServerChecks, Client]:
+    """The app on `data_dir`: launched as a process, or (given a loaded `manager`) served from this one; either way
+    its store is opened anew from the folder."""
+    server = (ServedApp("--data-dir", str(data_dir), manager=manager) if manager is not None
+              else LaunchedServer("--data-dir", str(data_dir), log_dir=log_dir))
     try:
         server.wait_until(("ready",))
     except Exception:
@@ -49,12 +52,12 @@ def start(data_dir: Path, log_dir: Path) -> tuple[LaunchedServer, Client]:
     return server, Client(server.url, verbose=False)
 
 
-def test_chats_and_runs_survive_a_restart(tmp_path):
+def test_chats_and_runs_survive_a_restart(tmp_path, embedded_manager):
     data = tmp_path / "data"
-    server, client = start(data, tmp_path)
+    server, client = start(data, tmp_path, embedded_manager)
     try:
-        client.predict(*chat_args("My name is Ada. Say hi."), api_name="/chat")
-        chat, _, _ = client.predict(*chat_args("What is my name?"), api_name="/chat")
+        client.predict(**chat_args("My name is Ada. Say hi."), api_name="/chat")
+        chat, _, _ = client.predict(**chat_args("What is my name?"), api_name="/chat")
         replies = [text_of(m) for m in chat if m["role"] == "assistant"]
         table = {"headers": SETTING_FIELDS,
                  "data": [[0.0, 0.9, 50, 0, 1, 1, 0, 8, 1], [1.2, 0.95, 50, 0, 1, 1, 0, 8, 42]]}
@@ -65,14 +68,16 @@ def test_chats_and_runs_survive_a_restart(tmp_path):
         server.stop()
     assert (data / "playground.sqlite3").is_file()
 
-    server, client = start(data, tmp_path)
+    server, client = start(data, tmp_path, embedded_manager)
     try:
         chats = frame(client.predict(api_name="/history_chats"))
         assert list(chats["title"]) == ["My name is Ada. Say hi."] and list(chats["messages"]) == [4]
         runs = frame(client.predict(api_name="/history_runs"))
         # readable columns first, the id last; an untitled run shows its prompt
-        assert list(chats.columns) == ["title", "updated", "messages", "model", "id"]
-        assert list(runs["title"]) == ["Write a haiku about rain."] and list(runs["cells"]) == [2]
+        assert list(chats.columns) == ["title", "found", "updated", "messages", "model", "id"]
+        # an untitled run is named by its prompt and what its settings vary
+        assert list(runs["title"]) == ["Write a haiku about rain. · temperature 0 / 1.2; top_p 0.9 / 0.95; seed 1 / 42"]
+        assert list(runs["cells"]) == [2]
 
         # reopen the chat: the chatbot shows it (stats lines included) and the next turn continues it
         chat_id = chats["id"][0]
@@ -80,7 +85,7 @@ def test_chats_and_runs_survive_a_restart(tmp_path):
         assert roles(shown) == ["user", "assistant"] * 2 and "Opened" in note
         assert text_of(shown[0]) == "My name is Ada. Say hi." and replies[0] in text_of(shown[1])
         assert "tokens" in text_of(shown[1])  # the saved stats line is back under the reply
-        chat, status, _ = client.predict(*chat_args("Say goodbye."), api_name="/chat")
+        chat, status, _ = client.predict(**chat_args("Say goodbye."), api_name="/chat")
         assert roles(chat) == ["user", "assistant"] * 3 and status.startswith("Done:")
         chats = frame(client.predict(api_name="/history_chats"))
         assert list(chats["id"]) == [chat_id] and list(chats["messages"]) == [6]
@@ -139,9 +144,9 @@ def test_kill_mid_reply_keeps_completed_turns(tmp_path):
     data = tmp_path / "data"
     server, client = start(data, tmp_path)
     try:
-        client.predict(*chat_args("Hello!"), api_name="/chat")
+        client.predict(**chat_args("Hello!"), api_name="/chat")
         question = "Write a very long story about a dragon and a knight."
-        job = client.submit(*chat_args(question, temperature=0.8, seed=3, max_new_tokens=1500), api_name="/chat")
+        job = client.submit(**chat_args(question, temperature=0.8, seed=3, max_new_tokens=1500), api_name="/chat")
         streamed = 0
         for update in job:
             if update[0] and update[0][-1]["role"] == "assistant":
@@ -158,12 +163,18 @@ def test_kill_mid_reply_keeps_completed_turns(tmp_path):
     try:
         chats = frame(client.predict(api_name="/history_chats"))
         assert len(chats) == 1 and list(chats["messages"]) == [3]
-        note, shown, _, _ = client.predict(chats["id"][0], api_name="/history_open_chat")
+        note, shown, _, chat_status = client.predict(chats["id"][0], api_name="/history_open_chat")
         # the first turn, and the question that was being answered; the half reply is not there
         assert roles(shown) == ["user", "assistant", "user"] and text_of(shown[2]) == question
-        assert "Regenerate" in note
-        chat, status = client.predict("", *list(GREEDY.values()), api_name="/chat_regenerate")
+        assert "Regenerate" in chat_status and "Regenerate" not in note  # said on the Chat tab, where the user is
+        chat, status = client.predict(**chat_call(None, **GREEDY), api_name="/chat_regenerate")
         assert roles(chat) == ["user", "assistant", "user", "assistant"] and status.startswith("Done:")
         assert list(frame(client.predict(api_name="/history_chats"))["messages"]) == [4]
+        # Ctrl+C while a reply streams into an open page: a clean stop, one line, exit code 0.
+        job = client.submit(**chat_args(question, temperature=0.8, seed=4, max_new_tokens=1500), api_name="/chat")
+        next(iter(job))
+        assert server.interrupt() == 0
+        log = server.log()
+        assert "Stopped:" in log and "Traceback" not in log and "ERROR" not in log, log
     finally:
         server.stop()

@@ -38,12 +38,18 @@ def yuan_managers(tmp_path_factory):
                                   seed=4, vocab_size=135040, hidden_size=128, num_hidden_layers=2,
                                   num_attention_heads=2, attention_projection_size=256, num_experts=8,
                                   ffn_hidden_size=128)
-    return _managers(folder, "float32")
+    managers = _managers(folder, "float32")
+    yield managers
+    for manager in managers:
+        manager.close()
 
 
 @pytest.fixture(scope="module")
 def smollm2_managers():
-    return _managers(None, "float32")
+    managers = _managers(None, "float32")
+    yield managers
+    for manager in managers:
+        manager.close()
 
 
 def _same(resumed, cold, tolerance):

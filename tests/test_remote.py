@@ -7,9 +7,8 @@ import pytest
 from gradio_client import Client
 
 from fake_engine import FakeEngine
-from harness import LaunchedServer, count_tokens, free_port
+from harness import ServedApp, chat_call, count_tokens, free_port
 from playground.errors import ParameterError, PlaygroundError
-from playground.manager import ModelManager
 from playground.remote import RemoteEngine, metrics_url, parse_prometheus
 
 pytestmark = pytest.mark.slow
@@ -19,9 +18,8 @@ GREEDY = dict(temperature=0.0, top_p=0.9, top_k=50, min_p=0.0, typical_p=1.0, re
 
 
 @pytest.fixture(scope="module")
-def front(launched_server, tmp_path_factory):
-    server = LaunchedServer("--backend", "openai", "--base-url", launched_server.url + "/v1",
-                            log_dir=tmp_path_factory.mktemp("front"))
+def front(launched_server):
+    server = ServedApp("--backend", "openai", "--base-url", launched_server.url + "/v1")
     try:
         server.wait_until(("ready",), timeout=60)
         yield server
@@ -55,7 +53,7 @@ def test_openai_api_through_the_front_matches_the_remote(front, launched_server)
 
 def test_chat_and_lab_through_the_front(front):
     client = Client(front.url, verbose=False)
-    chat, status, _ = client.predict("Say hi.", "", *GREEDY.values(), api_name="/chat")
+    chat, status, _ = client.predict(**chat_call("Say hi.", **GREEDY), api_name="/chat")
     reply = chat[-1]["content"]
     reply = "".join(p["text"] for p in reply) if isinstance(reply, list) else reply
     assert reply.strip() and "tok" in status
@@ -79,7 +77,7 @@ def test_unavailable_field_is_rejected_not_dropped(front):
     assert answer.status_code == 400
     assert "typical_p is not available on the remote engine (yuan-playground)" in answer.json()["error"]["message"]
     settings = {**GREEDY, "typical_p": 0.5}
-    chat, status, _ = Client(front.url, verbose=False).predict("Hi", "", *settings.values(), api_name="/chat")
+    chat, status, _ = Client(front.url, verbose=False).predict(**chat_call("Hi", **settings), api_name="/chat")
     assert "typical_p is not available on the remote engine" in status
     assert httpx.post(front.url + "/", timeout=30, json={"prompt": "Hi", "max_new_tokens": 4,
                                                          "typical_p": 1.0}).status_code == 200  # its default is fine
@@ -95,8 +93,8 @@ def fake_vllm():
         yield engine.base_url
 
 
-def test_min_p_is_rejected_by_a_vllm_remote(fake_vllm):
-    manager = ModelManager()
+def test_min_p_is_rejected_by_a_vllm_remote(new_manager, fake_vllm):
+    manager = new_manager()
     status = manager.load_remote(fake_vllm)
     assert status["name"] == "fake-model" and status["remote_owner"] == "vllm"
     assert manager.unavailable_params() == ["typical_p", "no_repeat_ngram_size"]
@@ -138,9 +136,9 @@ def test_prometheus_parser_on_fake_text():
 # ------------------------------------------------------------------------------------------------ faults
 
 
-def test_remote_down_at_start_up_keeps_the_front_up(tmp_path):
+def test_remote_down_at_start_up_keeps_the_front_up():
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    server = LaunchedServer("--backend", "openai", "--base-url", dead, log_dir=tmp_path)
+    server = ServedApp("--backend", "openai", "--base-url", dead)
     try:
         status = server.wait_until(("error",), timeout=60)
         assert dead in status["last_error"] and "cannot reach" in status["last_error"]
@@ -149,11 +147,11 @@ def test_remote_down_at_start_up_keeps_the_front_up(tmp_path):
         server.stop()
 
 
-def test_wrong_key_is_named(tmp_path, launched_server):
-    remote = LaunchedServer("--api-key", "right", log_dir=tmp_path)
+def test_wrong_key_is_named(embedded_manager, new_manager):
+    remote = ServedApp("--api-key", "right", manager=embedded_manager)
     try:
         remote.wait_until(("ready",))
-        manager = ModelManager()
+        manager = new_manager()
         with pytest.raises(PlaygroundError, match="refused the API key"):
             manager.load_remote(remote.url + "/v1", api_key="wrong")
         assert manager.load_remote(remote.url + "/v1", api_key="right")["kind"] == "remote"

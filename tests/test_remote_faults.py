@@ -14,7 +14,7 @@ import pytest
 from gradio_client import Client
 
 from fake_engine import FakeEngine
-from harness import LaunchedServer, free_port
+from harness import LaunchedServer, ServedApp, chat_call, free_port, wait_for
 from playground.errors import PlaygroundError
 from playground.manager import GenerationHandle, ModelManager
 from playground.models.yuan.prompt import YuanChatFormat
@@ -46,9 +46,8 @@ def calm_engine(request):
 
 @pytest.fixture(scope="module")
 def front(engine, tmp_path_factory):
-    server = LaunchedServer("--backend", "openai", "--base-url", engine.base_url,
-                            "--remote-timeout", str(FRONT_TIMEOUT_S), "--remote-concurrency", "2",
-                            log_dir=tmp_path_factory.mktemp("front"))
+    server = ServedApp("--backend", "openai", "--base-url", engine.base_url,
+                       "--remote-timeout", str(FRONT_TIMEOUT_S), "--remote-concurrency", "2")
     try:
         server.wait_until(("ready",), timeout=90)
         yield server
@@ -57,15 +56,15 @@ def front(engine, tmp_path_factory):
 
 
 def chat(front, message: str) -> tuple[str, str]:
-    history, status, _ = Client(front.url, verbose=False).predict(message, "", *CHAT_DEFAULTS.values(),
+    history, status, _ = Client(front.url, verbose=False).predict(**chat_call(message, **CHAT_DEFAULTS),
                                                                    api_name="/chat")
     reply = history[-1]["content"] if history else ""
     reply = "".join(part["text"] for part in reply) if isinstance(reply, list) else reply
     return reply.split("\n\n<sub>")[0], status  # the stats line shown under a reply
 
 
-def connected(engine: FakeEngine, **kwargs) -> ModelManager:
-    manager = ModelManager()
+def connected(new_manager, engine: FakeEngine, **kwargs) -> ModelManager:
+    manager = new_manager()
     manager.load_remote(engine.base_url, **kwargs)
     return manager
 
@@ -104,8 +103,8 @@ def test_a_request_the_remote_refuses_is_a_400_not_a_gateway_error(front, engine
     assert front.status()["state"] == "ready"
 
 
-def test_stop_while_the_remote_is_silent_ends_at_once(engine):
-    manager = connected(engine, timeout_s=60)
+def test_stop_while_the_remote_is_silent_ends_at_once(new_manager, engine):
+    manager = connected(new_manager, engine, timeout_s=60)
     engine.first_token_delay_s = 30
     disconnects = engine.disconnects
     result = {}
@@ -129,8 +128,8 @@ def test_stop_while_the_remote_is_silent_ends_at_once(engine):
 # ------------------------------------------------------------------------------------- retries and back-off
 
 
-def test_overloaded_remote_is_retried_with_back_off(engine):
-    manager = connected(engine)
+def test_overloaded_remote_is_retried_with_back_off(new_manager, engine):
+    manager = connected(new_manager, engine)
     engine.failures[:] = [(503, "0.3"), (429, None)]
     before = len(engine.requests)
     result = manager.generate(prompt="Hi", params={"max_new_tokens": 8})
@@ -146,9 +145,9 @@ def test_overloaded_remote_is_retried_with_back_off(engine):
     assert len(engine.requests) - before == 3  # a few tries, not forever
 
 
-def test_refused_connections_are_retried_then_reported(engine):
+def test_refused_connections_are_retried_then_reported(new_manager, engine):
     late = FakeEngine(port=free_port()).start()
-    manager = connected(late)
+    manager = connected(new_manager, late)
     late.stop()
     restarted = FakeEngine(port=late.port)
     starter = threading.Timer(0.3, restarted.start)
@@ -171,7 +170,7 @@ def test_refused_connections_are_retried_then_reported(engine):
 
 def test_front_keeps_connecting_to_a_remote_that_starts_later(tmp_path):
     port = free_port()
-    server = LaunchedServer("--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1", log_dir=tmp_path)
+    server = ServedApp("--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1")
     late = FakeEngine(port=port)
     try:
         status = server.wait_until(("error",), timeout=90)
@@ -187,8 +186,8 @@ def test_front_keeps_connecting_to_a_remote_that_starts_later(tmp_path):
 # ------------------------------------------------------------------------------------------ concurrency
 
 
-def test_the_remote_gets_concurrency_requests_at_once_the_rest_wait_in_order(engine):
-    manager = connected(engine, concurrency=2)
+def test_the_remote_gets_concurrency_requests_at_once_the_rest_wait_in_order(new_manager, engine):
+    manager = connected(new_manager, engine, concurrency=2)
     engine.token_delay_s = 0.15
     before = len(engine.requests)
     engine.max_active = 0
@@ -203,10 +202,12 @@ def test_the_remote_gets_concurrency_requests_at_once_the_rest_wait_in_order(eng
 
     names = [f"caller-{i}" for i in range(5)]
     threads = []
-    for name in names:
+    for arrived, name in enumerate(names, start=1):
         threads.append(threading.Thread(target=ask, args=(name,)))
         threads[-1].start()
-        time.sleep(0.05)  # arrive in this order
+        # The next caller starts once this one holds its place (running or queued): they arrive in this order.
+        wait_for(lambda: manager.status()["running"] + manager.status()["queued"] >= arrived, 10,
+                 f"{name} to join the queue", every=0.01)
     for thread in threads:
         thread.join(30)
     assert results == {name: "Hello there, friend." for name in names}
@@ -234,8 +235,8 @@ def test_lab_settings_go_to_the_remote_at_once(front, engine):
     assert len(engine.requests) - before == 3  # the refused setting never reached the engine
 
 
-def test_closing_stream_each_on_a_remote_cancels_every_request(engine):
-    manager = connected(engine, concurrency=4)
+def test_closing_stream_each_on_a_remote_cancels_every_request(new_manager, engine):
+    manager = connected(new_manager, engine, concurrency=4)
     engine.token_delay_s = 0.5
     disconnects = engine.disconnects
     events = manager.stream_each([dict(prompt=f"p{i}", params={"max_new_tokens": 8}) for i in range(3)])
@@ -261,8 +262,8 @@ def yuan_engine():
         yield fake
 
 
-def test_yuan_prompt_is_built_here_for_a_vllm_without_chat_template(yuan_engine):
-    manager = connected(yuan_engine)
+def test_yuan_prompt_is_built_here_for_a_vllm_without_chat_template(new_manager, yuan_engine):
+    manager = connected(new_manager, yuan_engine)
     assert manager.status()["chat_format"] == "yuan"
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello\nworld"}]
     deltas, done = [], None
@@ -282,27 +283,27 @@ def test_yuan_prompt_is_built_here_for_a_vllm_without_chat_template(yuan_engine)
     assert yuan_engine.requests[-1]["body"]["top_k"] == 50  # the playground's default is sent, not vLLM's
 
 
-def test_server_chat_format_against_an_engine_without_template_says_what_to_do(yuan_engine):
-    manager = connected(yuan_engine, chat_format="server")
+def test_server_chat_format_against_an_engine_without_template_says_what_to_do(new_manager, yuan_engine):
+    manager = connected(new_manager, yuan_engine, chat_format="server")
     result = manager.generate(messages=[{"role": "user", "content": "Hi"}], params={"max_new_tokens": 4})
     assert result.stats.finish_reason == "error"
     assert "No chat template provided" in result.stats.error and "--remote-chat-format" in result.stats.error
 
 
-def test_unknown_chat_format_is_refused(engine):
+def test_unknown_chat_format_is_refused(new_manager, engine):
     with pytest.raises(PlaygroundError, match="unknown remote chat format 'chatml'"):
-        ModelManager().load_remote(engine.base_url, chat_format="chatml")
+        new_manager().load_remote(engine.base_url, chat_format="chatml")
 
 
-def test_declared_extensions_override_the_owner_table():
+def test_declared_extensions_override_the_owner_table(new_manager):
     with FakeEngine(owned_by="sglang") as other:  # an engine the owner table does not know
-        manager = connected(other)
+        manager = connected(new_manager, other)
         assert manager.status()["context_length"] == 4096  # from the engine's model card
         assert manager.unavailable_params() == ["top_k", "min_p", "typical_p", "repetition_penalty",
                                                 "no_repeat_ngram_size"]
         manager.generate(prompt="Hi", params={"max_new_tokens": 2})
         assert not {"top_k", "min_p"} & set(other.requests[-1]["body"])  # defaults not sent, nothing invented
-        manager = connected(other, extensions={"top_k", "typical_p"})  # --remote-extensions top_k,typical_p
+        manager = connected(new_manager, other, extensions={"top_k", "typical_p"})  # --remote-extensions top_k,typical_p
         assert manager.unavailable_params() == ["min_p", "repetition_penalty", "no_repeat_ngram_size"]
         manager.generate(prompt="Hi", params={"max_new_tokens": 2, "typical_p": 0.5})
         sent = other.requests[-1]["body"]
@@ -310,11 +311,11 @@ def test_declared_extensions_override_the_owner_table():
         with pytest.raises(PlaygroundError, match=r"min_p is not available on the remote engine \(sglang\)"):
             manager.generate(prompt="Hi", params={"min_p": 0.1})
     with pytest.raises(PlaygroundError, match="unknown sampling extension"):
-        ModelManager().load_remote(other.base_url, extensions={"top_z"})
+        new_manager().load_remote(other.base_url, extensions={"top_z"})
 
 
-def test_vllm_0_4_chat_logprobs_are_read(engine):
-    manager = connected(engine)
+def test_vllm_0_4_chat_logprobs_are_read(new_manager, engine):
+    manager = connected(new_manager, engine)
     engine.legacy_chat_logprobs = True
     try:
         result = manager.generate(messages=[{"role": "user", "content": "Hi"}], params={"max_new_tokens": 3},
@@ -333,9 +334,10 @@ def test_remote_metrics_are_plotted_in_the_memory_panel(front, engine):
     started = time.monotonic()
     reply, _ = chat(front, "Tell me something")
     assert reply == "Hello there, friend."
-    time.sleep(1.5)
     client = Client(front.url, verbose=False)
-    _, report, kv_plot, requests_plot, tokens_plot = client.predict(api_name="/memory_tick")
+    _, report, kv_plot, requests_plot, tokens_plot = wait_for(
+        lambda: (tick := client.predict(api_name="/memory_tick")) and "KV cache used" in tick[1] and tick, 10,
+        "a memory sample with the engine's figures", every=0.3)
     assert "KV cache used **37.5%**" in report and "requests waiting **0**" in report
     assert "this playground's process only" in report
 
@@ -356,9 +358,8 @@ def test_remote_metrics_are_plotted_in_the_memory_panel(front, engine):
     rates = series(tokens_plot)["generated tokens/s"]
     assert max(rates) > 0 and len(rates) >= 2  # the counter grew while the reply streamed
     engine.serve_metrics = False
-    time.sleep(1.5)
-    _, report, *_ = client.predict(api_name="/memory_tick")
-    assert "The remote engine serves no metrics" in report
+    wait_for(lambda: "The remote engine serves no metrics" in client.predict(api_name="/memory_tick")[1], 10,
+             "a memory sample taken after the engine stopped serving metrics", every=0.3)
 
 
 # ----------------------------------------------------------------------------- a real remote, killed
@@ -368,7 +369,7 @@ def test_remote_killed_mid_stream_through_a_launched_front(tmp_path):
     remote = LaunchedServer(log_dir=tmp_path)
     try:
         remote.wait_until(("ready",))
-        front = LaunchedServer("--backend", "openai", "--base-url", remote.url + "/v1", log_dir=tmp_path)
+        front = ServedApp("--backend", "openai", "--base-url", remote.url + "/v1")
         try:
             front.wait_until(("ready",), timeout=90)
             client = openai.OpenAI(base_url=front.url + "/v1", api_key="x", max_retries=0)
@@ -387,9 +388,9 @@ def test_remote_killed_mid_stream_through_a_launched_front(tmp_path):
             assert "went away mid-reply" in status["remote_last_failure"]["error"]  # /healthz tells operators
             reply, chat_status = chat(front, "Are you there?")
             assert "cannot reach the remote engine" in chat_status and "after 3 tries" in chat_status
-            time.sleep(1.5)  # a memory sample after the kill
-            _, report, *_ = Client(front.url, verbose=False).predict(api_name="/memory_tick")
-            assert "The remote engine cannot be reached now" in report
+            panel = Client(front.url, verbose=False)
+            wait_for(lambda: "The remote engine cannot be reached now" in panel.predict(api_name="/memory_tick")[1],
+                     10, "a memory sample taken after the kill", every=0.3)
             assert httpx.get(front.url + "/", timeout=10).status_code == 200
         finally:
             front.stop()
@@ -432,7 +433,7 @@ def test_remote_options_and_their_environment_variables(monkeypatch, capsys):
 
 def test_inspector_uses_the_remote_logprobs_and_routing_says_why_it_is_off(front):
     client = Client(front.url, verbose=False)
-    client.predict("Hi there", "", *CHAT_DEFAULTS.values(), api_name="/chat")
+    client.predict(**chat_call("Hi there", **CHAT_DEFAULTS), api_name="/chat")
     heading, view, tokens, alternatives, heatmap, load, routing_note = client.predict(
         "Chat reply", 0, api_name="/insight_inspect")
     columns, rows = tokens["headers"], tokens["data"]

@@ -13,7 +13,7 @@ from gradio_client import Client
 
 from harness import LaunchedServer
 from playground.config import parse_args
-from playground.manager import EMBEDDED
+from playground.model_loading import EMBEDDED
 from playground.ui.model_panel import ENABLE_HINT, ModelChoiceError, model_choices, resolve_choice
 
 API_KEY = "security-key-42"
@@ -184,13 +184,12 @@ def test_panel_loads_from_the_root_only_safetensors(guarded):
 # ----------------------------------------------------------------------------------------- remote code
 
 
-def test_a_folder_asking_for_remote_code_never_runs_it(tiny_folder, tmp_path):
+def test_a_folder_asking_for_remote_code_never_runs_it(new_manager, tiny_folder, tmp_path):
     """A transformers folder whose config names remote code (auto_map) is refused with the reason, and the remote
     module is never imported: it would leave a marker file."""
     import json
 
     from playground.errors import ModelFolderError
-    from playground.manager import ModelManager
 
     folder = tmp_path / "remote-code"
     shutil.copytree(tiny_folder, folder)
@@ -201,7 +200,7 @@ def test_a_folder_asking_for_remote_code_never_runs_it(tiny_folder, tmp_path):
     config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig"}
     config["model_type"] = "custom-remote"
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    manager = ModelManager()
+    manager = new_manager()
     with pytest.raises(ModelFolderError, match="remote-code"):
         manager.load(folder)
     assert not marker.exists()

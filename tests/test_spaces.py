@@ -13,7 +13,6 @@ import playground.embedded as embedded
 from playground.config import parse_args, resolve_hub_model
 from playground.embedded import HUB_REPO, ensure_converted
 from playground.errors import ModelFolderError
-from playground.manager import ModelManager
 from playground.spaces_support import GpuCalls
 from tests.conftest import REPO
 
@@ -170,14 +169,14 @@ def test_without_spaces_jobs_run_directly(monkeypatch):
     assert not gpu_calls.zero_gpu
 
 
-def test_spaces_gpu_wraps_the_generation_and_records_memory(fake_spaces, monkeypatch):
+def test_spaces_gpu_wraps_the_generation_and_records_memory(new_manager, fake_spaces, monkeypatch):
     # CUDA figures are read at the end of the wrapped call; fake them so the test runs on CPU.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 3 * 2**20)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 5 * 2**20)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 8 * 2**20)
-    manager = ModelManager()  # its shim looks for `spaces` on its first call: the fake one
+    manager = new_manager()  # its shim looks for `spaces` on its first call: the fake one
     gpu_calls = manager.gpu_calls
     assert gpu_calls.run(lambda: "generated") == "generated"
     assert fake_spaces == ["_call_and_record"] and gpu_calls.zero_gpu
@@ -189,11 +188,9 @@ def test_spaces_gpu_wraps_the_generation_and_records_memory(fake_spaces, monkeyp
     assert "ZeroGPU call" in memory_report(manager) and "peak 5 MiB" in memory_report(manager)
 
 
-def test_the_manager_runs_generate_through_the_shim(fake_spaces, tmp_path):
+def test_the_manager_runs_generate_through_the_shim(new_manager, fake_spaces, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from playground.manager import ModelManager
 
     vocab = {f"w{i}": i for i in range(64)} | {"[UNK]": 64}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -202,7 +199,7 @@ def test_the_manager_runs_generate_through_the_shim(fake_spaces, tmp_path):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=65, n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    manager = ModelManager()
+    manager = new_manager()
     manager.load(tmp_path)
     result = manager.generate(prompt="w1 w2 w3", params={"temperature": 0, "max_new_tokens": 3})
     assert result.stats.finish_reason in ("stop", "length") and fake_spaces == ["_call_and_record"]

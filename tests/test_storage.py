@@ -15,19 +15,16 @@ import threading
 import pytest
 
 from playground import storage as storage_module
-from playground.manager import ModelManager
-from playground.storage import (
-    DATABASE_NAME,
-    EXPORT_FORMAT,
-    MAX_IMPORT_BYTES,
-    MAX_TITLE_CHARS,
+from playground.storage import DATABASE_NAME, Storage, default_data_dir
+from playground.storage_exchange import (
     Chat,
+    EXPORT_FORMAT,
     ImportFileError,
     LabCell,
+    MAX_IMPORT_BYTES,
+    MAX_TITLE_CHARS,
     Message,
-    Storage,
     StorageError,
-    default_data_dir,
     export_json,
     parse_chat_export,
     read_chat_file,
@@ -128,7 +125,8 @@ def test_lab_run_with_cells_and_csv(store):
     assert run.prompt == "Write a haiku." and run.model == "tiny" and len(run.settings) == 2
     assert [(c.setting_index, c.output) for c in run.cells] == [(0, "one"), (1, "two, with \"quotes\"\nand a newline")]
     assert store.list_runs()[0] | {"created": None} == {"id": run_id, "title": None, "created": None, "model": "tiny",
-                                                          "prompt": "Write a haiku.", "cells": 2}
+                                                          "prompt": "Write a haiku.", "cells": 2, "hit": None,
+                                                          "settings": run.settings}
     rows = list(csv.DictReader(io.StringIO(store.export_runs_csv())))
     assert [r["run_id"] for r in rows] == [run_id, run_id]
     assert rows[0]["setting"] == "1" and rows[0]["new_tokens"] == "3" and rows[0]["temperature"] == "0.0"
@@ -194,9 +192,9 @@ def test_oversize_file_refused_before_reading(tmp_path):
     big = tmp_path / "big.json"
     with open(big, "wb") as handle:
         handle.truncate(MAX_IMPORT_BYTES + 1)
-    with pytest.raises(ImportFileError, match="up to 10 MB"):
+    with pytest.raises(ImportFileError, match="up to 10.0 MB"):
         read_chat_file(big)
-    with pytest.raises(ImportFileError, match="up to 10 MB"):
+    with pytest.raises(ImportFileError, match="up to 10.0 MB"):
         parse_chat_export(b" " * (MAX_IMPORT_BYTES + 1))
 
 
@@ -358,17 +356,17 @@ def test_imported_chats_are_marked(store):
     assert store.load_chat(copy).title == store.load_chat(made).title  # the title is the original's
 
 
-def test_history_tab_shows_imported_and_reopens_runs_in_the_lab(store):
+def test_history_tab_shows_imported_and_reopens_runs_in_the_lab(new_manager, store):
     from playground.ui.history_views import IMPORTED, HistoryViews
     from playground.ui.lab_tab import SETTING_FIELDS
 
     made = store.create_chat()
     store.put_message(made, 0, "user", "hello")
     (copy,) = store.import_chats(parse_chat_export(export_json(store.export_chats()).encode()))
-    views = HistoryViews(ModelManager(), store)  # no model: nothing here generates
+    views = HistoryViews(new_manager(), store)  # no model: nothing here generates
     table = views.chats_table().set_index("id")
     assert table.loc[made, "title"] == "hello" and table.loc[copy, "title"] == "hello" + IMPORTED
-    assert list(views.chats_table()) == ["title", "updated", "messages", "model", "id"]
+    assert list(views.chats_table()) == ["title", "found", "updated", "messages", "model", "id"]
     rows = [{name: index + 1 for index, name in enumerate(SETTING_FIELDS)}, {"temperature": 0.5, "extra": 1}]
     run_id = store.save_lab_run("The prompt", [LabCell(0, rows[0], "out")], settings=rows)
     note, prompt, settings, _ = views.run_to_lab(run_id)
@@ -377,6 +375,27 @@ def test_history_tab_shows_imported_and_reopens_runs_in_the_lab(store):
     assert settings.iloc[1]["temperature"] == 0.5 and settings.iloc[1].isna().sum() == len(SETTING_FIELDS) - 1
     assert "The prompt" in note
     assert views.run_to_lab("missing")[0].startswith("⚠️") and views.rename_chat("", "x")[0].startswith("⚠️")
+
+
+def test_history_lists_tell_runs_apart_and_show_where_a_search_matched(new_manager, store):
+    from playground.ui.history_views import HistoryViews
+
+    settings = [{"temperature": 0.0, "seed": 1}, {"temperature": 0.7, "seed": 1}]
+    for index in range(2):
+        store.save_lab_run("Name a fruit.", [LabCell(0, settings[0], f"A ripe mango, run {index}.")],
+                           settings=settings if index else settings[:1] + [{"temperature": 1.2, "seed": 1}])
+    chat_id = store.create_chat()
+    store.put_message(chat_id, 0, "user", "Tell me about the quokka, a small marsupial from Western Australia.")
+    views = HistoryViews(new_manager(), store)
+    titles = list(views.runs_table()["title"])
+    assert titles == ["Name a fruit. · temperature 0 / 0.7", "Name a fruit. · temperature 0 / 1.2"]
+    runs = views.runs_table("MANGO")
+    assert len(runs) == 2 and all(text.startswith("A ripe mango, run") for text in runs["found"])
+    chats = views.chats_table("marsupial")
+    found = chats["found"][0]  # a few words on each side of the match, marked where the text goes on
+    assert found.startswith("…") and "quokka, a small marsupial from Western" in found
+    assert len(found) <= 1 + 30 + len("marsupial") + 30 + 1
+    assert list(views.chats_table()["found"]) == [""]  # no search, nothing to show
 
 
 # ------------------------------------------------------------------------------------------ private files
@@ -583,3 +602,25 @@ def test_a_whole_surrogate_pair_in_a_file_is_one_character(store):
     assert b"\\ud83d\\ude00" in data  # written as a UTF-16 pair of escapes
     (chat_id,) = store.import_chats(parse_chat_export(data))
     assert roles_and_texts(store, chat_id) == [("user", "smile \U0001F600")]
+
+
+def test_a_saved_reply_keeps_every_setting_and_reopening_gives_them_back(store):
+    from playground.generation.events import GenerationStats
+    from playground.params import SamplingParams
+    from playground.ui.chat_tab import SCHEMA_INPUT, reply_stats, saved_settings
+
+    params = SamplingParams(temperature=0.3, top_k=7, seed=5, stop=["\n\n"], max_new_tokens=9)
+    chat_id = store.create_chat()
+    store.put_message(chat_id, 0, "user", "hi")
+    store.put_message(chat_id, 1, "assistant", "hello",
+                      stats=reply_stats(GenerationStats(new_tokens=1), "tiny", params, '{"type": "object"}'))
+    store.put_message(chat_id, 2, "user", "again")  # a last message without a reply: the reply's settings count
+    (copy,) = store.import_chats(parse_chat_export(export_json(store.export_chats([chat_id])).encode()))
+    for saved in (store.load_chat(chat_id), store.load_chat(copy)):  # kept in an export and its import too
+        values = saved_settings(saved)
+        assert values["temperature"] == 0.3 and values["top_k"] == 7 and values["max_new_tokens"] == 9
+        assert values["seed"] == "5" and values["stop"] == "\\n\\n" and values[SCHEMA_INPUT] == '{"type": "object"}'
+    bare = store.create_chat()
+    store.put_message(bare, 0, "user", "hi")
+    store.put_message(bare, 1, "assistant", "old reply", stats={"summary": "1 token"})  # saved before settings were
+    assert saved_settings(store.load_chat(bare)) is None

@@ -82,3 +82,27 @@ def test_the_streamer_sends_each_token_with_both_summaries():
     assert info.text == "<1>" and info.sampled_logprob == 0.0
     assert [i for i, _, _ in info.top] == [1, 2] and info.logprob < 0
     assert info.sampled_top == [(1, "<1>", 0.0)]  # a token the settings ruled out is not an alternative
+
+
+def test_a_greedy_token_reads_as_chosen_with_certainty(tokenizer_and_special):
+    """Under greedy decoding the sampling distribution is all on the chosen token, whatever its score's softmax."""
+    tokenizer, _ = tokenizer_and_special
+    raw = StepDistribution(top_n=3)
+    processed = StepDistribution(top_n=3)
+    logits = torch.tensor([0.0, 1.0, 0.5, 0.9])
+    raw.record(logits)
+    processed.record(logits)
+    figures = torch.cat([raw.summary(1), processed.summary(1)]).tolist()
+    sampled = token_info(tokenizer, 1, figures, 3)
+    greedy = token_info(tokenizer, 1, figures, 3, greedy=True)
+    assert sampled.sampled_logprob < -0.5 and greedy.logprob == sampled.logprob  # the model's own figures stay
+    assert greedy.sampled_logprob == 0.0 and [i for i, _, _ in greedy.sampled_top] == [1]
+
+
+def test_the_stats_line_counts_in_words_and_says_how_long_the_queue_took():
+    from playground.generation.events import GenerationStats
+
+    one = GenerationStats(prompt_tokens=1, new_tokens=1, queue_wait_s=0.1).summary()
+    assert one.startswith("1 token ·") and "prompt 1 token ·" in one and "queue" not in one
+    waited = GenerationStats(prompt_tokens=5, new_tokens=2, queue_wait_s=20.04, time_to_first_token_s=1.07).summary()
+    assert "2 tokens" in waited and "waited 20.0 s in the queue · first token after 1.07 s" in waited

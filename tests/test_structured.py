@@ -12,6 +12,8 @@ import pytest
 from pydantic import BaseModel
 
 from fake_engine import FakeEngine
+from harness import chat_call
+
 from playground.errors import ParameterError
 from playground.manager import ModelManager
 from playground.structured import ResponseFormat, reply_vocabulary
@@ -143,13 +145,13 @@ def test_a_penalty_that_bans_every_allowed_token_does_not_break_the_reply(manage
     jsonschema.validate(json.loads(result.text), PERSON)
 
 
-def test_yuan_tokenizer_under_a_json_grammar(tmp_path_factory, yuan_tokenizer_dir):
+def test_yuan_tokenizer_under_a_json_grammar(new_manager, tmp_path_factory, yuan_tokenizer_dir):
     from playground.models.yuan.make_tiny import make_tiny_checkpoint
 
     folder = make_tiny_checkpoint(tmp_path_factory.mktemp("yuan-structured") / "Yuan2-tiny", seed=11,
                                   tokenizer_dir=yuan_tokenizer_dir, hidden_size=128, attention_projection_size=256,
                                   num_attention_heads=2, num_hidden_layers=1)
-    yuan = ModelManager()
+    yuan = new_manager()
     assert yuan.load(folder, device="cpu")["chat_format"] == "yuan"
     loaded = yuan.require_local("the test")
     vocabulary = reply_vocabulary(loaded.tokenizer, loaded.chat_format, 135040, frozenset({77185})).decoded_vocab
@@ -214,9 +216,9 @@ def test_an_uncompilable_schema_is_a_400_naming_the_problem(client, model):
 # ------------------------------------------------------------------------------------------ a remote engine
 
 
-def test_the_format_is_passed_through_to_a_remote_engine():
+def test_the_format_is_passed_through_to_a_remote_engine(new_manager):
     with FakeEngine() as engine:
-        remote = ModelManager()
+        remote = new_manager()
         remote.load_remote(engine.base_url)
         remote.generate(messages=ASK_PERSON, params={"max_new_tokens": 8}, response_format=PERSON_FORMAT)
         assert engine.requests[-1]["body"]["response_format"] == PERSON_FORMAT
@@ -231,9 +233,9 @@ def test_the_format_is_passed_through_to_a_remote_engine():
         assert len(engine.requests) == sent  # refused before anything was sent
 
 
-def test_regex_goes_to_a_remote_playground():
+def test_regex_goes_to_a_remote_playground(new_manager):
     with FakeEngine(owned_by="yuan-playground") as engine:
-        remote = ModelManager()
+        remote = new_manager()
         remote.load_remote(engine.base_url)
         remote.generate(prompt="A number:", params={"max_new_tokens": 8},
                         response_format={"type": "regex", "regex": r"\d+"})
@@ -254,14 +256,14 @@ def test_the_chat_and_the_lab_take_a_schema_and_check_the_reply(launched_server)
     from playground.ui.lab_tab import SETTING_FIELDS
 
     ui = Client(launched_server.url, verbose=False)
-    chat, status, _ = ui.predict("Name a colour as JSON.", "", **CHAT_SETTINGS, response_schema=json.dumps(COLOUR),
+    chat, status, _ = ui.predict(**chat_call("Name a colour as JSON.", **CHAT_SETTINGS), response_schema=json.dumps(COLOUR),
                                  api_name="/chat")
     assert "valid JSON matching the schema" in status, status
     reply = chat[-1]["content"] if isinstance(chat[-1]["content"], str) else chat[-1]["content"][0]["text"]
     shown = reply.split("\n\n<sub>")[0]
     jsonschema.validate(json.loads(shown), COLOUR)
     assert "\n  " in shown  # pretty-printed for people
-    _, refused, box = ui.predict("Hi", "", **CHAT_SETTINGS, response_schema="{not json", api_name="/chat")
+    _, refused, box = ui.predict(**chat_call("Hi", **CHAT_SETTINGS), response_schema="{not json", api_name="/chat")
     assert "the structured-output schema is not JSON" in refused and box == "Hi"
     row = [0.0, 0.9, 50, 0.0, 1.0, 1.1, 0, 40, 1]
     table = {"headers": SETTING_FIELDS, "data": [row, [0.7, *row[1:]]]}

@@ -25,7 +25,7 @@ import pytest
 import torch
 from gradio_client import Client
 
-from harness import LaunchedServer
+from harness import ServedApp
 from vllm_engine import YUAN_INT4_ARGS, VllmServer
 from playground.models.yuan import YuanChatFormat, load_yuan
 from playground.models.yuan.make_tiny import make_tiny_checkpoint
@@ -62,7 +62,17 @@ def folders(tmp_path_factory, yuan_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def servers(folders, tmp_path_factory):
+def refused_start(folders, tmp_path_factory):
+    """A vLLM started on the Yuan folder without `--tokenizer-mode yuan`; started with the module's servers (its start
+    up overlaps theirs), read by the test that expects it to exit."""
+    server = VllmServer(folders["float"], "--dtype", "float32", log_dir=tmp_path_factory.mktemp("vllm-refused"),
+                        yuan_args=("--enforce-eager",))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(folders, tmp_path_factory, refused_start):
     log_dir = tmp_path_factory.mktemp("vllm-logs")
     started = {
         "float": VllmServer(folders["float"], "--dtype", "float32", "--max-model-len", "1024",
@@ -238,13 +248,9 @@ def test_the_release_folder_serves_without_running_its_remote_code(servers, fold
         assert "remote code from the model folder was executed" not in server.log(tail=10**7)
 
 
-def test_another_tokenizer_is_refused_with_the_flag_to_use(folders, tmp_path):
-    server = VllmServer(folders["float"], "--dtype", "float32", log_dir=tmp_path, yuan_args=("--enforce-eager",))
-    try:
-        assert server.wait_exit() != 0
-        assert "start vLLM with --tokenizer-mode yuan" in server.log(tail=10**7)
-    finally:
-        server.stop()
+def test_another_tokenizer_is_refused_with_the_flag_to_use(refused_start):
+    assert refused_start.wait_exit() != 0
+    assert "start vLLM with --tokenizer-mode yuan" in refused_start.log(tail=10**7)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -253,8 +259,7 @@ def test_another_tokenizer_is_refused_with_the_flag_to_use(folders, tmp_path):
 
 @pytest.fixture(scope="module")
 def front(servers, tmp_path_factory):
-    server = LaunchedServer("--backend", "openai", "--base-url", servers["float"].base_url,
-                            log_dir=tmp_path_factory.mktemp("front"))
+    server = ServedApp("--backend", "openai", "--base-url", servers["float"].base_url)
     try:
         server.wait_until(("ready",), timeout=120)
         yield server

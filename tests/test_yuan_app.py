@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 from gradio_client import Client
 
-from harness import LaunchedServer, count_tokens
+from harness import ServedApp, chat_call, count_tokens
 from playground.errors import ModelFolderError
-from playground.manager import ModelManager
 from playground.models.yuan.make_tiny import make_tiny_checkpoint
 from tests.conftest import YUAN_TOKENIZER_DIR
 
@@ -22,8 +21,8 @@ def tiny_int4(tmp_path_factory):
                                 num_attention_heads=2)
 
 
-def test_manager_serves_yuan_in_its_prompt_format(tiny_int4):
-    manager = ModelManager()
+def test_manager_serves_yuan_in_its_prompt_format(new_manager, tiny_int4):
+    manager = new_manager()
     status = manager.load(tiny_int4)
     assert status["kind"] == "yuan-int4" and status["chat_format"] == "yuan" and status["has_experts"]
     assert sorted(p.name for p in tiny_int4.glob("*.safetensors*"))[-1].endswith("safetensors02")
@@ -39,14 +38,14 @@ def test_manager_serves_yuan_in_its_prompt_format(tiny_int4):
     assert again.text == result.text
 
 
-def test_broken_yuan_folder_names_the_file(tiny_int4, tmp_path):
+def test_broken_yuan_folder_names_the_file(new_manager, tiny_int4, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     for path in tiny_int4.iterdir():
         data = path.read_bytes()
         # a half-downloaded last part
         (broken / path.name).write_bytes(data[: len(data) // 2] if path.name.endswith("safetensors02") else data)
-    manager = ModelManager()
+    manager = new_manager()
     with pytest.raises(ModelFolderError, match="safetensors02"):
         manager.load(broken)
     (broken / "tokenizer.model").unlink()
@@ -56,14 +55,13 @@ def test_broken_yuan_folder_names_the_file(tiny_int4, tmp_path):
 
 
 def test_launch_serves_tiny_int4_yuan_in_the_chat_tab(tiny_int4, tmp_path):
-    server = LaunchedServer("--model", str(tiny_int4), log_dir=tmp_path)
+    server = ServedApp("--model", str(tiny_int4))
     try:
         status = server.wait_until(("ready", "error"), timeout=180)
         assert status["state"] == "ready", status
         assert status["kind"] == "yuan-int4" and status["name"] == tiny_int4.name
         client = Client(server.url, verbose=False)
-        args = ["你好", "", 0.0, 0.9, 50, 0.0, 1.0, 1.0, 0, 16, 1, ""]
-        job = client.submit(*args, api_name="/chat")
+        job = client.submit(**chat_call("你好", max_new_tokens=16), api_name="/chat")
         updates = list(job)
         chat, note, _ = job.outputs()[-1]
         assert len(updates) >= 2 and [m["role"] for m in chat] == ["user", "assistant"]
@@ -79,20 +77,20 @@ def test_launch_with_corrupt_yuan_folder_stays_up_with_the_error(tiny_int4, tmp_
     for path in tiny_int4.iterdir():
         (broken / path.name).write_bytes(path.read_bytes())
     (broken / "gptq_model-4bit-128g.safetensors00").write_bytes(b"\xff" * 64)  # header no longer parses
-    server = LaunchedServer("--model", str(broken), log_dir=tmp_path)
+    server = ServedApp("--model", str(broken))
     try:
         status = server.wait_until(("error",), timeout=120)
         assert "safetensors" in status["last_error"]
         client = Client(server.url, verbose=False)
         assert "No model loaded" in client.predict(api_name="/status")
-        chat, note, box = client.predict("Hello", "", 0.0, 0.9, 50, 0.0, 1.0, 1.0, 0, 8, 1, "", api_name="/chat")
+        chat, note, box = client.predict(**chat_call("Hello", max_new_tokens=8), api_name="/chat")
         assert "safetensors" in note and chat == [] and box == "Hello"
     finally:
         server.stop()
 
 
-def test_routing_capture_and_next_token_logits(tiny_int4):
-    manager = ModelManager()
+def test_routing_capture_and_next_token_logits(new_manager, tiny_int4):
+    manager = new_manager()
     manager.load(tiny_int4)
     messages = [{"role": "user", "content": "你好"}]
     done = [e for e in manager.stream(messages=messages, params={"temperature": 0, "max_new_tokens": 6},

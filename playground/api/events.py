@@ -14,7 +14,8 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 from fastapi import Request
 
 from playground.api.http_errors import ClientDisconnected
-from playground.manager import GenerationEvent, GenerationHandle, ModelManager
+from playground.generation.events import GenerationEvent
+from playground.manager import GenerationHandle, ModelManager
 
 T = TypeVar("T")
 _END = object()

@@ -1,4 +1,5 @@
-"""ASGI middleware in front of every route, the UI's included: request size, HTTP methods, hidden pages.
+"""ASGI middleware in front of every route, the UI's included: request size, HTTP methods, hidden pages, and open
+streams ended cleanly at shutdown.
 
 Each answers in OpenAI's error shape (`http_errors.ApiError`) before a route runs, so a refused request costs
 neither the model's time nor memory.
@@ -6,6 +7,8 @@ neither the model's time nor memory.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 from typing import Any, Awaitable, Callable
@@ -148,3 +151,64 @@ class LoginPageGuard:
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, buffered_send)
+
+
+class ShutdownSignal:
+    """Set once, when the server starts to stop; the middleware below waits on it (from the server's event loop)."""
+
+    def __init__(self):
+        self._event: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def event(self) -> asyncio.Event:
+        if self._event is None:  # made in the server's loop, on its first request
+            self._event, self._loop = asyncio.Event(), asyncio.get_running_loop()
+        return self._event
+
+    def set(self) -> None:
+        """From the signal handler (any thread): wake every open stream."""
+        if self._event is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._event.set)
+
+
+class EndStreamsOnShutdown:
+    """At shutdown, end the responses still open (the UI's event streams, a reply being streamed) at once and
+    cleanly: the response is closed as a finished one. Otherwise the server waits for them until its graceful
+    timeout and then cancels them, with an error and a traceback per stream in the terminal."""
+
+    def __init__(self, app: Asgi, shutdown: ShutdownSignal):
+        self.app = app
+        self.shutdown = shutdown
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = {"started": False, "finished": False}
+
+        async def tracked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                state["finished"] = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, receive, tracked))
+        stopping = asyncio.ensure_future(self.shutdown.event().wait())
+        try:
+            await asyncio.wait({handler, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server cancels this request: the handler goes with it
+            handler.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if handler.done():
+            handler.result()  # its own outcome, errors included
+            return
+        handler.cancel()
+        with contextlib.suppress(BaseException):
+            await handler
+        if not state["started"]:
+            await send_error(send, ApiError(503, "the server is stopping", code="server_stopping"))
+        elif not state["finished"]:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})

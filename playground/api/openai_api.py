@@ -20,7 +20,8 @@ from playground.api.dependencies import current_manager
 from playground.api.events import collect, first_event, generation_events, unless_disconnected
 from playground.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from playground.errors import ParameterError
-from playground.manager import GenerationEvent, GenerationStats, ModelManager, TokenInfo
+from playground.generation.events import GenerationEvent, GenerationStats, TokenInfo, openai_finish_reason
+from playground.manager import ModelManager
 
 router = APIRouter(prefix="/v1", route_class=ApiRoute, tags=["OpenAI-compatible"])
 
@@ -43,7 +44,7 @@ def finish_reason(stats: GenerationStats) -> str:
     if stats.finish_reason == "error":
         raise generation_failed(stats)
     # "cancelled" only happens when the client has gone, so no client reads it; "stop" is the honest rest.
-    return "length" if stats.finish_reason == "length" else "stop"
+    return openai_finish_reason(stats.finish_reason)
 
 
 def usage(stats: GenerationStats) -> dict[str, Any]:
@@ -179,7 +180,8 @@ def list_models(manager: ModelManager = Depends(current_manager)) -> dict[str, A
     loaded = manager.require_model()
     return {
         "object": "list",
-        "data": [{"id": loaded.name, "object": "model", "created": 0, "owned_by": "yuan-playground"}],
+        "data": [{"id": loaded.name, "object": "model", "created": int(loaded.loaded_at),
+                  "owned_by": "yuan-playground"}],
     }
 
 

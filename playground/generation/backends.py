@@ -1,15 +1,15 @@
-"""The two backends behind the manager, with one interface: a model loaded in this process, or a remote
+"""The backends behind the manager, with one interface (`Backend`): a model loaded in this process, or a remote
 OpenAI-compatible engine. The manager picks one when a model is loaded and delegates; nothing else asks which.
 
 Each backend says which FIFO gate orders its callers (`gate_key`), whether several requests may run at once
-(`batches`), checks a request before it is queued (`prepare`), streams it (`stream`), and reports what it cannot
-take and what the status shows.
+(`batches`), checks a `GenerationRequest` before it is queued (`prepare`), streams it (`stream`), and reports what
+it cannot take and what the status shows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -24,6 +24,43 @@ from playground.model_loading import LoadedModel
 from playground.params import SamplingParams
 from playground.spaces_support import GpuCalls
 from playground.structured import CompiledFormat, ResponseFormat, StructuredDecoding
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One reply asked of a backend: chat `messages` (checked) or a raw `prompt`, and how to generate it."""
+
+    messages: list[dict] | None
+    prompt: str | None
+    params: SamplingParams
+    response_format: ResponseFormat | None = None
+    logprobs: int | None = None  # top alternatives per token (0: the chosen token's logprob only; None: none)
+    capture_routing: bool = False  # attach the experts every token went to (models with experts)
+
+
+class Backend(Protocol):
+    """What the manager needs of a backend."""
+
+    batches: bool  # several requests may run at once (the gate gets more slots)
+    loaded: LoadedModel
+
+    @property
+    def gate_key(self) -> str: ...  # the FIFO gate that orders this backend's callers
+
+    def local(self, what: str) -> LoadedModel: ...  # the model in this process, or a PlaygroundError saying why not
+
+    def prepare(self, request: GenerationRequest) -> Any: ...  # checks before the queue; what `stream` needs
+
+    def stream(self, request: GenerationRequest, prepared: Any, handle: GenerationHandle,
+               queue_wait: float) -> Iterator[GenerationEvent]: ...
+
+    def unavailable_params(self) -> list[str]: ...
+
+    def status_fields(self) -> dict[str, Any]: ...
+
+    def metrics(self) -> dict[str, float] | None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -59,13 +96,14 @@ class LocalBackend:
         """The loaded model, for `what` needs its tokenizer or weights."""
         return self.loaded
 
-    def prepare(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams,
-                response_format: ResponseFormat | None = None) -> LocalRequest:
+    def prepare(self, request: GenerationRequest) -> LocalRequest:
         """The prompt's token ids and the compiled format: bad input (a schema xgrammar cannot compile too) fails
         here, before it takes a place in the queue."""
-        text = self.loaded.chat_format.build_prompt(messages) if messages is not None else prompt
-        input_ids = encode_prompt(self.loaded, text, params, known=self._last_encoded)
+        messages = request.messages
+        text = self.loaded.chat_format.build_prompt(messages) if messages is not None else request.prompt
+        input_ids = encode_prompt(self.loaded, text, request.params, known=self._last_encoded)
         self._last_encoded = (text, input_ids)  # one pair, replaced whole: safe to read from other threads
+        response_format = request.response_format
         grammar = self.structured().compile(response_format) if response_format is not None else None
         return LocalRequest(input_ids, grammar)
 
@@ -79,11 +117,11 @@ class LocalBackend:
             self._structured = StructuredDecoding(loaded.tokenizer, loaded.chat_format, vocab_size, ends)
         return self._structured
 
-    def stream(self, prepared: LocalRequest, messages, prompt, params: SamplingParams, handle: GenerationHandle,
-               queue_wait: float, logprobs: int | None, capture_routing: bool) -> Iterator[GenerationEvent]:
-        return stream_local(self.loaded, prepared.input_ids, params, handle, queue_wait, logprobs, capture_routing,
-                            self._worker_for(self.loaded.device), self._gpu_calls, prepared.grammar,
-                            self._active_prompt_cache())
+    def stream(self, request: GenerationRequest, prepared: LocalRequest, handle: GenerationHandle,
+               queue_wait: float) -> Iterator[GenerationEvent]:
+        return stream_local(self.loaded, prepared.input_ids, request.params, handle, queue_wait, request.logprobs,
+                            request.capture_routing, self._worker_for(self.loaded.device), self._gpu_calls,
+                            prepared.grammar, self._active_prompt_cache())
 
     def _active_prompt_cache(self) -> PromptCache | None:
         return self.prompt_cache if self.prompt_cache.budget_bytes else None
@@ -100,19 +138,16 @@ class LocalBackend:
         loaded = self.loaded
         run = PrefixedRun(loaded.model, input_ids.to(loaded.device), self._active_prompt_cache(),
                           record_routing=loaded.has_experts)
-        outcome: list[Any] = []
 
-        def forward():
-            try:
-                outcome.append(self._gpu_calls.run(run.next_token_logits))
-                run.keep()
-            except BaseException as exc:  # reported to the caller, never lost in the thread
-                outcome.append(exc)
+        def forward() -> torch.Tensor:
+            logits = self._gpu_calls.run(run.next_token_logits)
+            run.keep()
+            return logits
 
-        self._worker_for(loaded.device).submit(forward).wait()
-        if isinstance(outcome[0], BaseException):
-            raise PlaygroundError(f"the forward pass failed: {outcome[0]}") from outcome[0]
-        return outcome[0]
+        try:
+            return self._worker_for(loaded.device).submit(forward).result()
+        except Exception as exc:
+            raise PlaygroundError(f"the forward pass failed: {exc}") from exc
 
     def unavailable_params(self) -> list[str]:
         return []
@@ -152,19 +187,17 @@ class RemoteBackend:
             f"{what} needs a local model; the model {self.loaded.name} is remote ({self.loaded.path})"
         )
 
-    def prepare(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams,
-                response_format: ResponseFormat | None = None) -> ResponseFormat | None:
-        """Checks what the engine can take, before the queue; the response format is what `stream` needs."""
-        if messages is None and (not prompt or not prompt.strip()):
+    def prepare(self, request: GenerationRequest) -> None:
+        """Checks what the engine can take, before the queue."""
+        if request.messages is None and (not request.prompt or not request.prompt.strip()):
             raise ParameterError("the prompt is empty", field="prompt")
-        self.engine.request_fields(params)  # a field the engine cannot take fails here, before the queue
-        self.engine.check_response_format(response_format)
-        return response_format
+        self.engine.request_fields(request.params)  # a field the engine cannot take fails here, before the queue
+        self.engine.check_response_format(request.response_format)
 
-    def stream(self, prepared: ResponseFormat | None, messages, prompt, params: SamplingParams,
-               handle: GenerationHandle, queue_wait: float, logprobs: int | None,
-               capture_routing: bool) -> Iterator[GenerationEvent]:
-        return stream_remote(self.loaded, messages, prompt, params, handle, queue_wait, logprobs, prepared)
+    def stream(self, request: GenerationRequest, prepared: None, handle: GenerationHandle,
+               queue_wait: float) -> Iterator[GenerationEvent]:
+        return stream_remote(self.loaded, request.messages, request.prompt, request.params, handle, queue_wait,
+                             request.logprobs, request.response_format)
 
     def unavailable_params(self) -> list[str]:
         return self.engine.unavailable_params()
@@ -185,4 +218,4 @@ class RemoteBackend:
         self.engine.close()
 
 
-__all__ = ["LocalBackend", "RemoteBackend"]
+__all__ = ["Backend", "GenerationRequest", "LocalBackend", "RemoteBackend"]

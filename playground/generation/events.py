@@ -29,12 +29,14 @@ class GenerationStats:
 
     def summary(self) -> str:
         """The line shown under a reply, in words a person reads at a glance."""
-        parts = [f"{self.new_tokens} tokens"]
+        parts = [count(self.new_tokens, "token")]
         if self.decode_tokens_per_s:
             parts.append(f"{self.decode_tokens_per_s:.1f} tokens/s")
+        if self.queue_wait_s >= QUEUE_WAIT_SHOWN_S:  # the wait is part of what the user waited for
+            parts.append(f"waited {self.queue_wait_s:.1f} s in the queue")
         if self.time_to_first_token_s is not None:
             parts.append(f"first token after {self.time_to_first_token_s:.2f} s")
-        parts.append(f"prompt {self.prompt_tokens} tokens" +
+        parts.append(f"prompt {count(self.prompt_tokens, 'token')}" +
                      (f" ({self.cached_tokens} from the cache)" if self.cached_tokens else ""))
         if self.seed is not None:
             parts.append(f"seed {self.seed}")
@@ -42,9 +44,24 @@ class GenerationStats:
         return " · ".join(parts)
 
 
+QUEUE_WAIT_SHOWN_S = 0.5  # shorter waits are not worth a word
+
+
+def count(number: int, noun: str) -> str:
+    """`1 token`, `2 tokens`."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def openai_finish_reason(reason: str | None) -> str:
+    """OpenAI's two finish reasons for ours or an engine's (anything but "length" ended the reply itself: "stop")."""
+    return "length" if reason == "length" else "stop"
+
+
 # How each finish reason reads under a reply (a bare "stop" reads like a button).
 FINISH_WORDS = {"stop": "ended by the model", "length": "ended at the token limit", "cancelled": "stopped by you",
                 "error": "failed"}
+# The same in a table's narrow column: the card's words where they are short, the reason itself where it is clear.
+FINISH_SHORT = {"stop": "stop", "length": "length", "cancelled": "stopped by you", "error": "failed"}
 
 
 @dataclass

@@ -136,7 +136,7 @@ def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle
             logger.exception("keeping the computed prompt in the prompt cache failed")
 
     started = time.perf_counter()
-    job_done = worker.submit(generate)
+    job = worker.submit(generate)
     text = IncrementalText(tokenizer, chat_format.skip_special_tokens)
     emitted = ""
     first_token_at = last_token_at = None
@@ -149,7 +149,8 @@ def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle
             first_token_at = first_token_at or stamp
             last_token_at = stamp
             text.add(token_id)
-            infos = [token_info(tokenizer, token_id, figures, logprobs)] if logprobs is not None else []
+            infos = ([token_info(tokenizer, token_id, figures, logprobs, greedy=params.greedy)]
+                     if logprobs is not None else [])
             clean = trim_at_stop(chat_format.clean_output(text.text), params.stop)[0]
             delta = text_extension(emitted, clean)
             emitted += delta
@@ -165,7 +166,7 @@ def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle
     finished = time.perf_counter()
     # The cache is being stored while the last pieces go out; the reply ends once it is (a process that exits after
     # its last reply must not find the worker still copying tensors).
-    job_done.wait()
+    job.result()
     new_ids = text.ids
     # Decoded whole once, at the end: the streamed pieces are only what could be shown so far.
     final, hit_stop = trim_at_stop(

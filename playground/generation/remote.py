@@ -6,7 +6,14 @@ from __future__ import annotations
 import time
 from typing import Iterator
 
-from playground.generation.events import GenerationEvent, GenerationStats, TokenInfo, finish_timing, text_extension
+from playground.generation.events import (
+    GenerationEvent,
+    GenerationStats,
+    TokenInfo,
+    finish_timing,
+    openai_finish_reason,
+    text_extension,
+)
 from playground.generation.scheduling import GenerationHandle
 from playground.params import SamplingParams
 from playground.remote import RemoteError, RemoteRejected, RemoteTimeout
@@ -66,7 +73,7 @@ def stream_remote(loaded, messages, prompt, params: SamplingParams, handle: Gene
             stats.finish_reason, stats.error = "error", "the remote engine went away mid-reply"
             stats.error_source = "remote"
         else:
-            stats.finish_reason = "length" if reason == "length" else "stop"
+            stats.finish_reason = openai_finish_reason(reason)
     held_back = text_extension(emitted, chat_format.clean_output(raw))
     if held_back:  # so the deltas add up to the reply
         yield GenerationEvent("delta", text=held_back, tokens=[])

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import gc
 import itertools
-import queue
 import threading
 import time
 from collections import deque
-from typing import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 class GenerationHandle:
@@ -94,8 +96,8 @@ class FifoGate:
             return len(self._waiting)
 
 
-class DeviceWorker:
-    """One long-lived thread per device that runs every `generate` call for that device.
+class DeviceWorker(ThreadPoolExecutor):
+    """One long-lived thread per device that runs every `generate` call for that device (`submit` gives a Future).
 
     PyTorch's CPU backend (OpenMP) runs fastest when one live thread does all the heavy tensor work: each thread
     that runs parallel kernels keeps its own OpenMP team, and once there are more team threads than cores they
@@ -104,23 +106,27 @@ class DeviceWorker:
     """
 
     def __init__(self, device: str):
-        self._jobs: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=f"generate-{device}", daemon=True)
-        self._thread.start()
+        super().__init__(max_workers=1, thread_name_prefix=f"generate-{device}")
 
-    def _run(self) -> None:
-        while True:
-            job, done = self._jobs.get()
-            try:
-                job()
-            finally:
-                done.set()
 
-    def submit(self, job: Callable[[], None]) -> threading.Event:
-        """Run `job` on the worker thread; the returned event is set when it has finished."""
-        done = threading.Event()
-        self._jobs.put((job, done))
-        return done
+def start_on_thread(fn: Callable[[], T], name: str) -> "Future[T]":
+    """Run `fn` on a new thread that ends with it; its result or exception arrives in the Future, never lost.
+
+    For torch work off the device's worker (a load, a small computation): a long-lived thread that runs parallel
+    torch kernels keeps an OpenMP team alive and slows every later generation (see DeviceWorker).
+    """
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001  (handed to whoever reads the Future)
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def free_device_memory() -> None:
@@ -130,4 +136,4 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["DeviceWorker", "FifoGate", "GenerationHandle", "free_device_memory"]
+__all__ = ["DeviceWorker", "FifoGate", "GenerationHandle", "free_device_memory", "start_on_thread"]

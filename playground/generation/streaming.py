@@ -75,8 +75,12 @@ class TokenStreamer(BaseStreamer):
         self.queue.put(None)
 
 
-def token_info(tokenizer, token_id: int, figures: list[float], top_n: int | None) -> TokenInfo:
-    """A token's details from the figures `TokenStreamer` sent: the raw distribution's, then the processed one's."""
+def token_info(tokenizer, token_id: int, figures: list[float], top_n: int | None, greedy: bool = False) -> TokenInfo:
+    """A token's details from the figures `TokenStreamer` sent: the raw distribution's, then the processed one's.
+
+    `greedy`: the token was the processed distribution's argmax, chosen with certainty: its sampling distribution
+    is all on it (p 1), whatever probability the scores gave it.
+    """
     info = TokenInfo(id=token_id, text=tokenizer.decode([token_id]))
     if top_n is None:
         return info
@@ -89,6 +93,8 @@ def token_info(tokenizer, token_id: int, figures: list[float], top_n: int | None
         setattr(info, value_attr, row[0])
         setattr(info, top_attr, [(int(i), tokenizer.decode([int(i)]), v) for i, v in zip(ids, values)
                                  if v > float("-inf")])
+    if greedy and info.sampled_logprob is not None:
+        info.sampled_logprob, info.sampled_top = 0.0, [(token_id, info.text, 0.0)]
     return info
 
 

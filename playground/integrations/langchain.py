@@ -16,12 +16,11 @@ Sampling fields left unset keep the playground's defaults (SamplingParams). Stru
 
 from __future__ import annotations
 
-import json
 from contextlib import closing
 from operator import itemgetter
 from typing import Any, Iterator, Literal
 
-import httpx
+import openai
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
@@ -36,6 +35,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, create_model
 
 from playground.errors import PlaygroundError
+from playground.generation.events import openai_finish_reason
 from playground.params import OPENAI_FIELDS, SAMPLING_FIELDS, SamplingParams, from_wire, request_fields
 from playground.structured import ResponseFormat
 
@@ -201,36 +201,33 @@ class PlaygroundChatModel(_SamplingChatModel):
                     stats = event.stats
                     if stats.finish_reason == "error":
                         raise PlaygroundError(f"the generation failed: {stats.error}")
-                    reason = "length" if stats.finish_reason == "length" else "stop"
-                    yield last_chunk(name, reason, stats.prompt_tokens, stats.new_tokens, stats.cached_tokens)
+                    yield last_chunk(name, openai_finish_reason(stats.finish_reason), stats.prompt_tokens, stats.new_tokens, stats.cached_tokens)
 
     def _remote_chunks(self, messages: list[dict[str, str]], sampling: dict[str, Any], model: str | None,
                        response_format: ResponseFormat | None) -> Iterator[ChatGenerationChunk]:
-        payload = {
-            **({"model": model} if model else {}),
-            "messages": messages, **sampling,
-            **({"response_format": response_format.to_wire()} if response_format else {}),
-            "stream": True, "stream_options": {"include_usage": True},
-        }
-        headers = {"Authorization": f"Bearer {self.api_key.get_secret_value()}"} if self.api_key else {}
-        model, reason, usage = model or "", "stop", {}
-        with httpx.Client(base_url=server_root(self.base_url), headers=headers, timeout=self.timeout) as client:
-            with client.stream("POST", "/v1/chat/completions", json=payload) as response:
-                if response.status_code != 200:
-                    response.read()
-                    raise PlaygroundAPIError(response.status_code, error_message(response))
-                for data in sse_data(response.iter_lines()):
-                    if "error" in data:
-                        raise PlaygroundAPIError(500, data["error"].get("message", "the stream failed"))
-                    model = self._last_served = data.get("model", model)
-                    usage = data.get("usage") or usage
-                    for choice in data.get("choices", []):
-                        reason = choice.get("finish_reason") or reason
-                        text = choice.get("delta", {}).get("content")
-                        if text:
-                            yield ChatGenerationChunk(message=AIMessageChunk(content=text))
-        yield last_chunk(model, reason, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
-                         (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        client = openai.OpenAI(base_url=server_root(self.base_url) + "/v1", timeout=self.timeout, max_retries=0,
+                               api_key=self.api_key.get_secret_value() if self.api_key else "none")
+        # The playground's own fields (top_k, min_p, regex formats...) are beyond OpenAI's typed parameters: they go
+        # in the body as they are, and the server validates them all.
+        extra = {**sampling, **({"response_format": response_format.to_wire()} if response_format else {})}
+        served, reason, usage = model or "", "stop", None
+        try:
+            with client.chat.completions.create(model=model or "", messages=messages, stream=True,
+                                                stream_options={"include_usage": True}, extra_body=extra) as stream:
+                for chunk in stream:
+                    served = self._last_served = chunk.model or served
+                    usage = chunk.usage or usage
+                    for choice in chunk.choices:
+                        reason = choice.finish_reason or reason
+                        if choice.delta.content:
+                            yield ChatGenerationChunk(message=AIMessageChunk(content=choice.delta.content))
+        except openai.APIStatusError as exc:
+            raise PlaygroundAPIError(exc.status_code, error_message(exc)) from None
+        except openai.APIError as exc:  # an error event in the stream, or no answer at all
+            raise PlaygroundAPIError(getattr(exc, "status_code", None) or 500, error_message(exc)) from None
+        details = usage.prompt_tokens_details if usage else None
+        yield last_chunk(served, reason, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+                         (details.cached_tokens if details else 0) or 0)
 
 
 # -------------------------------------------------------------------------------------------- helpers
@@ -270,19 +267,7 @@ def server_root(base_url: str) -> str:
     return base_url.rstrip("/").removesuffix("/v1")
 
 
-def sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
-    """The JSON payloads of a server-sent event stream, up to `data: [DONE]` (comments are skipped)."""
-    for line in lines:
-        if not line.startswith("data:"):
-            continue
-        data = line[len("data:"):].strip()
-        if data == "[DONE]":
-            return
-        yield json.loads(data)
-
-
-def error_message(response: httpx.Response) -> str:
-    try:
-        return response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return response.text or response.reason_phrase
+def error_message(exc: openai.APIError) -> str:
+    """The server's own words: the `message` of its OpenAI-shaped error, else what the client says."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    return str(body.get("message") or exc.message)

@@ -7,20 +7,24 @@ import gradio as gr
 from playground.config import Settings
 from playground.manager import ModelManager
 from playground.storage import Storage
-from playground.ui.chat_tab import build_chat_tab
+from playground.storage_exchange import import_limit_bytes
+from playground.ui.chat_tab import CHAT_CSS, build_chat_tab
 from playground.ui.history_tab import build_history_tab
 from playground.ui.insight_tab import build_insight_tab
-from playground.ui.lab_tab import build_lab_tab
-from playground.ui.memory_tab import build_memory_tab
+from playground.ui.lab_tab import LAB_CSS, build_lab_tab
+from playground.ui.memory_tab import build_memory_tab, refresh_only_when_shown
 from playground.ui.model_panel import build_model_panel
 
 TITLE = "Yuan2.0-M32 Playground"
 
 
 # The state leads the line in words: colour emoji are missing from many system fonts (a box is all that shows).
+# The page's own styles (Gradio 6 takes them where the app is mounted: server.create_app).
+APP_CSS = LAB_CSS + CHAT_CSS
+
 STAND_IN_NOTE = (
     "Serving **{name}**, a small stand-in shipped with the playground; for Yuan2.0-M32 start with "
-    "`--model /path/to/Yuan2-M32-hf-int4` or use the Model panel."
+    "`--model /path/to/Yuan2-M32-hf-int4` (the **Model** panel below has the commands)."
 )
 
 
@@ -67,13 +71,15 @@ def build_app(settings: Settings, manager: ModelManager, storage: Storage | None
         gr.Markdown(f"# {TITLE}")
         status = gr.Markdown(current_status, elem_id="model-status")
         banner = gr.Markdown(visible=False, elem_id="stand-in-banner")
-        build_model_panel(manager, settings.models_root, device=settings.device, dtype=settings.dtype)
-        with gr.Tabs(elem_id="tabs"):  # explicit, so the History tab can switch to the Chat tab
+        build_model_panel(manager, settings.models_root, device=settings.device, dtype=settings.dtype,
+                          started_elsewhere=settings.backend == "openai" or settings.model is not None)
+        with gr.Tabs(elem_id="tabs") as tabs:  # explicit, so the History tab can switch to the Chat tab
             chat = build_chat_tab(manager, storage)
             lab = build_lab_tab(manager, storage)
             build_insight_tab(manager, chat.details, lab.details)
-            build_memory_tab(manager)
-            build_history_tab(manager, chat, lab, storage)
+            memory_timer, memory_paused = build_memory_tab(manager)
+            build_history_tab(manager, chat, lab, storage, import_limit_bytes(settings.max_request_bytes))
+        refresh_only_when_shown(tabs, memory_timer, memory_paused)
         status_timer = gr.Timer(2.0)
         status_timer.tick(current_status, None, status, api_name="status", show_progress="hidden", queue=False)
         status_timer.tick(current_banner, None, banner, api_name=False, show_progress="hidden", queue=False)

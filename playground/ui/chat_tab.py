@@ -9,13 +9,38 @@ import gradio as gr
 
 from playground.chat_format import message_text
 from playground.errors import PlaygroundError, not_unicode
-from playground.insight import INSPECT_TOP, routing_to_state, tokens_to_state
-from playground.manager import GenerationStats, ModelManager
-from playground.storage import Storage, StorageError
-from playground.structured import checked_reply, schema_from_text
-from playground.ui.controls import PresetPicker, params_from_controls, sampling_controls, session_owner
+from playground.insight import INSPECT_TOP
+from playground.generation.events import GenerationStats
+from playground.manager import ModelManager
+from playground.storage import Storage
+from playground.storage_exchange import StorageError
+from playground.structured import schema_from_text
+from playground.params import SamplingParams
+from playground.ui.controls import (
+    PresetPicker,
+    control_values,
+    params_from_controls,
+    refusal,
+    sampling_controls,
+    session_owner,
+)
+from playground.ui.replies import StreamedReply
 
 SCHEMA_INPUT = "response_schema"  # the chat's structured-output box, passed with the sampling controls
+SCHEMA_ON = "**Structured output is on**: each reply must match the JSON Schema under *Structured output*."
+# A structured reply is pretty-printed JSON: its indentation shows as written (the chat renders Markdown). A setting
+# that was refused is outlined until the next send.
+CHAT_CSS = """
+#chatbot .message-content p { white-space: pre-wrap; }
+#chat-settings .refused input, #chat-settings .refused textarea { outline: 2px solid #e11d48; outline-offset: 1px; }
+"""
+# In the browser, after a send: the field a refusal names ("⚠️ temperature: must be ...") is outlined, the others not.
+MARK_REFUSED_JS = """() => {
+  const status = document.querySelector('#chat-status')?.innerText || '';
+  const named = status.match(/⚠️\\s*([a-z_]+):/);
+  document.querySelectorAll('#chat-settings [id^="sampling-"]').forEach(el => el.classList.remove('refused'));
+  if (named) document.querySelector('#sampling-' + named[1])?.classList.add('refused');
+}"""
 
 
 def display(history: list[dict], stats: list[str]) -> list[dict]:
@@ -44,9 +69,30 @@ class ChatTab:
     system_prompt: gr.Textbox
     status: gr.Markdown
     shown_chat: gr.BrowserState  # the saved chat this browser shows, so a page reload brings it back
+    settings: dict[str, Any]  # the sampling controls and the schema box, by name
+    remembered: gr.BrowserState  # their values in this browser, so a reload or a restart keeps them
+
+    def settings_values(self, values: dict[str, Any] | None) -> list:
+        """Updates for the settings controls from `values` by name (a name it lacks keeps its control as it is)."""
+        return [values[name] if values and name in values else gr.skip() for name in self.settings]
+
+    def restore_settings_after(self, event, storage: Storage | None) -> None:
+        """After `event` has opened a saved chat: the settings its latest reply was written with, in the controls."""
+
+        def settings_of(chat_id):
+            try:
+                chat = storage.load_chat(chat_id) if storage is not None and chat_id else None
+            except StorageError:
+                chat = None
+            return self.settings_values(saved_settings(chat) if chat is not None else None)
+
+        event.then(settings_of, self.chat_id, list(self.settings.values()), api_name=False, show_progress="hidden")
 
     def restore_on_load(self, demo: gr.Blocks, storage: Storage | None) -> None:
-        """On page load, reopen the saved chat this browser showed (nothing when saving is off or it is gone)."""
+        """On page load, the settings this browser had, and the saved chat it showed (nothing when saving is off or
+        it is gone)."""
+        demo.load(self.settings_values, self.remembered, list(self.settings.values()), api_name=False,
+                  show_progress="hidden", queue=False)
 
         def restore(chat_id):
             chat = None
@@ -57,10 +103,19 @@ class ChatTab:
                     chat = None
             if chat is None:
                 return (gr.skip(),) * 7
-            return (*saved_chat_states(chat), f"Reopened your chat **{chat.title or '(untitled)'}**.")
+            return (*saved_chat_states(chat), reopened_note(chat))
 
         demo.load(restore, self.shown_chat, [self.chatbot, self.system_prompt, self.history, self.stats,
                                              self.details, self.chat_id, self.status], api_name=False)
+
+
+def reopened_note(chat) -> str:
+    """The Chat tab's status line for a chat just reopened (from History, or by a page reload): where the user is
+    looking, with what to do when its last message never got a reply."""
+    note = f"Reopened your chat “{chat.title or '(untitled)'}”"
+    if chat.messages and chat.messages[-1].role == "user":
+        return note + ": its last message has no reply (the server stopped during it); press **Regenerate** to answer it."
+    return note + "; new turns continue it."
 
 
 def saved_chat_states(chat) -> tuple:
@@ -79,9 +134,25 @@ def loaded_model_name(manager: ModelManager) -> str | None:
     return loaded.name if loaded else None
 
 
-def reply_stats(result: GenerationStats, model: str | None) -> dict[str, Any]:
-    """What is saved with a reply: its stats, the line shown under it, and the model that wrote it."""
-    return {**result.as_dict(), "summary": result.summary(), "model": model}
+def reply_stats(result: GenerationStats, model: str | None, params: SamplingParams | None = None,
+                schema: str = "") -> dict[str, Any]:
+    """What is saved with a reply: its stats, the line shown under it, the model that wrote it and every setting it
+    was written with (the sampling fields and the structured-output schema), so it can be reproduced."""
+    settings = {} if params is None else {"settings": {**params.model_dump(), SCHEMA_INPUT: schema}}
+    return {**result.as_dict(), "summary": result.summary(), "model": model, **settings}
+
+
+def saved_settings(chat) -> dict[str, Any] | None:
+    """The control values of a saved chat's latest reply that kept its settings (None: none did)."""
+    for message in reversed(chat.messages):
+        settings = (message.stats or {}).get("settings")
+        if message.role == "assistant" and isinstance(settings, dict):
+            try:
+                values = control_values(SamplingParams.parse({k: v for k, v in settings.items() if k != SCHEMA_INPUT}))
+            except PlaygroundError:  # written by another version, or edited by hand: the controls stay as they are
+                return None
+            return {**values, SCHEMA_INPUT: str(settings.get(SCHEMA_INPUT) or "")}
+    return None
 
 
 def save_turn(storage: Storage | None, chat_id: str | None, earlier: list[dict], role: str, content: str,
@@ -137,41 +208,33 @@ def stream_reply(manager, storage, history, stats, details, system_prompt, sampl
     """
     sampling = dict(sampling)
     try:
-        response_format = schema_from_text(sampling.pop(SCHEMA_INPUT, ""))
+        schema = sampling.pop(SCHEMA_INPUT, "") or ""
+        response_format = schema_from_text(schema)
         params = params_from_controls(sampling)
         loaded = manager.require_model()
         events = manager.stream(messages=_messages(history, system_prompt), params=params, owner=session_owner(request),
                                 logprobs=INSPECT_TOP, capture_routing=loaded.has_experts,
                                 response_format=response_format)
-        reply, tokens = "", []
+        reply = StreamedReply(response_format, loaded.tokenizer)
         for event in events:
-            tokens.extend(event.tokens)
-            if event.kind == "queued":
-                # gr.skip(): the details state is only written when the reply is done, not copied per token.
-                yield display(history, stats), history, stats, f"Waiting: place {event.position} in the queue", gr.skip()
-            elif event.kind == "delta":
-                reply += event.text
-                yield (display(history + [{"role": "assistant", "content": reply}], stats), history, stats,
-                       "Generating…", gr.skip())
-            elif event.kind == "done":
-                result = event.stats
-                if result.finish_reason == "error":
-                    yield display(history, stats), history, stats, f"⚠️ {result.error}", details
-                    return
+            reply.take(event)
+            if reply.stats is None:
+                # A bubble from the start: the queue place until the first words arrive. gr.skip(): the details
+                # state is only written when the reply is done, not copied per token.
+                streaming = {"role": "assistant", "content": reply.text or f"*{reply.line}*"}
+                yield display(history + [streaming], stats), history, stats, reply.line, gr.skip()
+            elif reply.failed:
+                yield display(history, stats), history, stats, reply.line, details
+                return
+            else:
                 save_turn(storage, chat_id, history, "assistant", event.text,
-                          stats=reply_stats(result, loaded_model_name(manager)))
-                shown, summary = event.text, result.summary()
-                if response_format is not None:  # pretty-printed, and checked against the schema
-                    shown, verdict = checked_reply(event.text, response_format)
-                    summary += f" · {verdict}"
-                history = history + [{"role": "assistant", "content": shown}]
-                stats = stats + [summary]
-                details = details + [{"tokens": tokens_to_state(tokens),
-                                      "routing": routing_to_state(event.routing, loaded.tokenizer)}]
-                yield display(history, stats), history, stats, f"Done: {summary}", details
+                          stats=reply_stats(reply.stats, loaded_model_name(manager), params, schema))
+                history = history + [{"role": "assistant", "content": reply.text}]
+                stats = stats + [reply.summary]
+                details = details + [reply.details]
+                yield display(history, stats), history, stats, f"Done: {reply.summary}", details
     except PlaygroundError as exc:
-        gr.Warning(str(exc))
-        yield display(history, stats), history, stats, f"⚠️ {exc}", details
+        yield display(history, stats), history, stats, refusal(exc), details
 
 
 def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> ChatTab:
@@ -184,7 +247,9 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
         shown_chat = gr.BrowserState(None, storage_key="yuan-playground-chat")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=520):
-                chatbot = gr.Chatbot(label="Conversation", height=560, elem_id="chatbot", buttons=["copy", "copy_all"])
+                # Your own messages can be edited in place: the conversation from there is answered again.
+                chatbot = gr.Chatbot(label="Conversation", height=560, elem_id="chatbot", buttons=["copy", "copy_all"],
+                                     editable="user")
                 with gr.Row():
                     message = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=8,
                                          elem_id="chat-input")
@@ -196,16 +261,18 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
                     undo = gr.Button("Undo", size="sm", elem_id="chat-undo")
                     clear = gr.Button("Clear", size="sm", elem_id="chat-clear")
                 status = gr.Markdown("", elem_id="chat-status")
+                schema_on = gr.Markdown("", visible=False, elem_id="chat-schema-on")
             # Settings always in view beside the conversation, as in the playgrounds people know.
             with gr.Column(scale=2, min_width=340, elem_id="chat-settings"):
                 system_prompt = gr.Textbox(label="System prompt", lines=1, max_lines=8,
                                            placeholder="Optional instructions for the model")
                 presets = PresetPicker()
                 controls = sampling_controls(manager, per_row=2)
-                presets.save_row(controls, api_prefix="chat")
-                with gr.Accordion("Structured output", open=False):
+                # Right under the settings (its being on is also said beside the conversation: schema_on).
+                with gr.Accordion("Structured output", open=False, elem_id="chat-structured"):
                     schema = gr.Code(value="", language="json", lines=5, elem_id="chat-schema",
                                      label="JSON Schema the reply must match (empty: free text)")
+                presets.save_row(controls, api_prefix="chat")
         inputs_by_name = {**controls, SCHEMA_INPUT: schema}  # by name: API clients see named parameters
 
         # The sampling controls come as keyword arguments named after their fields (inputs_kwargs), so API
@@ -271,12 +338,34 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
                 yield (*final, forget_turns(storage, chat_id, len(history)))
 
         def undo_turn(history, stats, details, chat_id):
+            """Drop the last exchange; its message goes back in the box, to edit and send again."""
+            text, note = gr.skip(), "Removed the last turn."
             if history and history[-1]["role"] == "assistant":
                 history, stats, details = history[:-1], stats[:-1], details[: len(stats) - 1]
             if history and history[-1]["role"] == "user":
-                history = history[:-1]
+                text, history = message_text(history[-1]["content"]), history[:-1]
+                note = "Removed the last turn: its message is back in the box."
             chat_id = forget_turns(storage, chat_id, len(history))
-            return display(history, stats), history, stats, "Removed the last turn.", details, chat_id
+            return display(history, stats), history, stats, note, details, chat_id, text
+
+        def edit_and_resend(history, stats, details, system_prompt, chat_id, edited: gr.EditData,
+                            request: gr.Request = None, **sampling):
+            """A sent message edited in place: the conversation from it on is replaced by the new text's reply."""
+            index = edited.index[0] if isinstance(edited.index, (list, tuple)) else edited.index
+            text = message_text(edited.value)
+            if not 0 <= index < len(history) or history[index]["role"] != "user" or not text.strip():
+                note = "⚠️ Only a message you sent can be edited, and not to nothing."
+                yield display(history, stats), history, stats, note, details, chat_id
+                return
+            replies_before = sum(1 for message in history[:index] if message["role"] == "assistant")
+            kept, stats, details = history[:index], stats[:replies_before], details[:replies_before]
+            chat_id = forget_turns(storage, chat_id, len(kept))
+            turn = kept + [{"role": "user", "content": text}]
+            chat_id = save_turn(storage, chat_id, kept, "user", text, system_prompt=system_prompt,
+                                model=loaded_model_name(manager))
+            for update in stream_reply(manager, storage, turn, stats, details, system_prompt, sampling, request,
+                                       chat_id):
+                yield (*update, chat_id)
 
         def clear_chat(request: gr.Request = None):
             manager.cancel(session_owner(request)) if session_owner(request) else None
@@ -294,6 +383,10 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
             return (*(gr.update(interactive=True) for _ in buttons[:-1]),
                     gr.update(interactive=False, variant="secondary"))
 
+        def buttons_idle_after_clear():
+            return (*(gr.update(interactive=True) for _ in buttons[:-1]),
+                    gr.update(interactive=False, variant="secondary"))
+
         def stop_generation(request: gr.Request = None):
             owner = session_owner(request)
             count = manager.cancel(owner) if owner else 0
@@ -304,23 +397,45 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
         inputs = [history, stats, details, system_prompt, chat_id]
         # concurrency_limit=None: the manager's own queue orders generations and reports places in it.
         # Each reply greys out what must wait for it (and lights Stop) while it runs.
+        send_events = []
         for trigger in (message.submit, send.click):
             trigger(buttons_busy, None, buttons, api_name=False, queue=False, show_progress="hidden")
             # trigger_mode="multiple": Enter during a reply reaches send_message, which says why it waits (the
             # default, "once", would ignore it without a word).
-            trigger(send_message, [message, *inputs], [*outputs, message], inputs_kwargs=inputs_by_name, api_name=False,
-                    concurrency_limit=None, trigger_mode="multiple").then(buttons_idle, None, buttons, api_name=False,
-                                                                         show_progress="hidden")
+            send_events.append(trigger(send_message, [message, *inputs], [*outputs, message],
+                                       inputs_kwargs=inputs_by_name, api_name=False, concurrency_limit=None,
+                                       trigger_mode="multiple"))
+            send_events[-1].then(buttons_idle, None, buttons, api_name=False, show_progress="hidden").then(
+                None, None, None, js=MARK_REFUSED_JS, api_name=False)
         gr.Button(visible=False).click(send_message_api, [message, *inputs], [*outputs, message],
                                        inputs_kwargs=inputs_by_name, api_name="chat", concurrency_limit=None)
         regenerate.click(buttons_busy, None, buttons, api_name=False, queue=False, show_progress="hidden")
-        regenerate.click(regenerate_reply, inputs, outputs, inputs_kwargs=inputs_by_name, api_name="chat_regenerate",
-                         concurrency_limit=None).then(buttons_idle, None, buttons, api_name=False,
-                                                      show_progress="hidden")
-        undo.click(undo_turn, [history, stats, details, chat_id], outputs, api_name="chat_undo")
-        clear.click(clear_chat, None, outputs, api_name="chat_clear")
-        chatbot.clear(clear_chat, None, outputs, api_name=False)  # its bin icon: the same as Clear
+        regenerate_event = regenerate.click(regenerate_reply, inputs, outputs, inputs_kwargs=inputs_by_name,
+                                            api_name="chat_regenerate", concurrency_limit=None)
+        regenerate_event.then(buttons_idle, None, buttons, api_name=False, show_progress="hidden")
+        undo.click(undo_turn, [history, stats, details, chat_id], [*outputs, message], api_name="chat_undo")
+        chatbot.edit(buttons_busy, None, buttons, api_name=False, queue=False, show_progress="hidden")
+        chatbot.edit(edit_and_resend, inputs, outputs, inputs_kwargs=inputs_by_name, api_name=False,
+                     concurrency_limit=None).then(buttons_idle, None, buttons, api_name=False, show_progress="hidden")
+        # Clear and the Chatbot's bin icon stop a reply being written (its later updates would bring the chat back)
+        # and start afresh; the buttons are set free at once, as the stopped reply's own ending never comes.
+        replies = [*send_events, regenerate_event]
+        clear.click(clear_chat, None, outputs, api_name="chat_clear", cancels=replies).then(
+            buttons_idle_after_clear, None, buttons, api_name=False, show_progress="hidden")
+        chatbot.clear(clear_chat, None, outputs, api_name=False, cancels=replies).then(
+            buttons_idle_after_clear, None, buttons, api_name=False, show_progress="hidden")
         stop.click(stop_generation, None, status, api_name="chat_stop", queue=False)
         chat_id.change(lambda shown: shown, chat_id, shown_chat, api_name=False, show_progress="hidden")
+        # Said beside the conversation, where the replies appear: a schema holds every reply to it.
+        schema.change(lambda text: gr.update(value=SCHEMA_ON, visible=bool((text or "").strip())), schema, schema_on,
+                      api_name=False, show_progress="hidden", queue=False)
+
+        # Every setting is remembered in this browser as it changes (by hand, by a preset or by a reopened chat).
+        remembered = gr.BrowserState({}, storage_key="yuan-playground-chat-settings")
+        names = list(inputs_by_name)
+        for control in inputs_by_name.values():
+            control.change(lambda *values: dict(zip(names, values)), list(inputs_by_name.values()), remembered,
+                           api_name=False, show_progress="hidden", queue=False)
     return ChatTab(chatbot=chatbot, history=history, stats=stats, details=details, chat_id=chat_id,
-                   system_prompt=system_prompt, status=status, shown_chat=shown_chat)
+                   system_prompt=system_prompt, status=status, shown_chat=shown_chat, settings=inputs_by_name,
+                   remembered=remembered)

@@ -22,20 +22,33 @@ def session_owner(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None)
 
 
+def refusal(exc: Exception) -> str:
+    """A refused action as people see it: a toast now, and the status line returned (kept on the page)."""
+    gr.Warning(str(exc))
+    return f"⚠️ {exc}"
+
+
+def refresh_choices_on_focus(dropdown: gr.Dropdown, choices, api_name: str | bool = False) -> None:
+    """Re-list `choices()` each time the dropdown is opened (files may have appeared since), keeping its value."""
+    dropdown.focus(lambda current: gr.update(choices=choices(), value=current), dropdown, dropdown,
+                   api_name=api_name, show_progress="hidden", queue=False)
+
+
 def sampling_controls(manager: ModelManager, defaults: SamplingParams | None = None, per_row: int = 2) -> Controls:
     """One control per SamplingParams field, named and ordered as the registry lists them, `per_row` to a row.
 
-    Numbers are plain number boxes with no bounds of their own: a value out of range reaches SamplingParams,
-    which refuses it with the same message as the lab and the APIs (a slider would clamp it silently). A field
+    Numbers are number boxes with no bounds of their own: a value out of range reaches SamplingParams, which refuses
+    it with the same message as the lab and the APIs (a slider would clamp it silently, and Gradio would refuse an
+    API client's value with its own words first); the refused field is outlined (chat_tab.MARK_REFUSED_JS). A field
     whose default is "none" (the seed) is a text box: empty means none and looks empty (a number box shows 0).
     """
     values = control_values(defaults or SamplingParams())
     numeric = [field for field in SAMPLING_FIELDS.values() if field.numeric]
     controls: Controls = {}
     for start in range(0, len(numeric), per_row):
-        with gr.Row():
+        with gr.Row(equal_height=True):
             for field in numeric[start:start + per_row]:
-                common = dict(label=field.name, info=field.limits.reads, min_width=140,
+                common = dict(label=field.label, info=field.limits.reads, min_width=140,
                               elem_id=f"sampling-{field.name}")
                 controls[field.name] = (
                     gr.Textbox(value=values[field.name], placeholder="empty: random", **common)
@@ -43,7 +56,7 @@ def sampling_controls(manager: ModelManager, defaults: SamplingParams | None = N
                 )
     for field in SAMPLING_FIELDS.values():
         if not field.numeric:
-            controls[field.name] = gr.Textbox(value=values[field.name], lines=2, label=f"{field.name} strings",
+            controls[field.name] = gr.Textbox(value=values[field.name], lines=2, label=field.label,
                                               info="one per line; \\n means a newline",
                                               elem_id=f"sampling-{field.name}")
     mark_unavailable_controls(manager, controls)
@@ -139,11 +152,8 @@ class PresetPicker:
             return (gr.update(choices=preset_names(), value=preset_name.strip()),
                     f"Saved preset **{preset_name.strip()}** to `{path}`.")
 
-        def refresh(current):
-            return gr.update(choices=preset_names(), value=current)
-
         chooser.input(fill, chooser, [*controls.values(), note], api_name=f"{api_prefix}_preset")
-        chooser.focus(refresh, chooser, chooser, api_name=False, show_progress="hidden", queue=False)
+        refresh_choices_on_focus(chooser, preset_names)
         save.click(save_preset, [name], [chooser, note], inputs_kwargs=controls, api_name=f"{api_prefix}_preset_save")
         for control in controls.values():  # a value changed by hand: the settings are no longer the preset's
             control.input(lambda: (None, ""), None, [chooser, note], api_name=False, show_progress="hidden",

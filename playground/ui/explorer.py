@@ -89,7 +89,7 @@ def build_next_token_explorer(manager: ModelManager, lab_prompt: gr.Textbox) -> 
             # Sliders here: moving one redraws at once. Their ranges are the useful part of each field's range.
             settings = {
                 name: gr.Slider(*SAMPLING_FIELDS[name].limits.slider, value=SAMPLING_FIELDS[name].default,
-                                step=SAMPLING_FIELDS[name].limits.step, label=name)
+                                step=SAMPLING_FIELDS[name].limits.step, label=SAMPLING_FIELDS[name].label)
                 for name in DISTRIBUTION_FIELDS
             }
             top_n = gr.Slider(5, MAX_EXPLORER_TOP, value=20, step=1, label="tokens shown")

@@ -15,7 +15,8 @@ import gradio as gr
 import pandas as pd
 
 from playground.manager import ModelManager
-from playground.storage import MAX_IMPORT_BYTES, Storage, StorageError
+from playground.storage import Storage
+from playground.storage_exchange import MAX_IMPORT_BYTES, StorageError, megabytes
 from playground.ui.chat_tab import ChatTab
 from playground.ui.controls import session_owner
 from playground.ui.history_views import CHAT_COLUMNS, RUN_COLUMNS, HistoryViews, md_text, plural
@@ -94,8 +95,9 @@ def _list_panel(kind: str, noun: str, columns: list[str], value, open_label: str
     return panel, rename, open_button, export
 
 
-def build_history_tab(manager: ModelManager, chat: ChatTab, lab: LabTab, storage: Storage | None = None) -> None:
-    views = HistoryViews(manager, storage)
+def build_history_tab(manager: ModelManager, chat: ChatTab, lab: LabTab, storage: Storage | None = None,
+                      import_limit: int = MAX_IMPORT_BYTES) -> None:
+    views = HistoryViews(manager, storage, import_limit)
     with gr.Tab("History", id="history") as tab:
         gr.Markdown(views.where_saved(), elem_id="history-location")
         with gr.Row():
@@ -110,7 +112,7 @@ def build_history_tab(manager: ModelManager, chat: ChatTab, lab: LabTab, storage
             new = gr.Button("New chat", size="md", scale=0, min_width=120, elem_id="history-new-chat")
             export_all = gr.Button("Export all chats (JSON)", size="md", scale=0, min_width=200,
                                    elem_id="history-export-chats")
-            upload = gr.UploadButton(f"Import chats (.json, up to {MAX_IMPORT_BYTES // 2**20} MB)", size="md", scale=0,
+            upload = gr.UploadButton(f"Import chats (.json, up to {megabytes(import_limit)})", size="md", scale=0,
                                      min_width=280, file_types=[".json"], type="filepath", elem_id="history-import")
 
         gr.Markdown("### Sampling-lab runs")
@@ -241,7 +243,8 @@ def _wire_chats(views: HistoryViews, chats: ListPanel, chat: ChatTab, tabs: gr.T
     # Opening a chat fills the Chat tab's states (hidden from API clients) and switches to that tab.
     opened = [chats.note, chat.chatbot, chat.system_prompt, chat.history, chat.stats, chat.details, chat.chat_id,
               chat.status, tabs]
-    buttons["open"].click(views.open_chat, chats.selected, opened, api_name="history_open_chat")
+    chat.restore_settings_after(buttons["open"].click(views.open_chat, chats.selected, opened,
+                                                      api_name="history_open_chat"), views.storage)
     buttons["new"].click(views.new_chat, None, opened, api_name="history_new_chat")
     # Exports: the endpoint's plain (file, note), then the file box shown only when there is a file.
     buttons["export"].click(views.export_chats, chats.selected, [chats.file, chats.note], api_name="chat_export").then(
@@ -281,8 +284,9 @@ def _wire_runs(views: HistoryViews, runs: ListPanel, lab: LabTab, tabs: gr.Tabs,
     _wire_selection(views, runs, "run", buttons["rename"], search, select_run, shown_run)
     runs.delete.click(delete_run, [runs.selected, runs.armed, search], [*runs.components(), *shown_run],
                       api_name=False, show_progress="hidden")
-    buttons["open"].click(views.run_to_lab, runs.selected, [runs.note, lab.prompt, lab.table, tabs],
-                          api_name="history_run_to_lab")
+    lab.show_saved_run_after(buttons["open"].click(views.run_to_lab, runs.selected, [runs.note, lab.prompt,
+                                                   lab.table, tabs], api_name="history_run_to_lab"),
+                             views.storage, runs.selected)
     gr.Button(visible=False).click(views.open_run, runs.selected, shown_run, api_name="history_open_run")
     buttons["export"].click(views.export_runs, runs.selected, [runs.file, runs.note], api_name="runs_export").then(
         _shown_if_file, runs.file, runs.file, api_name=False, show_progress="hidden")

@@ -15,13 +15,24 @@ import gradio as gr
 import pandas as pd
 
 from playground.manager import ModelManager
-from playground.storage import Storage, StorageError, export_json, read_chat_file, run_rows
-from playground.ui.chat_tab import saved_chat_states
+from playground.storage import Storage
+from playground.storage_exchange import (
+    MAX_IMPORT_BYTES,
+    StorageError,
+    export_json,
+    megabytes,
+    read_chat_file,
+    run_rows,
+)
+from playground.ui.chat_tab import reopened_note, saved_chat_states
 from playground.ui.controls import session_owner
-from playground.ui.lab_tab import SETTING_FIELDS
+from playground.insight import for_people
+from playground.ui.lab_tab import SETTING_FIELDS, describe, varying_fields
 
-CHAT_COLUMNS = ["title", "updated", "messages", "model", "id"]
-RUN_COLUMNS = ["title", "created", "cells", "model", "id"]
+# "found": with a search, where it matched (a few words around it); empty otherwise.
+CHAT_COLUMNS = ["title", "found", "updated", "messages", "model", "id"]
+RUN_COLUMNS = ["title", "found", "created", "cells", "model", "id"]
+SNIPPET_CONTEXT_CHARS = 30  # on each side of the match
 IMPORTED = " (imported)"  # after an imported chat's title, so a copy never looks like its original
 PROMPT_PREVIEW_CHARS = 60
 HISTORY_OFF = (
@@ -37,6 +48,26 @@ def _local_time(timestamp: float) -> str:
 def _one_line(text: str, limit: int) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def snippet(text: str, query: str) -> str:
+    """The words around the first place `text` holds `query` (any case), on one line; empty without a query."""
+    if not query:
+        return ""
+    line = " ".join(str(text).split())
+    at = line.casefold().find(query.casefold())
+    if at < 0:
+        return ""
+    start, end = max(0, at - SNIPPET_CONTEXT_CHARS), min(len(line), at + len(query) + SNIPPET_CONTEXT_CHARS)
+    return ("…" if start else "") + line[start:end] + ("…" if end < len(line) else "")
+
+
+def run_title(prompt: str, settings: list[dict]) -> str:
+    """An untitled run's name: its prompt, and what its settings vary (runs of one prompt differ there)."""
+    varying = varying_fields(settings or [])
+    values = {name: " / ".join(for_people(row.get(name)) or "random" for row in settings) for name in varying}
+    what = "; ".join(f"{name} {shown}" for name, shown in values.items())
+    return _one_line(prompt, PROMPT_PREVIEW_CHARS) + (f" · {what}" if what else "")
 
 
 def md_text(text: str) -> str:
@@ -71,9 +102,10 @@ class HistoryViews:
     """What the History tab shows and does, over one store (None: nothing is saved). Plain values: these are
     also the API endpoints."""
 
-    def __init__(self, manager: ModelManager, storage: Storage | None):
+    def __init__(self, manager: ModelManager, storage: Storage | None, import_limit: int = MAX_IMPORT_BYTES):
         self.manager = manager
         self.storage = storage
+        self.import_limit = import_limit  # the largest chat file this server takes (storage_exchange.import_limit_bytes)
 
     def _choose(self, row_id: str, kind: str) -> str | None:
         """Why nothing can be done to the row (no store, no id), or None."""
@@ -87,6 +119,7 @@ class HistoryViews:
         rows = self.storage.list_chats(query) if self.storage else []
         return pd.DataFrame(
             [{"title": (row["title"] or "(untitled)") + (IMPORTED if row["imported"] else ""),
+              "found": snippet(row["hit"] or row["title"] or "", query),
               "updated": _local_time(row["updated"]), "messages": row["messages"], "model": row["model"] or "",
               "id": row["id"]} for row in rows],
             columns=CHAT_COLUMNS,
@@ -119,9 +152,7 @@ class HistoryViews:
         history = states[2]
         note = (f"Opened **{md_text(chat.title or '(untitled)')}** ({len(history)} messages) in the Chat tab; "
                 "new turns continue it.")
-        if history and history[-1]["role"] == "user":
-            note += " Its last message has no reply (the server stopped during it): press **Regenerate** to answer it."
-        return (note, *states, f"Reopened saved chat “{chat.title or chat.id}”.", gr.Tabs(selected="chat"))
+        return (note, *states, reopened_note(chat), gr.Tabs(selected="chat"))
 
     def new_chat(self, request: gr.Request | None = None):
         owner = session_owner(request)
@@ -164,7 +195,12 @@ class HistoryViews:
             return None, "No chats are saved yet."
         path = _download_path(f"chat-{chat_id}" if chat_id else "chats", ".json")
         path.write_text(export_json(document), encoding="utf-8")
-        return str(path), f"Exported {plural(len(document['chats']), 'chat')} to `{path.name}`: download it below."
+        note = f"Exported {plural(len(document['chats']), 'chat')} to `{path.name}`: download it below."
+        size = path.stat().st_size
+        if size > self.import_limit:  # said now, not when the file is refused later
+            note += (f" ⚠️ It is {megabytes(size)}, more than this server imports ({megabytes(self.import_limit)}, "
+                     "set by --max-request-bytes): export chats one at a time to move them to another playground.")
+        return str(path), note
 
     def import_chats(self, file: Any):
         """An exported chats file -> (note, refreshed chats table). Any problem is a message, never a crash."""
@@ -174,7 +210,7 @@ class HistoryViews:
         if not path:
             return "⚠️ Choose a chat export file (.json) to import first.", self.chats_table()
         try:
-            chats = read_chat_file(path)
+            chats = read_chat_file(path, self.import_limit)
             ids = self.storage.import_chats(chats)
         except StorageError as exc:
             return f"⚠️ Import failed: {exc}", self.chats_table()
@@ -187,7 +223,8 @@ class HistoryViews:
     def runs_table(self, query: str = "") -> pd.DataFrame:
         rows = self.storage.list_runs(query) if self.storage else []
         return pd.DataFrame(
-            [{"title": row["title"] or _one_line(row["prompt"], PROMPT_PREVIEW_CHARS),
+            [{"title": row["title"] or run_title(row["prompt"], row["settings"]),
+              "found": snippet(row["hit"] or f"{row['title'] or ''} {row['prompt']}", query),
               "created": _local_time(row["created"]), "cells": row["cells"], "model": row["model"] or "",
               "id": row["id"]} for row in rows],
             columns=RUN_COLUMNS,
@@ -219,7 +256,7 @@ class HistoryViews:
                  f"<p><b>Prompt:</b></p><pre style='white-space: pre-wrap'>{escape(run.prompt)}</pre>"]
         for cell in run.cells:
             summary = (cell.stats or {}).get("summary", "")
-            settings = ", ".join(f"{name} {value}" for name, value in cell.params.items())
+            settings = describe(cell.params, list(cell.params))
             parts.append(f"<p><b>Setting {cell.setting_index + 1}</b> ({escape(settings)})<br><small>{escape(summary)}"
                          f"</small></p><pre style='white-space: pre-wrap'>{escape(cell.output)}</pre>")
         frame = pd.DataFrame(run_rows(run)).drop(columns=["run_id", "run_created", "model", "prompt"], errors="ignore")

@@ -37,6 +37,11 @@ def pick(chat_details: list, lab_details: list, source: str, number: Any) -> tup
     if not available:
         hint = "send a chat message" if source == SOURCES[0] else "run the lab"
         plural = "chat replies" if source == SOURCES[0] else "lab cells"
+        reopened = len(items or [])
+        if reopened:  # replies on screen, reopened from a saved chat: their tokens' probabilities were not kept
+            return None, (f"The chat's {reopened} {'reply was' if reopened == 1 else 'replies were'} reopened from "
+                          "saved history, which keeps their text but not their tokens' probabilities: press "
+                          "**Regenerate** or send a message to inspect a reply.")
         return None, f"No {plural} to inspect yet: {hint} first (in this browser session)."
     try:
         index = int(number or 0)

@@ -14,16 +14,27 @@ import gradio as gr
 import pandas as pd
 
 from playground.errors import ParameterError, PlaygroundError
-from playground.insight import INSPECT_TOP, for_people, mean_logprob, readable, routing_to_state, tokens_to_state
+from playground.generation.events import FINISH_SHORT
+from playground.insight import INSPECT_TOP, for_people, readable
 from playground.manager import ModelManager
 from playground.params import EXAMPLE_BASE, EXAMPLE_FIELD, NUMERIC_FIELDS, SamplingParams
 from playground.presets import load_presets
-from playground.structured import checked_reply, schema_from_text
-from playground.storage import LabCell, Storage, StorageError
-from playground.ui.controls import preset_names, session_owner
+from playground.structured import schema_from_text
+from playground.storage import Storage
+from playground.storage_exchange import LabCell, StorageError, result_row
+from playground.ui.controls import preset_names, refresh_choices_on_focus, refusal, session_owner
 from playground.ui.explorer import build_next_token_explorer
+from playground.ui.replies import StreamedReply
 
 MAX_COLUMNS = 6
+# Cards share a row's width, three to a row at most; four make two rows of two (2 x 2 reads better than 3 and a
+# full-width fourth). Hidden cards are not in the page, so the selector counts the shown ones.
+LAB_CSS = """
+#lab-outputs > [id^="lab-card-"] { flex: 1 1 calc(33.3% - var(--layout-gap)); }
+#lab-outputs:has(> [id^="lab-card-"]:nth-child(4):last-child) > [id^="lab-card-"] {
+  flex-basis: calc(50% - var(--layout-gap));
+}
+"""
 SETTING_FIELDS = NUMERIC_FIELDS  # the table's columns, and what can be swept
 
 
@@ -93,27 +104,20 @@ def preset_in_row(table: Any, preset_name: str, row: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SETTING_FIELDS)
 
 
-def results_frame(prompt: str, settings: list[SamplingParams], outputs: list[str], stats: list[Any]) -> pd.DataFrame:
-    """Every parameter and metric of a run, one row per setting: the CSV (and History's export) columns."""
-    rows = []
-    for number, (params, text, result) in enumerate(zip(settings, outputs, stats), start=1):
-        row = {"setting": number, **table_row(params)}
-        if result is not None:
-            row.update(
-                seed=result.seed,
-                prompt_tokens=result.prompt_tokens,
-                cached_prompt_tokens=result.cached_tokens,
-                new_tokens=result.new_tokens,
-                time_to_first_token_s=round(result.time_to_first_token_s or 0, 3),
-                decode_tokens_per_s=round(result.decode_tokens_per_s or 0, 2),
-                total_s=round(result.total_s, 3),
-                finish_reason=result.finish_reason,
-                characters=len(text),
-                words=len(text.split()),
-            )
-        row.update(prompt=prompt, output=text)
-        rows.append(row)
-    return pd.DataFrame(rows)
+def results_frame(prompt: str, settings: list[SamplingParams], outputs: list[str],
+                  stats: list[dict[str, Any] | None]) -> pd.DataFrame:
+    """Every parameter and metric of a run, one row per setting (`result_row`): the CSV's columns. `stats`: each
+    setting's `cell_stats`, None for one that never ran."""
+    return pd.DataFrame([result_row(number, table_row(params), prompt, text, cell)
+                         for number, (params, text, cell) in enumerate(zip(settings, outputs, stats), start=1)])
+
+
+def cell_stats(reply: StreamedReply) -> dict[str, Any] | None:
+    """What is kept of a finished setting's reply (in the CSV, and saved with the run): its stats, their line and its
+    mean log-probability."""
+    if reply.stats is None:
+        return None
+    return {**reply.stats.as_dict(), "summary": reply.stats.summary(), "mean_logprob": reply.mean_logprob}
 
 
 # What the on-screen results table shows of results_frame's columns, under short headers (the CSV has them all).
@@ -150,10 +154,9 @@ def setting_labels(settings: list[SamplingParams]) -> tuple[list[str], str]:
     return labels, f"**{what}:** {describe(rows[0], shared)}" if shared else ""
 
 
-def results_view(frame: pd.DataFrame, logprobs: list[float | None]) -> pd.DataFrame:
+def results_view(frame: pd.DataFrame) -> pd.DataFrame:
     """The results table as shown: the setting's number, the settings that differ between rows (the rest are said
     once above the outputs), the metrics under short headers and the output on one line."""
-    frame = frame.assign(mean_logprob=logprobs)
     frame = frame.reindex(columns=list(dict.fromkeys([*frame.columns, *SHOWN_METRICS])))  # a run with no stats
     rows = frame.to_dict("records")
     varying = varying_fields([{name: row.get(name) for name in SETTING_FIELDS} for row in rows])
@@ -161,18 +164,19 @@ def results_view(frame: pd.DataFrame, logprobs: list[float | None]) -> pd.DataFr
                          "settings": [describe(row, varying) if varying else "—" for row in rows]})
     for column, header in SHOWN_METRICS.items():
         view[header] = frame[column]
+    view[SHOWN_METRICS["finish_reason"]] = frame["finish_reason"].map(lambda reason: FINISH_SHORT.get(reason, reason))
     view["output"] = [" ".join(str(text).split()) for text in frame["output"]]
     return view[RESULT_COLUMNS]
 
 
-def sweep_frame(settings: list[SamplingParams], frame: pd.DataFrame, logprobs: list[float | None]):
+def sweep_frame(settings: list[SamplingParams], frame: pd.DataFrame):
     """(swept field, one row per finished setting: its value and metrics) when exactly one field varies, else
     (None, None)."""
     varying = varying_fields([table_row(params) for params in settings])
     if len(settings) < 2 or len(varying) != 1:
         return None, None
     field = varying[0]
-    metrics = frame.assign(mean_logprob=logprobs)
+    metrics = frame.reindex(columns=list(dict.fromkeys([*frame.columns, *SWEEP_METRICS.values()])))
     rows = [{SWEPT_VALUE: getattr(params, field),
              **{label: metrics.iloc[index].get(column) for label, column in SWEEP_METRICS.items()}}
             for index, params in enumerate(settings) if pd.notna(metrics.iloc[index].get("new_tokens"))]
@@ -188,15 +192,14 @@ def write_csv(frame: pd.DataFrame) -> str:
 
 
 def save_run(storage: Storage | None, prompt: str, settings: list[SamplingParams], outputs: list[str],
-             stats: list[Any], model: str | None = None) -> str | None:
-    """Store a finished run with the cells that finished (when saving is on); returns its id.
+             stats: list[dict[str, Any] | None], model: str | None = None) -> str | None:
+    """Store a finished run with the cells that finished (`cell_stats`, when saving is on); returns its id.
 
     A storage problem is a warning: the results on screen and their CSV are still there.
     """
     if storage is None:
         return None
-    cells = [LabCell(index, table_row(params), outputs[index],
-                     {**stats[index].as_dict(), "summary": stats[index].summary()})
+    cells = [LabCell(index, table_row(params), outputs[index], stats[index])
              for index, params in enumerate(settings) if stats[index] is not None]
     try:
         return storage.save_lab_run(prompt, cells, model=model,
@@ -239,46 +242,39 @@ def run_lab(manager: ModelManager, storage: Storage | None, view: LabView, promp
     Nothing on screen changes until a setting starts: a run refused before that (by validation, or a refusal of
     every setting) leaves the previous results, their CSV and the Insight tab's cells as they were.
     """
-    owner = session_owner(request)
     try:
         if not prompt or not str(prompt).strip():
             raise ParameterError("the prompt is empty", field="prompt")
         settings = settings_from_table(table)
         response_format = schema_from_text(schema)  # one schema, compared under every setting
     except PlaygroundError as exc:
-        gr.Warning(str(exc))
-        yield {view.status: f"⚠️ {exc}"}
+        yield {view.status: refusal(exc)}
         return
     labels, shared = setting_labels(settings)
-    outputs = [""] * len(settings)
-    stats: list[Any] = [None] * len(settings)
-    lines = ["waiting"] * len(settings)
-    details: list[dict[str, Any] | None] = [None] * len(settings)
-    logprobs: list[float | None] = [None] * len(settings)
+    loaded = manager.loaded
+    replies = [StreamedReply(response_format, loaded.tokenizer if loaded else None) for _ in settings]
 
     def cells() -> dict:
         shown = {}
         for i in range(MAX_COLUMNS):
-            used = i < len(settings)
-            shown[view.texts[i]] = gr.update(value=outputs[i] if used else "", visible=used,
+            used = i < len(replies)
+            shown[view.texts[i]] = gr.update(value=replies[i].text if used else "", visible=used,
                                              label=labels[i] if used else f"Setting {i + 1}")
-            shown[view.notes[i]] = gr.update(value=lines[i] if used else "", visible=used)
+            shown[view.notes[i]] = gr.update(value=card_note(replies[i]) if used else "", visible=used)
             shown[view.cards[i]] = gr.update(visible=used)
         return shown
 
-    loaded = manager.loaded
     capture_routing = bool(loaded and loaded.has_experts)
-    tokens: list[list[Any]] = [[] for _ in settings]
     requests = [dict(messages=[{"role": "user", "content": prompt}], params=params, logprobs=INSPECT_TOP,
                      capture_routing=capture_routing, response_format=response_format) for params in settings]
     # A local model runs the settings in turn; a remote engine gets them at once and batches them.
-    events = manager.stream_each(requests, owner=owner)
+    events = manager.stream_each(requests, owner=session_owner(request))
     refused: list[str] = []
-    started = False
+    started = stopped = False
     try:
         for index, event in events:
             if isinstance(event, PlaygroundError):
-                lines[index] = f"⚠️ {event}"
+                replies[index].line = f"⚠️ {event}"
                 refused.append(str(event))
                 yield {**(cells() if started else {}), view.status: f"⚠️ {event}"}
                 continue
@@ -287,54 +283,87 @@ def run_lab(manager: ModelManager, storage: Storage | None, view: LabView, promp
                 started = True
                 first = {view.results: None, view.csv_file: None, view.results_box: gr.update(visible=False),
                          view.sweep_box: gr.update(visible=False), view.shared: shared}
-            tokens[index].extend(event.tokens)
-            if event.kind == "queued":
-                lines[index] = f"waiting: place {event.position}"
-            elif event.kind == "delta":
-                outputs[index] += event.text
-                lines[index] = "generating…"
-            elif event.kind == "done":
-                outputs[index] = event.text
-                stats[index] = event.stats
-                token_state = tokens_to_state(tokens[index])
-                logprobs[index] = mean_logprob(token_state)
-                verdict = ""
-                if response_format is not None and event.stats.finish_reason != "error":
-                    outputs[index], verdict = checked_reply(event.text, response_format)  # pretty, and checked
-                    verdict = f" · {verdict}"
-                lines[index] = (f"{event.stats.summary()}{logprob_note(logprobs[index])}{verdict}"
-                                if event.stats.finish_reason != "error" else f"⚠️ {event.stats.error}")
-                details[index] = {"tokens": token_state,
-                                  "routing": routing_to_state(event.routing, loaded.tokenizer if loaded else None)}
-            running = sum(1 for line in lines if line == "generating…")
+            replies[index].take(event)
+            running = sum(reply.generating for reply in replies)
             progress = (f"Running setting {index + 1} of {len(settings)}" if running <= 1
                         else f"Running {running} of {len(settings)} settings at once")
+            done = event.kind == "done"
             # the details state is written once per finished cell, not copied on every token
-            yield {**first, **cells(), view.status: progress, **({view.details: details} if event.kind == "done" else {})}
-            if event.kind == "done" and event.stats.finish_reason == "cancelled":
+            yield {**first, **cells(), view.status: progress,
+                   **({view.details: [reply.details for reply in replies]} if done else {})}
+            if done and event.stats.finish_reason == "cancelled":
+                stopped = True
                 break  # stopped: the settings after it are not run
     finally:
         events.close()
     if not started:  # every setting was refused: nothing ran, and what was on screen stays
         yield {view.status: f"⚠️ {refused[0]}"}
         return
+    for reply in replies:  # a card never says "waiting" once the run is over
+        if reply.stats is None and not reply.line.startswith("⚠️"):
+            reply.line = "Not run: the run was stopped" if stopped else "Not run"
+    stats = [cell_stats(reply) for reply in replies]
     if all(s is None for s in stats):
         yield {**cells(), view.status: f"⚠️ {refused[0]}" if refused else "Nothing finished."}
         return
+    outputs = [reply.text for reply in replies]
     save_run(storage, prompt, settings, outputs, stats, model=loaded.name if loaded else None)
+    finished = sum(s is not None for s in stats)
+    yield {**cells(), **results_updates(view, prompt, settings, outputs, stats), view.shared: shared,
+           view.details: [reply.details for reply in replies],
+           view.status: f"Done: {finished} of {len(settings)} settings" + (" (stopped)" if stopped else "")}
+
+
+def results_updates(view: LabView, prompt: str, settings: list[SamplingParams], outputs: list[str],
+                    stats: list[dict[str, Any] | None]) -> dict:
+    """A finished run's results: the table, its CSV and (one field swept, two points at least) the sweep's charts."""
     frame = results_frame(prompt, settings, outputs, stats)
-    done = {**cells(), view.results: readable(results_view(frame, logprobs)), view.csv_file: write_csv(frame),
-            view.results_box: gr.update(visible=True), view.shared: shared, view.details: details,
-            view.status: f"Done: {sum(s is not None for s in stats)} of {len(settings)} settings"}
-    field, points = sweep_frame(settings, frame, logprobs)
-    if field is None or points.empty:
-        yield {**done, view.sweep_box: gr.update(visible=False)}
-        return
+    shown = {view.results: readable(results_view(frame)), view.csv_file: write_csv(frame),
+             view.results_box: gr.update(visible=True)}
+    field, points = sweep_frame(settings, frame)
+    if field is None or len(points) < 2:  # a chart needs two points; a stopped sweep may have fewer
+        return {**shown, view.sweep_box: gr.update(visible=False)}
     values = ", ".join(str(getattr(params, field)) for params in settings)
     note = (f"**Sweep of {field}** over {values}: decode speed, reply length and mean log-probability per token "
             f"(under the model's own distribution; closer to 0 is more likely text) at each value.")
-    yield {**done, view.sweep_note: note, **{plot: points for plot in view.sweep_plots},
-           view.sweep_box: gr.update(visible=True)}
+    return {**shown, view.sweep_note: note, **{plot: points for plot in view.sweep_plots},
+            view.sweep_box: gr.update(visible=True)}
+
+
+def saved_run_updates(view: LabView, run) -> dict:
+    """A saved run (storage's LabRun) shown in the lab as when it finished: its cards, results and sweep. The Insight
+    tab's token details are not saved, so none are shown for it."""
+    try:
+        settings = [SamplingParams.from_form(row) for row in run.settings]
+    except ParameterError as exc:  # saved by another version: the prompt and table are back, the results say why
+        return {view.status: f"⚠️ This run's results cannot be shown: {exc}"}
+    cells = {cell.setting_index: cell for cell in run.cells}
+    outputs = [cells[i].output if i in cells else "" for i in range(len(settings))]
+    stats = [cells[i].stats if i in cells else None for i in range(len(settings))]
+    labels, shared = setting_labels(settings)
+    shown = {}
+    for i in range(MAX_COLUMNS):
+        used = i < len(settings)
+        note = ""
+        if used:
+            note = ((stats[i] or {}).get("summary", "") + logprob_note((stats[i] or {}).get("mean_logprob"))
+                    if stats[i] else "Not run")
+        shown[view.texts[i]] = gr.update(value=outputs[i] if used else "", visible=used,
+                                         label=labels[i] if used else f"Setting {i + 1}")
+        shown[view.notes[i]] = gr.update(value=note, visible=used)
+        shown[view.cards[i]] = gr.update(visible=used)
+    finished = sum(s is not None for s in stats)
+    return {**shown, **results_updates(view, run.prompt, settings, outputs, stats), view.shared: shared,
+            view.details: [None] * len(settings),
+            view.status: f"Saved run of {time.strftime('%Y-%m-%d %H:%M', time.localtime(run.created))}: "
+                         f"{finished} of {len(settings)} settings finished. Press **Run** to run it again."}
+
+
+def card_note(reply: StreamedReply) -> str:
+    """The line under a card: where the reply is, or its stats (with its mean log-probability) when done."""
+    if reply.stats is None or reply.failed:
+        return reply.line
+    return reply.line + logprob_note(reply.mean_logprob)
 
 
 def logprob_note(value: float | None) -> str:
@@ -349,6 +378,19 @@ class LabTab:
     details: gr.State
     prompt: gr.Textbox
     table: gr.Dataframe
+    view: LabView
+
+    def show_saved_run_after(self, event, storage: Storage | None, run_id: gr.components.Component) -> None:
+        """After `event` has put saved run `run_id`'s prompt and settings in the lab: its results too."""
+
+        def saved(chosen):
+            try:
+                run = storage.load_run(chosen) if storage is not None and chosen else None
+            except StorageError:
+                run = None
+            return saved_run_updates(self.view, run) if run is not None else {}
+
+        event.then(saved, run_id, self.view.outputs(), api_name=False, show_progress="hidden")
 
 
 def build_lab_tab(manager: ModelManager, storage: Storage | None = None) -> LabTab:
@@ -378,11 +420,11 @@ def build_lab_tab(manager: ModelManager, storage: Storage | None = None) -> LabT
             sweep_button = gr.Button("Fill table with sweep")
         with gr.Row():
             run = gr.Button("Run", variant="primary", elem_id="lab-run")
-            stop = gr.Button("Stop", variant="stop", elem_id="lab-stop")
+            stop = gr.Button("Stop", variant="secondary", interactive=False, elem_id="lab-stop")  # red while running
         status = gr.Markdown("", elem_id="lab-status")
         shared = gr.Markdown("", elem_id="lab-shared")
         texts, notes, cards = [], [], []
-        # The cards share the width: up to three a row (a fourth wraps), each at least a readable width.
+        # The cards share the width, three a row at most and all of one width (four make two rows of two: LAB_CSS).
         with gr.Row(equal_height=False, elem_id="lab-outputs"):
             for i in range(MAX_COLUMNS):
                 with gr.Column(min_width=360, visible=False, elem_id=f"lab-card-{i + 1}") as card:
@@ -395,8 +437,11 @@ def build_lab_tab(manager: ModelManager, storage: Storage | None = None) -> LabT
             sweep_note = gr.Markdown("", elem_id="lab-sweep-note")
             with gr.Row():
                 # Fixed properties, new data only: a property changed with the data leaves the old chart drawn.
+                # Counts and speeds from zero, so a small difference does not look like a large one.
                 sweep_plots = [gr.LinePlot(x=SWEPT_VALUE, y=metric, title=metric, height=240, min_width=240,
-                                           x_axis_format="~g", y_axis_format="~g", elem_id=f"lab-sweep-{number}")
+                                           x_axis_format="~g", y_axis_format="~g", elem_id=f"lab-sweep-{number}",
+                                           y_lim=None if metric == "mean logprob" else [0, None],
+                                           tooltip=[SWEPT_VALUE, metric])
                                for number, metric in enumerate(SWEEP_METRICS, start=1)]
         with gr.Column(visible=False, elem_id="lab-results-box") as results_box:
             results = gr.Dataframe(headers=RESULT_COLUMNS, column_widths=RESULT_WIDTHS, interactive=False,
@@ -411,8 +456,7 @@ def build_lab_tab(manager: ModelManager, storage: Storage | None = None) -> LabT
             try:
                 return sweep_table(table, parameter, values), f"Sweep of {parameter}: {values}"
             except PlaygroundError as exc:
-                gr.Warning(str(exc))
-                return table, f"⚠️ {exc}"
+                return table, refusal(exc)
 
         def stop_lab(request: gr.Request = None):
             owner = session_owner(request)
@@ -422,17 +466,20 @@ def build_lab_tab(manager: ModelManager, storage: Storage | None = None) -> LabT
             try:
                 return preset_in_row(table, chosen, row), f"Row {int(row)}: preset {chosen}"
             except PlaygroundError as exc:
-                gr.Warning(str(exc))
-                return table, f"⚠️ {exc}"
+                return table, refusal(exc)
 
         def run_and_save(prompt: str, table: Any, response_schema: str = "", request: gr.Request | None = None):
             yield from run_lab(manager, storage, view, prompt, table, response_schema, request)
 
         preset_button.click(put_preset, [table, preset, preset_row], [table, status], api_name="lab_preset_row")
-        preset.focus(lambda current: gr.update(choices=preset_names(), value=current), preset, preset,
-                     api_name=False, show_progress="hidden", queue=False)
+        refresh_choices_on_focus(preset, preset_names)
         sweep_button.click(fill_sweep, [table, sweep_parameter, sweep_values], [table, status], api_name="lab_sweep")
-        run.click(run_and_save, [prompt, table, schema], view.outputs(), api_name="lab_run", concurrency_limit=None)
+        run.click(lambda: (gr.update(interactive=False), gr.update(interactive=True, variant="stop")), None,
+                  [run, stop], api_name=False, queue=False, show_progress="hidden")
+        run.click(run_and_save, [prompt, table, schema], view.outputs(), api_name="lab_run",
+                  concurrency_limit=None).then(
+            lambda: (gr.update(interactive=True), gr.update(interactive=False, variant="secondary")), None,
+            [run, stop], api_name=False, show_progress="hidden")
         stop.click(stop_lab, None, status, api_name="lab_stop", queue=False)
         build_next_token_explorer(manager, prompt)
-    return LabTab(details=details, prompt=prompt, table=table)
+    return LabTab(details=details, prompt=prompt, table=table, view=view)

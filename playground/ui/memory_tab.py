@@ -93,7 +93,11 @@ def memory_tick(manager: ModelManager):
     return sampler.frame(), memory_report(manager), *remote_updates
 
 
-def build_memory_tab(manager: ModelManager):
+MEMORY_TAB = "Memory"
+
+
+def build_memory_tab(manager: ModelManager) -> tuple[gr.Timer, gr.Checkbox]:
+    """The Memory tab; returns its refresh timer and pause box for `refresh_only_when_shown`."""
     def report_now() -> str:
         return memory_report(manager)
 
@@ -101,7 +105,7 @@ def build_memory_tab(manager: ModelManager):
         return memory_tick(manager)
 
     # Named for what it shows: GPU figures appear in it when there is a GPU.
-    with gr.Tab("Memory", id="memory"):
+    with gr.Tab(MEMORY_TAB, id="memory"):
         report = gr.Markdown(report_now, elem_id="memory-report")
         plot = gr.LinePlot(
             x="seconds", y="MiB", color="series", title="Memory over the last minutes",
@@ -117,7 +121,7 @@ def build_memory_tab(manager: ModelManager):
         with gr.Row():
             interval = gr.Slider(0.5, 10, value=1.0, step=0.5, label="Refresh every (s)")
             paused = gr.Checkbox(False, label="Pause")
-        timer = gr.Timer(1.0)
+        timer = gr.Timer(1.0, active=False)  # ticks only while the tab is shown (refresh_only_when_shown)
 
         def set_interval(seconds):
             manager.memory().set_interval(seconds)
@@ -131,3 +135,14 @@ def build_memory_tab(manager: ModelManager):
                    queue=False)
         interval.change(set_interval, interval, timer, api_name=False)
         paused.change(set_paused, paused, timer, api_name=False)
+    return timer, paused
+
+
+def refresh_only_when_shown(tabs: gr.Tabs, timer: gr.Timer, paused: gr.Checkbox) -> None:
+    """Tick the memory panel while its tab is the one shown (and not paused): each tick redraws plots in the
+    browser, which on a small machine competes with the model for the CPU."""
+
+    def follow(is_paused, event: gr.SelectData):
+        return gr.Timer(active=event.value == MEMORY_TAB and not is_paused)
+
+    tabs.select(follow, paused, timer, api_name=False, show_progress="hidden", queue=False)

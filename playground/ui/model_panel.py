@@ -7,18 +7,36 @@ paths, `..`, and symlinks pointing elsewhere. Without a models root it offers on
 
 from __future__ import annotations
 
-import threading
+import concurrent.futures
 from pathlib import Path
 from typing import Iterator
 
 import gradio as gr
 
 from playground.errors import ModelFolderError, PlaygroundError, not_unicode
-from playground.manager import EMBEDDED, ModelManager
+from playground.manager import ModelManager
+from playground.model_loading import EMBEDDED
 from playground.models.yuan.gguf_yuan import GGUF_PART
+from playground.ui.controls import refresh_choices_on_focus, refusal
 
 ENABLE_HINT = ("Loading model folders from the UI is off: start the server with `--models-root DIR` "
                "(or `PLAYGROUND_MODELS_ROOT=DIR`) to offer the folders under DIR here.")
+# Without --models-root the panel has nothing to load: it says how to serve the model the app is named for.
+SERVE_YUAN = """**To serve Yuan2.0-M32**, restart the playground with its folder (the INT4 GPTQ release, its float
+release, or the vendor's GGUF file):
+
+```bash
+python launch.py --model /models/Yuan2-M32-hf-int4
+```
+
+or with `--models-root /models` to choose among the folders under it here. On a GPU server, run it on vLLM with this
+playground's plugin (`pip install ./vllm_yuan`) and put the playground in front:
+
+```bash
+python -m vllm.entrypoints.openai.api_server --model /models/Yuan2-M32-hf-int4 --tokenizer-mode yuan \\
+    --quantization gptq --load-format yuan --dtype float16 --port 8000
+python launch.py --backend openai --base-url http://127.0.0.1:8000/v1
+```"""
 POLL_S = 0.5
 
 
@@ -93,61 +111,48 @@ def resolve_choice(choice: str | None, models_root: str | None) -> str | None:
 
 def load_choice(manager: ModelManager, choice: str | None, models_root: str | None, device: str = "auto",
                 dtype: str = "auto") -> Iterator[str]:
-    """Load a panel choice, yielding progress lines and then the outcome.
-
-    The load runs on a thread of its own that ends with it: a long-lived thread that runs torch kernels (such as
-    Gradio's worker) would keep an OpenMP team alive and slow every later generation (see DeviceWorker).
-    """
+    """Load a panel choice (on a thread of its own: `ModelManager.load_on_thread`), yielding progress lines and
+    then the outcome."""
     try:
         target = resolve_choice(choice, models_root)
     except PlaygroundError as exc:
-        gr.Warning(str(exc))
-        yield f"⚠️ {exc}"
+        yield refusal(exc)
         return
     loaded = manager.loaded
     if loaded is not None and (loaded.kind == "embedded" if target is None else loaded.path == target):
         yield f"**{loaded.name}** is already loaded: nothing to do."  # a second load would only cost time
         return
-    outcome: list[dict | Exception] = []
-
-    def load() -> None:
-        try:
-            outcome.append(manager.load(target, device=device, dtype=dtype))
-        except PlaygroundError as exc:
-            outcome.append(exc)
-        except Exception as exc:  # never lost in the thread: the user sees it
-            outcome.append(ModelFolderError(f"loading {choice} failed: {type(exc).__name__}: {exc}"))
-
-    thread = threading.Thread(target=load, name="model-load-ui", daemon=True)
-    thread.start()
-    while thread.is_alive():
+    loading_done = manager.load_on_thread(target, device=device, dtype=dtype)
+    while not loading_done.done():
         loading = manager.status().get("loading")
         if loading:
             yield f"⏳ Loading **{choice}**: {loading['message']} ({loading['fraction']:.0%})"
-        thread.join(POLL_S)
-    result = outcome[0]
-    if isinstance(result, Exception):
-        gr.Warning(str(result))
-        yield f"⚠️ {result}"
+        concurrent.futures.wait([loading_done], timeout=POLL_S)
+    try:
+        result = loading_done.result()
+    except Exception as exc:  # never lost in the thread: the user sees it
+        yield refusal(exc if isinstance(exc, PlaygroundError) else ModelFolderError(
+            f"loading {choice} failed: {type(exc).__name__}: {exc}"))
         return
     yield f"✅ Loaded **{result['name']}** ({result['kind']}, {result['dtype']} on {result['device']}) in {result['load_time_s']:.1f} s"
 
 
-def build_model_panel(manager: ModelManager, models_root: str | None, device: str = "auto", dtype: str = "auto") -> None:
+def build_model_panel(manager: ModelManager, models_root: str | None, device: str = "auto", dtype: str = "auto",
+                      started_elsewhere: bool = False) -> None:
+    """With a models root: its folders to load. Without: how to serve Yuan2-M32, and the chooser only where the
+    embedded model is something to switch to (the server started with another model or a remote engine); hidden, its
+    API endpoint still answers why nothing loads."""
     with gr.Accordion("Model", open=False, elem_id="model-panel"):
-        where = f"Folders under `{models_root}` and the embedded model." if models_root else ENABLE_HINT
-        gr.Markdown(where)
-        with gr.Row():
+        gr.Markdown(f"Folders under `{models_root}` and the embedded model." if models_root else SERVE_YUAN,
+                    elem_id="model-panel-help")
+        with gr.Row(visible=bool(models_root) or started_elsewhere):
             chooser = gr.Dropdown(model_choices(models_root), value=EMBEDDED, label="Model", scale=4,
                                   allow_custom_value=True, elem_id="model-choice")
             load = gr.Button("Load", variant="primary", scale=1, elem_id="model-load")
         outcome = gr.Markdown("", elem_id="model-load-status")
 
-        def refresh(current):
-            return gr.update(choices=model_choices(models_root), value=current)
-
         def load_model(choice):
             yield from load_choice(manager, choice, models_root, device=device, dtype=dtype)
 
-        chooser.focus(refresh, chooser, chooser, api_name="model_choices", show_progress="hidden", queue=False)
+        refresh_choices_on_focus(chooser, lambda: model_choices(models_root), api_name="model_choices")
         load.click(load_model, chooser, outcome, api_name="model_load", concurrency_limit=None)

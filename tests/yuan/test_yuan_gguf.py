@@ -16,9 +16,8 @@ import torch
 
 from gradio_client import Client
 
-from harness import LaunchedServer
+from harness import ServedApp
 from playground.errors import ModelFolderError
-from playground.manager import ModelManager
 from playground.models.yuan import load_yuan
 from playground.models.yuan.gguf_yuan import find_gguf_parts, native_name, read_gguf, tokenizer_from_gguf
 from playground.models.yuan.gptq import QuantLinear
@@ -173,8 +172,8 @@ def test_bad_files_are_refused_by_name(tmp_path, tokenizer_dir, change, message)
         load_yuan(path)
 
 
-def test_a_bad_gguf_leaves_the_loaded_model_serving(files, tmp_path):
-    manager = ModelManager()
+def test_a_bad_gguf_leaves_the_loaded_model_serving(new_manager, files, tmp_path):
+    manager = new_manager()
     manager.load(str(files["f16"]))
     bad = tmp_path / "not-a-model.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
@@ -200,7 +199,7 @@ def test_the_model_panel_loads_gguf_sets_and_survives_a_broken_one(files, tmp_pa
 
     # A byte-split set is one choice, by its first part.
     assert model_choices(str(root)) == ["embedded", "broken", "tiny-yuan-q4_0-00.gguf", "tiny-yuan.gguf"]
-    server = LaunchedServer("--model", str(root / "tiny-yuan.gguf"), "--models-root", str(root), log_dir=tmp_path)
+    server = ServedApp("--model", str(root / "tiny-yuan.gguf"), "--models-root", str(root))
     try:
         assert server.wait_until(("ready",))["name"] == "tiny-yuan"
         client = Client(server.url, verbose=False)

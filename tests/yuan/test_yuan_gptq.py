@@ -10,14 +10,8 @@ import torch
 
 from playground.errors import ModelFolderError
 from playground.models.yuan import gptq
-from playground.models.yuan.gptq import (
-    QuantLinear,
-    pack_gptq,
-    read_quantize_config,
-    unpack_gptq,
-    unpack_int_weights,
-    unpack_zero_points,
-)
+from playground.models.yuan.gptq import QuantLinear, read_quantize_config
+from playground.models.yuan.gptq_format import pack_gptq, unpack_gptq, unpack_int_weights, unpack_zero_points
 
 
 def test_nibbles_are_packed_lowest_bits_first():

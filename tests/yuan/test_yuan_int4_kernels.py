@@ -10,7 +10,8 @@ import torch
 
 from playground.models.yuan import load_yuan
 from playground.models.yuan import quant_kernels
-from playground.models.yuan.gptq import QuantLinear, pack_gptq, unpack_gptq, unpack_int_weights
+from playground.models.yuan.gptq import QuantLinear
+from playground.models.yuan.gptq_format import pack_gptq, unpack_gptq, unpack_int_weights
 from playground.models.yuan.modeling_yuan import YuanLocalizedFiltering
 from playground.models.yuan.precision import Precision, resolve_precision
 from playground.models.yuan.quant_kernels import (
@@ -221,7 +222,11 @@ def test_default_load_runs_int4_kernels_in_mixed_precision(fast_and_exact, small
     assert fast.lm_head.weight is fast.model.embed_tokens.weight
     layer = fast.model.layers[0]
     assert layer.self_attn.lf_gate.conv1.weight.dtype == torch.bfloat16
-    assert layer.input_layernorm.weight.dtype == torch.float32 and layer.self_attn.kv_dtype == torch.bfloat16
+    assert layer.input_layernorm.weight.dtype == torch.float32 and fast.config.kv_cache_dtype == "bfloat16"
+    # The reference modules whose fast form depends on their weights' dtype were swapped once, after load.
+    assert type(layer.self_attn.lf_gate).__name__ == "LocalizedFilteringGemm"
+    assert type(fast.lm_head).__name__ == "VocabularyHead"
+    assert type(exact.model.layers[0].self_attn.lf_gate).__name__ == "YuanLocalizedFiltering"
     with torch.inference_mode():
         output = fast(PROMPT, use_cache=True)
     assert output.logits.dtype == torch.float32
@@ -271,7 +276,7 @@ def test_fast_path_decodes_like_a_full_pass(fast_and_exact):
 
 
 def test_tap_major_filter_is_the_convolution():
-    """The LFA's GEMM form (taken when its weights are held in another dtype than the activations) computes the
+    """The LFA's GEMM form (swapped in when its weights are held in another dtype than the activations) computes the
     convolution: fp64 weights against fp32 activations agree with the fp64 convolution to fp32 rounding."""
     from playground.models.yuan.configuration_yuan import YuanConfig
     from playground.models.yuan.make_tiny import tiny_config_dict
@@ -281,9 +286,10 @@ def test_tap_major_filter_is_the_convolution():
     reference = YuanLocalizedFiltering(config).double()
     for param in reference.parameters():
         torch.nn.init.normal_(param, std=0.1)
-    gemm = copy.deepcopy(reference)
+    from playground.models.yuan.mixed_precision import LocalizedFilteringGemm
+
+    gemm = LocalizedFilteringGemm.replacing(copy.deepcopy(reference))
     gemm.output_layernorm.float()
-    gemm.use_tap_major_weights()
     assert gemm.conv1.weight.permute(0, 2, 1, 3).is_contiguous()  # the two taps are one matrix in memory
     assert torch.equal(gemm.conv1.weight, reference.conv1.weight)  # same shape and values, other layout
     x, memory = torch.randn(2, 5, 64), torch.randn(2, 2, 64)
@@ -353,11 +359,13 @@ def test_fp16_head_logits_for_one_row_and_for_many():
     from playground.models.yuan import mixed_precision
 
     generator = torch.Generator().manual_seed(4)
-    head = torch.nn.Linear(64, 3 * mixed_precision._HEAD_SLICE + 5, bias=False).half()
-    head.weight.data = (torch.randn(head.weight.shape, generator=generator) * 0.1).half()
+    linear = torch.nn.Linear(64, 3 * mixed_precision._HEAD_SLICE + 5, bias=False).half()
+    linear.weight.data = (torch.randn(linear.weight.shape, generator=generator) * 0.1).half()
+    head = mixed_precision.VocabularyHead.replacing(linear)
+    assert head.weight is linear.weight
     for rows in (1, mixed_precision._FP16_GEMV_ROWS + 1):
         hidden = torch.randn(1, rows, 64, generator=generator)
         expected = hidden.double() @ head.weight.double().t()
-        got = mixed_precision.vocabulary_logits(head, hidden)
+        got = head(hidden)
         assert got.dtype == torch.float32 and got.shape == expected.shape
         assert _relative_error(got, expected) < 1e-2

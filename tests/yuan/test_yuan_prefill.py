@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from playground.models.yuan import load_yuan, quant_kernels
-from playground.models.yuan.gptq import QuantLinear, pack_gptq
+from playground.models.yuan.gptq import QuantLinear
+from playground.models.yuan.gptq_format import pack_gptq
 from playground.models.yuan.make_tiny import random_float_model
-from playground.models.yuan.modeling_yuan import YuanCache, YuanMoE, route_tokens
+from playground.models.yuan.cache_yuan import YuanCache
+from playground.models.yuan.modeling_yuan import YuanMoE, route_tokens
 from playground.models.yuan.precision import PREFILL_CHUNK_TOKENS
 
 

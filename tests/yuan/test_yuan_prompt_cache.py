@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from playground.generation.prompt_cache import BLOCK_TOKENS, PromptCache
-from playground.models.yuan.modeling_yuan import YuanCache
+from playground.models.yuan.cache_yuan import YuanCache
 
 SEQUENCE = [11, 402, 7, 3999, 56, 56, 1024, 3, 870, 41, 2, 600, 95, 1800, 77, 4000, 12, 13, 14, 15, 301, 302, 9,
             8, 7, 6, 5, 4, 3, 2, 1, 1000, 2000, 3000, 33, 44]

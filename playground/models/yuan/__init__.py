@@ -19,7 +19,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_yuan import YuanConfig
 from .loading import check_yuan_folder, is_yuan_folder, load_yuan
-from .modeling_yuan import YuanCache, YuanForCausalLM, YuanModel, YuanRoutingTrace
+from .cache_yuan import YuanCache
+from .modeling_yuan import YuanForCausalLM, YuanModel
+from .routing_yuan import YuanRoutingTrace
 from .prompt import YuanChatFormat, yuan_prompt
 from .tokenization_yuan import YuanTokenizer, load_yuan_tokenizer
 

@@ -21,9 +21,14 @@ class YuanCacheLayer(GrowingLayer):
 
     sequence_names = ("keys", "values", "lf_inputs")
 
-    def __init__(self, **kwargs):
+    def __init__(self, kv_dtype: torch.dtype | None = None, **kwargs):
         super().__init__()
+        self.kv_dtype = kv_dtype  # keys/values are held in this dtype; None = as given
         self.lf_inputs: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        dtype = self.kv_dtype or key_states.dtype
+        return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
 
     def append_lf_inputs(self, inputs: torch.Tensor) -> None:
         """Record the filter's inputs [batch, new, hidden] of the positions being added."""
@@ -74,14 +79,18 @@ class YuanCacheLayer(GrowingLayer):
 
 
 class YuanCache(DynamicCache):
-    """`DynamicCache` whose layers also keep the LFA filter's inputs. `generate` creates one automatically."""
+    """`DynamicCache` whose layers also keep the LFA filter's inputs, and hold keys/values in the config's
+    `kv_cache_dtype` when it names one. `generate` creates one automatically."""
 
     def __init__(self, config: YuanConfig | None = None, num_layers: int | None = None, offloading: bool = False):
         if num_layers is None:
             if config is None:
                 raise ValueError("YuanCache needs the model config or num_layers")
             num_layers = config.num_hidden_layers
-        Cache.__init__(self, layers=[YuanCacheLayer() for _ in range(num_layers)], offloading=offloading)
+        kv_dtype_name = getattr(config, "kv_cache_dtype", None)
+        kv_dtype = getattr(torch, kv_dtype_name) if kv_dtype_name else None
+        layers = [YuanCacheLayer(kv_dtype) for _ in range(num_layers)]
+        Cache.__init__(self, layers=layers, offloading=offloading)
 
     def get_lf_memory(self, layer_idx: int) -> torch.Tensor | None:
         """Layer `layer_idx`'s filter memory [batch, 2, hidden] (None before the first token)."""

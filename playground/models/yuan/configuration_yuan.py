@@ -64,6 +64,9 @@ class YuanConfig(PretrainedConfig):
     rotary_table_dtype: str = "bfloat16"
     rotary_dim: int | None = None
     rotary_base: float = 10000.0
+    # Set by the playground's precision step (not by the release): the dtype `YuanCache` holds keys/values in
+    # ("bfloat16"...); None keeps the activations' dtype.
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self, **kwargs):
         # Keep whatever the release put in moe_config, fill what is missing.

@@ -27,16 +27,7 @@ from torch import nn
 
 from playground.errors import ModelFolderError
 
-from .gptq_format import (  # noqa: F401  (the format's public API, re-exported)
-    SUPPORTED_BITS,
-    _dequantize,
-    _unpack_columns,
-    pack_factor,
-    pack_gptq,
-    unpack_gptq,
-    unpack_int_weights,
-    unpack_zero_points,
-)
+from .gptq_format import SUPPORTED_BITS, _dequantize, _unpack_columns, pack_factor, pack_gptq
 
 logger = logging.getLogger(__name__)
 
@@ -237,16 +228,4 @@ def dequantize_linear(layer: QuantLinear, dtype: torch.dtype = torch.float32) ->
     return linear
 
 
-__all__ = [
-    "GPTQSettings",
-    "QuantLinear",
-    "SUPPORTED_BITS",
-    "dequantize_linear",
-    "pack_factor",
-    "pack_gptq",
-    "gptq_settings_from_dict",
-    "read_quantize_config",
-    "unpack_gptq",
-    "unpack_int_weights",
-    "unpack_zero_points",
-]
+__all__ = ["GPTQSettings", "QuantLinear", "dequantize_linear", "gptq_settings_from_dict", "read_quantize_config"]

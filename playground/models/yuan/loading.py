@@ -47,15 +47,7 @@ from .gptq import GPTQSettings, QuantLinear, gptq_settings_from_dict, read_quant
 from .modeling_yuan import YuanForCausalLM
 from .precision import ROUTER_LINEAR, Precision, apply_precision, resolve_precision
 from .quant_kernels import KernelChooser
-from .safetensors_parts import (  # noqa: F401  (PartedFile, TensorEntry re-exported)
-    SPLIT_PART,
-    PartedFile,
-    TensorEntry,
-    WeightIndex,
-    index_weights,
-    read_tensor,
-    tensors_equal,
-)
+from .safetensors_parts import SPLIT_PART, WeightIndex, index_weights, read_tensor, tensors_equal
 
 logger = logging.getLogger(__name__)
 
@@ -461,9 +453,6 @@ YuanForCausalLM.from_pretrained = classmethod(_from_pretrained)
 
 
 __all__ = [
-    "PartedFile",
-    "TensorEntry",
-    "WeightIndex",
     "YuanFolder",
     "build_model_skeleton",
     "check_yuan_folder",
@@ -473,6 +462,5 @@ __all__ = [
     "is_yuan_gguf",
     "load_yuan",
     "needs_native_loader",
-    "read_tensor",
     "untie_differing_lm_head",
 ]

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .configuration_yuan import YuanConfig
-from .gptq import GPTQSettings, pack_factor, pack_gptq
+from .gptq import GPTQSettings
+from .gptq_format import pack_factor, pack_gptq
 from .loading import QUANTIZED_LINEAR, build_model_skeleton
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -27,9 +28,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .cache_yuan import YuanCache, YuanCacheLayer  # noqa: F401  (part of this module's API)
+from .cache_yuan import YuanCache
 from .configuration_yuan import YuanConfig
-from .mixed_precision import vocabulary_logits
 from .routing_yuan import YuanRoutingTrace
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -120,20 +120,6 @@ class YuanLocalizedFiltering(nn.Module):
         self.conv2 = nn.Conv2d(hidden // 2, hidden, kernel_size=(2, 1), stride=(1, 1), padding=(1, 0), bias=True)
         self.output_layernorm = YuanRMSNorm(hidden, eps=config.rms_norm_eps)
 
-    def use_tap_major_weights(self) -> None:
-        """Lay each convolution's weight out as [out, tap, in] in memory (same shape and values as before), so the
-        two taps read as one contiguous [out, 2 * in] matrix: the GEMM form below then copies nothing."""
-        for conv in (self.conv1, self.conv2):
-            tap_major = conv.weight.detach().permute(0, 2, 1, 3).contiguous()
-            conv.weight = nn.Parameter(tap_major.permute(0, 2, 1, 3), requires_grad=conv.weight.requires_grad)
-
-    @staticmethod
-    def _taps(conv: nn.Conv2d, window: torch.Tensor) -> torch.Tensor:
-        """The kernel-2 convolution as one GEMM: position t of the result reads `window[t]` and `window[t + 1]`."""
-        weight = conv.weight.permute(0, 2, 1, 3).reshape(conv.out_channels, -1)  # [out, (tap, in)]
-        pairs = torch.cat((window[:, :-1], window[:, 1:]), dim=-1).to(weight.dtype)
-        return F.linear(pairs, weight, conv.bias)
-
     @property
     def input_dtype(self) -> torch.dtype:
         """The dtype the filter reads its inputs in: holding them in it (the cache's memory) loses nothing."""
@@ -147,12 +133,6 @@ class YuanLocalizedFiltering(nn.Module):
         """
         seq_len = hidden_states.shape[1]
         window = torch.cat((memory, hidden_states), dim=1)
-        if self.conv1.weight.dtype != hidden_states.dtype:
-            # Reduced-precision weights (the mixed CPU mode): two GEMMs in the weights' dtype, where a bf16 Conv2d
-            # on CPU is several times slower. o1 is needed at the window's positions 1..s+1 only.
-            o1 = self._taps(self.conv1, window).masked_fill(~window_valid[:, 1:, None], 0.0)
-            o2 = self._taps(self.conv2, o1).to(hidden_states.dtype)
-            return self.output_layernorm(o2 + hidden_states)
         # Conv2d over [b, h, time, 1]; its padding of one step on both ends makes position t see t-1 and t.
         o1 = self.conv1(window.transpose(1, 2).unsqueeze(-1))[:, :, : seq_len + 2]
         # Where the position is not a real token the filter's input must read as zero, not as the bias.
@@ -181,8 +161,6 @@ class YuanAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, projection, bias=False)
         self.o_proj = nn.Linear(projection, config.hidden_size, bias=False)
         self.lf_gate = YuanLocalizedFiltering(config)
-        # Keys/values (and the queries reading them) are cached and attended in this dtype; None = the input's.
-        self.kv_dtype: torch.dtype | None = None
 
     def forward(
         self,
@@ -213,15 +191,13 @@ class YuanAttention(nn.Module):
         cos, sin = position_embeddings
         query = apply_rotary_pos_emb(query, cos, sin)
         key = apply_rotary_pos_emb(key, cos, sin)
-        if self.kv_dtype is not None:
-            key, value = key.to(self.kv_dtype), value.to(self.kv_dtype)
 
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        # Over a bf16 cache the query is rounded to bf16 too (as the release's fp16 attention rounds it): the CPU's
-        # bf16 SDPA keeps scores, softmax and sums in float32 and reads the cache once, several times faster than
-        # upcasting the cache, and a decoding step computes exactly as a prompt's positions do.
+        # The cache may hold keys/values in a smaller dtype (`config.kv_cache_dtype`): the query is rounded to it too
+        # (as the release's fp16 attention rounds it). The CPU's bf16 SDPA keeps scores, softmax and sums in float32
+        # and reads the cache once, several times faster than upcasting the cache.
         output = F.scaled_dot_product_attention(
             query.to(key.dtype),
             key,
@@ -290,14 +266,11 @@ class YuanMoE(nn.Module):
         tokens = hidden_states.reshape(-1, shape[-1])
         router_logits = self.gate(tokens)
         experts, weights = route_tokens(router_logits, self.top_k, self.normalize)
-        if tokens.shape[0] == 1:
-            return self._one_token(tokens, experts, weights).view(shape), router_logits, experts, weights
+        return self._dispatch(tokens, experts, weights).view(shape), router_logits, experts, weights
 
-        return self._grouped(tokens, experts, weights).view(shape), router_logits, experts, weights
-
-    def _grouped(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Many tokens: each used expert runs once, on all the rows that chose it (one contiguous slice of the
-        tokens sorted by expert); then each token adds its k weighted outputs in ascending expert order."""
+    def _dispatch(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each used expert runs once, on all the rows that chose it (one contiguous slice of the tokens sorted by
+        expert); then each token adds its k weighted outputs in ascending expert order."""
         # Each token's slots in ascending expert order (a token picks an expert at most once).
         experts, slot_order = experts.sort(dim=-1)
         weights = weights.gather(-1, slot_order)
@@ -318,14 +291,6 @@ class YuanMoE(nn.Module):
             output = output + per_slot[:, slot]
         return output
 
-    def _one_token(self, token: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """A decoding step's token: its k experts directly, no dispatch masks. Same sums, same order."""
-        output = None
-        for expert_idx, slot in sorted(zip(experts[0].tolist(), range(self.top_k))):
-            expert_output = self.experts[expert_idx](token) * weights[0, slot].to(token.dtype)
-            output = expert_output if output is None else output + expert_output
-        return output
-
 
 class YuanDecoderLayer(nn.Module):
     def __init__(self, config: YuanConfig, layer_idx: int):
@@ -341,8 +306,8 @@ class YuanDecoderLayer(nn.Module):
         hidden_states = residual + hidden_states
 
         residual = hidden_states
-        moe_output, router_logits, experts, weights = self.mlp(self.post_attention_layernorm(hidden_states))
-        return residual + moe_output, router_logits, experts, weights
+        moe_output, router_logits, _, _ = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + moe_output, router_logits
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -406,7 +371,6 @@ class YuanModel(YuanPreTrainedModel):
         self.layers = nn.ModuleList(YuanDecoderLayer(config, idx) for idx in range(config.num_hidden_layers))
         self.norm = YuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = YuanRotaryEmbedding(config)
-        self.routing_trace: YuanRoutingTrace | None = None  # set by YuanForCausalLM.record_routing()
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -461,16 +425,12 @@ class YuanModel(YuanPreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         all_router_logits = () if output_router_logits else None
-        for layer_idx, decoder_layer in enumerate(self.layers):
+        for decoder_layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states, router_logits, experts, weights = decoder_layer(
-                hidden_states, position_embeddings, batch_masks, cache
-            )
+            hidden_states, router_logits = decoder_layer(hidden_states, position_embeddings, batch_masks, cache)
             if output_router_logits:
                 all_router_logits += (router_logits.view(batch, q_len, -1),)
-            if self.routing_trace is not None:
-                self.routing_trace.add(layer_idx, experts.view(batch, q_len, -1), weights.view(batch, q_len, -1))
 
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
@@ -533,7 +493,7 @@ class YuanForCausalLM(YuanPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = vocabulary_logits(self.lm_head, hidden_states)
+        logits = self.lm_head(hidden_states)
 
         loss = None
         if labels is not None:
@@ -564,17 +524,19 @@ class YuanForCausalLM(YuanPreTrainedModel, GenerationMixin):
         >>> experts, weights = trace.stacked()  # [layers, batch, tokens, top_k]
         """
         trace = YuanRoutingTrace(self.config.num_hidden_layers)
-        previous, self.model.routing_trace = self.model.routing_trace, trace
+        hooks = [
+            layer.mlp.register_forward_hook(partial(trace.record_moe_output, layer_idx))
+            for layer_idx, layer in enumerate(self.model.layers)
+        ]
         try:
             yield trace
         finally:
-            self.model.routing_trace = previous
+            for hook in hooks:
+                hook.remove()
 
 
 __all__ = [
     "YuanAttention",
-    "YuanCache",
-    "YuanCacheLayer",
     "YuanDecoderLayer",
     "YuanExpertMLP",
     "YuanForCausalLM",
@@ -585,7 +547,6 @@ __all__ = [
     "YuanRMSNorm",
     "YuanRotaryEmbedding",
     "YuanRouter",
-    "YuanRoutingTrace",
     "apply_rotary_pos_emb",
     "route_tokens",
 ]

@@ -9,7 +9,7 @@ For INT4 folders with `dtype` left to "auto":
 
 On CPU PyTorch's fp16 GEMV reads the 553 MB head about 1.6x faster than its bf16 one (and fp16 is the stored
 dtype), but its fp16 GEMM is slow beyond a few rows, which is why the LFA (run over whole prompts) is bf16 and why
-the head computes several rows through bf16 slices (`mixed_precision.vocabulary_logits`). fp32 weights would read
+the head computes several rows through bf16 slices (`mixed_precision.VocabularyHead`). fp32 weights would read
 twice the bytes. The residual stream stays float32 because it is cheap (one 2048-vector per token) and it is where
 rounding accumulates.
 The router's projections are dequantised once to float32 (a few hundred KB per layer) so the expert choice does not
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .modeling_yuan import YuanAttention, YuanLocalizedFiltering
+from .mixed_precision import LocalizedFilteringGemm, VocabularyHead
+from .modeling_yuan import YuanLocalizedFiltering
 
 # Float weights held in `Precision.head` and `Precision.weights` (read in full every token) rather than in the
 # activations' dtype.
@@ -101,13 +102,21 @@ def resolve_precision(
 
 
 def apply_precision(model: nn.Module, precision: Precision) -> None:
-    """Settings that follow from the precision once the weights are in place."""
-    for module in model.modules():
-        if isinstance(module, YuanLocalizedFiltering) and module.conv1.weight.dtype != precision.activations:
-            module.use_tap_major_weights()
-        elif isinstance(module, YuanAttention):
-            module.kv_dtype = None if precision.kv_cache == precision.activations else precision.kv_cache
+    """What follows from the precision once the weights are in place, done once after load: the modules whose fast
+    form depends on their weights' dtype are swapped in (`mixed_precision.py`), and the cache dtype goes into the
+    config (every `YuanCache` built from it holds keys/values in it). The model file itself stays the reference."""
+    for name, module in list(model.named_modules()):
+        parent_name, _, attribute = name.rpartition(".")
+        if type(module) is YuanLocalizedFiltering and module.conv1.weight.dtype != precision.activations:
+            setattr(model.get_submodule(parent_name), attribute, LocalizedFilteringGemm.replacing(module))
+        elif name == "lm_head" and type(module) is nn.Linear:
+            setattr(model, attribute, VocabularyHead.replacing(module))
+    model.config.kv_cache_dtype = None if precision.kv_cache == precision.activations else _dtype_name(precision.kv_cache)
     model.compute_precision = precision
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 __all__ = ["PREFILL_CHUNK_TOKENS", "Precision", "ROUTER_LINEAR", "apply_precision", "resolve_precision"]

@@ -27,6 +27,12 @@ class YuanRoutingTrace:
         self._experts[layer_idx].append(experts.detach())
         self._weights[layer_idx].append(weights.detach())
 
+    def record_moe_output(self, layer_idx: int, moe, inputs, output) -> None:
+        """A forward hook on layer `layer_idx`'s `YuanMoE`: its output is (hidden, router logits, experts, weights)."""
+        batch, tokens = inputs[0].shape[:2]
+        _, _, experts, weights = output
+        self.add(layer_idx, experts.view(batch, tokens, -1), weights.view(batch, tokens, -1))
+
     def __len__(self) -> int:
         return sum(chunk.shape[1] for chunk in self._experts[0]) if self.num_layers else 0
 
