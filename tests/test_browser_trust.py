@@ -278,9 +278,13 @@ def test_11_history_runs_tell_apart_find_and_reopen_with_results(page, screens):
     runs = page.locator("#history-runs")
     expect(runs).to_contain_text("Name a fruit. · temperature 0 / 0.7")
     page.locator("#history-search input").fill("fruit")
-    expect(runs).to_contain_text("Name a fruit.", timeout=30_000)
-    found = runs.get_by_test_id(re.compile(r"^cell-\d+-1$")).filter(visible=True).all_inner_texts()
-    assert found and all("fruit" in text.lower() for text in found), found  # where the search matched
+    expect(page.locator("#history-runs-caption")).to_contain_text("with “fruit”", timeout=30_000)
+
+    def found() -> list[str]:  # the runs' "found" cells once the search's list is drawn: where it matched
+        cells = runs.get_by_test_id(re.compile(r"^cell-\d+-1$")).filter(visible=True).all_inner_texts()
+        return cells if cells and all("fruit" in text.lower() for text in cells) else []
+
+    wait_for(found, 30, "the found column of the searched runs", every=0.3)
     runs.get_by_text(re.compile(r"^Name a fruit\. · temperature")).filter(visible=True).first.click()
     page.locator("#history-open-run").click()
     expect(page.locator("#lab-results-box")).to_be_visible(timeout=30_000)
@@ -288,3 +292,41 @@ def test_11_history_runs_tell_apart_find_and_reopen_with_results(page, screens):
     shot(page, screens, "trust-11-run-reopened-with-results")
     open_tab(page, "History")
     expect(page.get_by_role("button", name=re.compile(r"Import chats \(\.json, up to 7\.9 MB\)"))).to_be_visible()
+
+
+def test_12_a_message_that_waits_in_the_queue_gets_its_bubble_at_once(page, app, screens):
+    """Item 12: another page's long reply holds the model; this page's message shows a reply bubble with its place
+    in the queue, and the stats line says how long it waited."""
+    open_tab(page, "Chat")
+    page.locator("#chat-clear").click()
+    set_setting(page, "max_new_tokens", 6)
+    other = page.context.new_page()  # another visitor: its own session, the same model
+    try:
+        other.goto(app.url)
+        other.locator("#sampling-max_new_tokens input").fill("60")
+        other.locator("#sampling-max_new_tokens input").press("Tab")
+        other.locator("#chat-input textarea").fill(LONG_ASK)
+        other.locator("#chat-input textarea").press("Enter")
+        expect(other.locator("#chat-status")).to_contain_text("Generating", timeout=60_000)
+        send(page, "Hi!")
+        expect(page.locator("#chatbot .message.bot").last).to_contain_text("Waiting: place 1 in the queue",
+                                                                        timeout=30_000)
+        shot(page, screens, "trust-12-queued-bubble")
+        chat_done(page)
+        assert "waited" in status_text(page) and "in the queue" in status_text(page)
+    finally:
+        other.close()
+
+
+def test_13_the_lab_adds_a_setting_with_one_click(page, screens):
+    """Item 11: an "Add a setting" button beside the table, up to six."""
+    open_tab(page, "Sampling lab")
+    page.locator("#lab-sweep-values input, #lab-sweep-values textarea").first.fill("0, 0.7")
+    page.get_by_role("button", name="Fill table with sweep").click()
+    add = page.locator("#lab-add-setting")
+    for rows in range(3, 7):
+        add.click()
+        expect(page.locator("#lab-status")).to_contain_text(f"Setting {rows} added")
+    add.click()
+    expect(page.locator("#lab-status")).to_contain_text("at most 6 settings")
+    shot(page, screens, "trust-13-six-settings")

@@ -202,7 +202,7 @@ def _delete_step(views: HistoryViews, panel: ListPanel, kind: str, row_id: str, 
     if not row_id:
         return {panel.note: f"⚠️ Choose a {kind} first: click a row of the list."}, False
     if armed != row_id:
-        ask = f"Delete this {kind} for good? Click **{CONFIRM_LABEL}** to confirm; anything else keeps it."
+        ask = f"Delete this {kind} for good? Click the button again to confirm; anything else keeps it."
         return {panel.armed: row_id, panel.delete: gr.update(value=CONFIRM_LABEL, variant="stop"),
                 panel.note: ask}, False
     note, _ = views.delete_chat(row_id) if kind == "chat" else views.delete_run(row_id)

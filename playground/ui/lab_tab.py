@@ -83,6 +83,14 @@ def sweep_table(base_table: Any, parameter: str, values_text: str) -> pd.DataFra
     return pd.DataFrame(rows, columns=SETTING_FIELDS)
 
 
+def with_another_setting(table: Any) -> pd.DataFrame:
+    """The settings table with one more row: a copy of the last, to change (MAX_COLUMNS rows at most)."""
+    current = settings_from_table(table)
+    if len(current) >= MAX_COLUMNS:
+        raise ParameterError(f"the lab runs at most {MAX_COLUMNS} settings at once")
+    return pd.DataFrame([table_row(p) for p in [*current, current[-1]]], columns=SETTING_FIELDS)
+
+
 def preset_in_row(table: Any, preset_name: str, row: Any) -> pd.DataFrame:
     """The settings table with row `row` (1-based; one past the end adds a row) set to a preset's settings."""
     presets, problems = load_presets()
@@ -410,6 +418,8 @@ def build_lab_tab(manager: ModelManager, storage: Storage | None = None) -> LabT
             elem_id="lab-settings",
         )
         with gr.Row():
+            add_setting = gr.Button("Add a setting", size="sm", scale=0, min_width=140, elem_id="lab-add-setting")
+        with gr.Row():
             preset = gr.Dropdown(preset_names(), value=None, label="Preset", info="put a preset's settings in a row")
             preset_row = gr.Number(value=1, precision=0, minimum=1, maximum=MAX_COLUMNS, label="Row")
             preset_button = gr.Button("Put preset in row")
@@ -462,6 +472,13 @@ def build_lab_tab(manager: ModelManager, storage: Storage | None = None) -> LabT
             owner = session_owner(request)
             return "Stopping…" if owner and manager.cancel(owner) else "Nothing is running."
 
+        def add_row(table):
+            try:
+                grown = with_another_setting(table)
+            except PlaygroundError as exc:
+                return table, refusal(exc)
+            return grown, f"Setting {len(grown)} added: a copy of the one before, to change."
+
         def put_preset(table, chosen, row):
             try:
                 return preset_in_row(table, chosen, row), f"Row {int(row)}: preset {chosen}"
@@ -472,6 +489,7 @@ def build_lab_tab(manager: ModelManager, storage: Storage | None = None) -> LabT
             yield from run_lab(manager, storage, view, prompt, table, response_schema, request)
 
         preset_button.click(put_preset, [table, preset, preset_row], [table, status], api_name="lab_preset_row")
+        add_setting.click(add_row, table, [table, status], api_name="lab_add_setting")
         refresh_choices_on_focus(preset, preset_names)
         sweep_button.click(fill_sweep, [table, sweep_parameter, sweep_values], [table, status], api_name="lab_sweep")
         run.click(lambda: (gr.update(interactive=False), gr.update(interactive=True, variant="stop")), None,
