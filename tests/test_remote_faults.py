@@ -335,22 +335,26 @@ def test_remote_metrics_are_plotted_in_the_memory_panel(front, engine):
     reply, _ = chat(front, "Tell me something")
     assert reply == "Hello there, friend."
     client = Client(front.url, verbose=False)
-    _, report, kv_plot, requests_plot, tokens_plot = wait_for(
-        lambda: (tick := client.predict(api_name="/memory_tick")) and "KV cache used" in tick[1] and tick, 10,
-        "a memory sample with the engine's figures", every=0.3)
-    assert "KV cache used **37.5%**" in report and "requests waiting **0**" in report
-    assert "this playground's process only" in report
 
     # The panel shows the last minutes, earlier tests' traffic to this engine included: look at this test's samples.
-    window_s = time.monotonic() - started
-
     def series(update) -> dict[str, list[float]]:
         assert update["visible"] is True
+        window_s = time.monotonic() - started
         columns, values = update["value"]["columns"], {}
         for row in update["value"]["data"]:
             if -row[columns.index("seconds")] <= window_s:  # "seconds" is negative: how long ago
                 values.setdefault(row[columns.index("series")], []).append(row[columns.index("value")])
         return values
+
+    def sampled_twice():  # a tick once two samples of the reply's token rate are in (the counter grew between them)
+        tick = client.predict(api_name="/memory_tick")
+        rates = series(tick[4]).get("generated tokens/s", []) if "KV cache used" in tick[1] else []
+        return tick if len(rates) >= 2 else None
+
+    _, report, kv_plot, requests_plot, tokens_plot = wait_for(sampled_twice, 15, "two samples of the engine's figures",
+                                                              every=0.3)
+    assert "KV cache used **37.5%**" in report and "requests waiting **0**" in report
+    assert "this playground's process only" in report
 
     assert set(series(kv_plot)) == {"KV cache used"} and set(series(kv_plot)["KV cache used"]) == {37.5}
     assert set(series(requests_plot)) == {"requests running", "requests waiting"}
