@@ -133,6 +133,8 @@ def convert_gguf(progress: Progress | None = None) -> Path:
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        if _is_converted(target):  # another process converted it meanwhile (and may be reading it): keep that one
+            return target
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

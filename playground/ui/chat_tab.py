@@ -32,7 +32,9 @@ SCHEMA_ON = "**Structured output is on**: each reply must match the JSON Schema 
 # that was refused is outlined until the next send.
 CHAT_CSS = """
 #chatbot .message-content p { white-space: pre-wrap; }
-#chat-settings .refused input, #chat-settings .refused textarea { outline: 2px solid #e11d48; outline-offset: 1px; }
+#chat-settings .refused input, #chat-settings .refused textarea {
+  border-color: #e11d48 !important; box-shadow: 0 0 0 2px #e11d48 !important;
+}
 """
 # In the browser, after a send: the field a refusal names ("⚠️ temperature: must be ...") is outlined, the others not.
 MARK_REFUSED_JS = """() => {
