@@ -289,6 +289,7 @@ def test_11_history_runs_tell_apart_find_and_reopen_with_results(page, screens):
     page.locator("#history-open-run").click()
     expect(page.locator("#lab-results-box")).to_be_visible(timeout=30_000)
     expect(page.locator("#lab-status")).to_contain_text("Saved run of")
+    expect(page.locator("#lab-sweep-1")).to_contain_text("Temperature")  # the x axis names the swept parameter
     shot(page, screens, "trust-11-run-reopened-with-results")
     open_tab(page, "History")
     expect(page.get_by_role("button", name=re.compile(r"Import chats \(\.json, up to 7\.9 MB\)"))).to_be_visible()

@@ -17,7 +17,7 @@ from playground.errors import ParameterError, PlaygroundError
 from playground.generation.events import FINISH_SHORT
 from playground.insight import INSPECT_TOP, for_people, readable
 from playground.manager import ModelManager
-from playground.params import EXAMPLE_BASE, EXAMPLE_FIELD, NUMERIC_FIELDS, SamplingParams
+from playground.params import EXAMPLE_BASE, EXAMPLE_FIELD, NUMERIC_FIELDS, SAMPLING_FIELDS, SamplingParams
 from playground.presets import load_presets
 from playground.structured import schema_from_text
 from playground.storage import Storage
@@ -334,7 +334,9 @@ def results_updates(view: LabView, prompt: str, settings: list[SamplingParams], 
     values = ", ".join(str(getattr(params, field)) for params in settings)
     note = (f"**Sweep of {field}** over {values}: decode speed, reply length and mean log-probability per token "
             f"(under the model's own distribution; closer to 0 is more likely text) at each value.")
-    return {**shown, view.sweep_note: note, **{plot: points for plot in view.sweep_plots},
+    label = SAMPLING_FIELDS[field].label
+    return {**shown, view.sweep_note: note,
+            **{plot: gr.update(value=points, x_title=label) for plot in view.sweep_plots},
             view.sweep_box: gr.update(visible=True)}
 
 
