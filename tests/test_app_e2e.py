@@ -144,7 +144,8 @@ def test_lab_sweep_and_invalid_settings(client):
                            api_name="/lab_run")
     assert swept[14] == "Done: 3 of 3 settings" and swept[16].startswith("**Sweep of temperature** over 0.1, 0.5, 0.9")
     for plot in swept[17:20]:
-        points = pd.DataFrame(plot["data"], columns=plot["columns"])
+        assert plot["x_title"] == "Temperature"  # the x axis names the swept parameter
+        points = pd.DataFrame(plot["value"]["data"], columns=plot["value"]["columns"])
         assert list(points["swept value"]) == [0.1, 0.5, 0.9] and list(points["new tokens"]) == [4, 4, 4]
         assert (points["tokens/s"] > 0).all() and (points["mean logprob"] < 0).all()
     # a refused run changes only its status line: the results above stay on screen
