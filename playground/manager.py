@@ -167,8 +167,11 @@ class ModelManager:
 
     def cancel_all(self) -> int:
         """Cancel every queued or running generation (the server is stopping); returns how many."""
+        return self._cancel_where(lambda handle: True)
+
+    def _cancel_where(self, chosen: Callable[[GenerationHandle], bool]) -> int:
         with self._handles_lock:
-            handles = list(self._handles.values())
+            handles = [handle for handle in self._handles.values() if chosen(handle)]
         for handle in handles:
             handle.cancel()
         return len(handles)
@@ -270,11 +273,7 @@ class ModelManager:
 
     def cancel(self, owner: str) -> int:
         """Cancel every queued or running generation of `owner` (a UI session); returns how many."""
-        with self._handles_lock:
-            handles = [h for h in self._handles.values() if h.owner == owner]
-        for handle in handles:
-            handle.cancel()
-        return len(handles)
+        return self._cancel_where(lambda handle: handle.owner == owner)
 
     def stream(
         self,

@@ -379,15 +379,14 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
         def buttons_busy():
             return (*(gr.update(interactive=False) for _ in buttons[:-1]), gr.update(interactive=True, variant="stop"))
 
-        def buttons_idle(request: gr.Request = None):
-            if session_owner(request) and manager.busy(session_owner(request)):
-                return (gr.skip(),) * len(buttons)  # another reply of this page is still running
+        def buttons_free():
             return (*(gr.update(interactive=True) for _ in buttons[:-1]),
                     gr.update(interactive=False, variant="secondary"))
 
-        def buttons_idle_after_clear():
-            return (*(gr.update(interactive=True) for _ in buttons[:-1]),
-                    gr.update(interactive=False, variant="secondary"))
+        def buttons_idle(request: gr.Request = None):
+            if session_owner(request) and manager.busy(session_owner(request)):
+                return (gr.skip(),) * len(buttons)  # another reply of this page is still running
+            return buttons_free()
 
         def stop_generation(request: gr.Request = None):
             owner = session_owner(request)
@@ -423,9 +422,9 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
         # and start afresh; the buttons are set free at once, as the stopped reply's own ending never comes.
         replies = [*send_events, regenerate_event]
         clear.click(clear_chat, None, outputs, api_name="chat_clear", cancels=replies).then(
-            buttons_idle_after_clear, None, buttons, api_name=False, show_progress="hidden")
+            buttons_free, None, buttons, api_name=False, show_progress="hidden")
         chatbot.clear(clear_chat, None, outputs, api_name=False, cancels=replies).then(
-            buttons_idle_after_clear, None, buttons, api_name=False, show_progress="hidden")
+            buttons_free, None, buttons, api_name=False, show_progress="hidden")
         stop.click(stop_generation, None, status, api_name="chat_stop", queue=False)
         chat_id.change(lambda shown: shown, chat_id, shown_chat, api_name=False, show_progress="hidden")
         # Said beside the conversation, where the replies appear: a schema holds every reply to it.

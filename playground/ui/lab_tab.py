@@ -263,14 +263,7 @@ def run_lab(manager: ModelManager, storage: Storage | None, view: LabView, promp
     replies = [StreamedReply(response_format, loaded.tokenizer if loaded else None) for _ in settings]
 
     def cells() -> dict:
-        shown = {}
-        for i in range(MAX_COLUMNS):
-            used = i < len(replies)
-            shown[view.texts[i]] = gr.update(value=replies[i].text if used else "", visible=used,
-                                             label=labels[i] if used else f"Setting {i + 1}")
-            shown[view.notes[i]] = gr.update(value=card_note(replies[i]) if used else "", visible=used)
-            shown[view.cards[i]] = gr.update(visible=used)
-        return shown
+        return cards_updates(view, labels, [reply.text for reply in replies], [card_note(reply) for reply in replies])
 
     capture_routing = bool(loaded and loaded.has_experts)
     requests = [dict(messages=[{"role": "user", "content": prompt}], params=params, logprobs=INSPECT_TOP,
@@ -351,22 +344,24 @@ def saved_run_updates(view: LabView, run) -> dict:
     outputs = [cells[i].output if i in cells else "" for i in range(len(settings))]
     stats = [cells[i].stats if i in cells else None for i in range(len(settings))]
     labels, shared = setting_labels(settings)
-    shown = {}
-    for i in range(MAX_COLUMNS):
-        used = i < len(settings)
-        note = ""
-        if used:
-            note = ((stats[i] or {}).get("summary", "") + logprob_note((stats[i] or {}).get("mean_logprob"))
-                    if stats[i] else "Not run")
-        shown[view.texts[i]] = gr.update(value=outputs[i] if used else "", visible=used,
-                                         label=labels[i] if used else f"Setting {i + 1}")
-        shown[view.notes[i]] = gr.update(value=note, visible=used)
-        shown[view.cards[i]] = gr.update(visible=used)
+    notes = [cell.get("summary", "") + logprob_note(cell.get("mean_logprob")) if cell else "Not run" for cell in stats]
     finished = sum(s is not None for s in stats)
-    return {**shown, **results_updates(view, run.prompt, settings, outputs, stats), view.shared: shared,
+    return {**cards_updates(view, labels, outputs, notes), **results_updates(view, run.prompt, settings, outputs, stats), view.shared: shared,
             view.details: [None] * len(settings),
             view.status: f"Saved run of {time.strftime('%Y-%m-%d %H:%M', time.localtime(run.created))}: "
                          f"{finished} of {len(settings)} settings finished. Press **Run** to run it again."}
+
+
+def cards_updates(view: LabView, labels: list[str], texts: list[str], notes: list[str]) -> dict:
+    """The output cards: one per setting (its label, text and the line under it), the rest hidden."""
+    shown = {}
+    for i in range(MAX_COLUMNS):
+        used = i < len(texts)
+        shown[view.texts[i]] = gr.update(value=texts[i] if used else "", visible=used,
+                                         label=labels[i] if used else f"Setting {i + 1}")
+        shown[view.notes[i]] = gr.update(value=notes[i] if used else "", visible=used)
+        shown[view.cards[i]] = gr.update(visible=used)
+    return shown
 
 
 def card_note(reply: StreamedReply) -> str:
