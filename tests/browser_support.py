@@ -16,6 +16,9 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TABS = ["Chat", "Sampling lab", "Insight", "Memory"]
+# The chat's replies, and the stats lines shown under them (messages of their own, a Gradio "thought" title).
+REPLIES = "#chatbot .message.bot:not(:has(.thought-group))"
+REPLY_STATS = "#chatbot .message.bot .thought-group"
 
 
 @pytest.fixture(scope="module")

@@ -162,6 +162,38 @@ def chat_call(text: str | None, system_prompt: str = "", **settings) -> dict:
     return named if text is None else {"text": text, **named}
 
 
+def shown_text(message: dict) -> str:
+    """The text of one Chatbot message as the API returns it (a string, or a list of parts)."""
+    content = message["content"]
+    return "".join(part.get("text", "") for part in content) if isinstance(content, list) else (content or "")
+
+
+def _is_stats_line(message: dict) -> bool:
+    return bool((message.get("metadata") or {}).get("title"))
+
+
+def chat_reply(chat: list[dict]) -> str:
+    """The last reply's text in a Chatbot value the UI's API returns (its stats line is a titled message of its own
+    after it, never part of the text)."""
+    replies = [m for m in chat_turn_messages(chat) if m["role"] == "assistant"]
+    return shown_text(replies[-1]) if replies else ""
+
+
+def chat_turn_messages(chat: list[dict]) -> list[dict]:
+    """A Chatbot value's turns, each reply's stats line left out."""
+    return [m for m in chat if not _is_stats_line(m)]
+
+
+def chat_turns(chat: list[dict]) -> list[str]:
+    """The roles of a Chatbot value's turns."""
+    return [m["role"] for m in chat_turn_messages(chat)]
+
+
+def chat_reply_stats(chat: list[dict]) -> str:
+    """The stats line shown under the last reply ("" when it has none)."""
+    return chat[-1]["metadata"]["title"] if chat and _is_stats_line(chat[-1]) else ""
+
+
 def wait_for(condition, timeout: float, what: str, every: float = 0.1):
     """Poll `condition()` until it returns something truthy (returned) or `timeout` seconds pass (AssertionError
     naming `what`): a test waits on state, never on a fixed sleep, and never for ever."""

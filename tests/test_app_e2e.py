@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from gradio_client import Client
 
-from harness import chat_call, wait_for
+from harness import chat_call, chat_reply, chat_reply_stats, chat_turns, wait_for
 
 from playground.ui.lab_tab import SETTING_FIELDS
 
@@ -21,11 +21,6 @@ GREEDY = dict(temperature=0.0, top_p=0.9, top_k=50, min_p=0.0, typical_p=1.0, re
 def chat_args(message, system="", **overrides):
     """The `/chat` endpoint's arguments, by name (`message` None: `/chat_regenerate`'s)."""
     return chat_call(message, system, **{**GREEDY, **overrides})
-
-
-def reply_text(chat):
-    content = chat[-1]["content"]
-    return "".join(part["text"] for part in content) if isinstance(content, list) else content
 
 
 @pytest.fixture()
@@ -45,23 +40,25 @@ def test_chat_streams_a_reply_with_stats(client):
     updates = list(job)
     chat, status, box = job.outputs()[-1]
     assert len(updates) >= 3  # streamed: several partial replies before the last
-    partial_lengths = [len(reply_text(u[0])) for u in updates if u[0] and u[0][-1]["role"] == "assistant"]
+    partial_lengths = [len(chat_reply(u[0])) for u in updates if u[0] and u[0][-1]["role"] == "assistant"]
     assert partial_lengths == sorted(partial_lengths) and partial_lengths[0] < partial_lengths[-1]
-    assert [m["role"] for m in chat] == ["user", "assistant"]
-    assert "Paris" in reply_text(chat)
-    assert "tokens" in reply_text(chat) and "tokens/s" in reply_text(chat)  # the stats line under the reply
+    assert [m["role"] for m in chat] == ["user", "assistant", "assistant"]  # the reply, then its stats line
+    assert chat_turns(chat) == ["user", "assistant"]
+    assert "Paris" in chat_reply(chat)
+    stats = chat_reply_stats(chat)  # the stats line under the reply, not part of its text
+    assert "tokens" in stats and "tokens/s" in stats and stats not in chat_reply(chat)
     assert status.startswith("Done:") and box == ""
 
 
 def test_chat_keeps_turns_undo_and_clear(client):
     client.predict(**chat_args("My name is Ada. Say hi.", max_new_tokens=12), api_name="/chat")
     chat, _, _ = client.predict(**chat_args("Say goodbye.", max_new_tokens=12), api_name="/chat")
-    assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
+    assert chat_turns(chat) == ["user", "assistant", "user", "assistant"]
     chat, status, box = client.predict(api_name="/chat_undo")
-    assert [m["role"] for m in chat] == ["user", "assistant"]
+    assert chat_turns(chat) == ["user", "assistant"]
     assert box == "Say goodbye."  # the undone message is back in the box, to edit and send again
     chat, status = client.predict(**chat_args(None, max_new_tokens=12), api_name="/chat_regenerate")
-    assert [m["role"] for m in chat] == ["user", "assistant"]
+    assert chat_turns(chat) == ["user", "assistant"]
     chat, status = client.predict(api_name="/chat_clear")
     assert chat == []
 
@@ -69,16 +66,16 @@ def test_chat_keeps_turns_undo_and_clear(client):
 def test_bad_chat_input_shows_a_message_and_keeps_history(client):
     client.predict(**chat_args("Hello!", max_new_tokens=8), api_name="/chat")
     chat, status, box = client.predict(**chat_args("   "), api_name="/chat")
-    assert "empty" in status and len(chat) == 2
+    assert "empty" in status and chat_turns(chat) == ["user", "assistant"]
     chat, status, box = client.predict(**chat_args("Hi again", seed=-1), api_name="/chat")
     assert "seed" in status and "between 0 and" in status
-    assert len(chat) == 2 and box == "Hi again"  # history kept, message given back to edit
+    assert chat_turns(chat) == ["user", "assistant"] and box == "Hi again"  # history kept, message given back to edit
     # refused with the message the lab and the APIs give, not clamped to a slider's end
     chat, status, box = client.predict(**chat_args("Hi again", temperature=9.0), api_name="/chat")
     assert "temperature: must be between 0 and 5 (0 means greedy), got 9" in status
-    assert len(chat) == 2 and box == "Hi again"
+    assert chat_turns(chat) == ["user", "assistant"] and box == "Hi again"
     chat, status, _ = client.predict(**chat_args("Still there?", max_new_tokens=6), api_name="/chat")
-    assert [m["role"] for m in chat] == ["user", "assistant"] * 2
+    assert chat_turns(chat) == ["user", "assistant"] * 2
 
 
 def test_stop_button_really_stops(client, launched_server):

@@ -14,7 +14,8 @@ import time
 import pytest
 from playwright.sync_api import Page, expect
 
-from browser_support import TABS, browser_page, open_tab, page, playwright, screens, shot  # noqa: F401 (fixtures)
+from browser_support import (REPLIES, REPLY_STATS, TABS, browser_page, open_tab, page, playwright,  # noqa: F401
+                             screens, shot)
 from fake_engine import FakeEngine
 from harness import ServedApp, wait_for
 
@@ -26,7 +27,7 @@ def chat_status(page: Page) -> str:
 
 
 def last_reply(page: Page) -> str:
-    replies = page.locator("#chatbot .message.bot")
+    replies = page.locator(REPLIES)
     return replies.last.inner_text() if replies.count() else ""
 
 
@@ -74,7 +75,8 @@ def test_2_chat_reply_streams_in(page, screens):
     # it grew in steps: streamed (a partial reply's rendered Markdown may drop a trailing space or two meanwhile)
     assert len(lengths) >= 3 and lengths[-1] > lengths[0], lengths
     assert all(later >= earlier - 3 for earlier, later in zip(lengths, lengths[1:])), lengths
-    assert "tokens/s" in last_reply(page)  # the stats line under the finished reply
+    stats = page.locator(REPLY_STATS).last.inner_text()
+    assert "tokens/s" in stats and "tokens/s" not in last_reply(page)  # under the finished reply, not in its text
     shot(page, screens, "2-chat-streamed")
 
 

@@ -8,12 +8,13 @@ issue it shows. Screenshots are kept in a temporary folder, printed at the start
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from browser_support import browser_page, open_tab, playwright, screens, shot  # noqa: F401 (fixtures)
+from browser_support import REPLIES, REPLY_STATS, browser_page, open_tab, playwright, screens, shot  # noqa: F401
 from harness import ServedApp, wait_for
 
 from playground.storage import Storage
@@ -78,7 +79,8 @@ def chat_done(page: Page) -> None:
 
 
 def messages(page: Page, role: str) -> list[str]:
-    return [text.strip() for text in page.locator(f"#chatbot .message.{role}").all_inner_texts()]
+    return [text.strip() for text in page.locator(REPLIES if role == "bot" else f"#chatbot .message.{role}")
+            .all_inner_texts()]
 
 
 def test_1_the_model_panel_says_how_to_serve_yuan(page, screens):
@@ -180,7 +182,7 @@ def test_5_settings_survive_a_reload_and_a_reopened_chat_brings_its_own(page, sc
 def test_6_insight_after_a_reload_says_why_reopened_replies_have_no_details(page, screens):
     """Item 13."""
     page.reload()
-    expect(page.locator("#chatbot .message.bot").last).to_be_visible(timeout=30_000)
+    expect(page.locator(REPLIES).last).to_be_visible(timeout=30_000)
     open_tab(page, "Insight")
     page.locator("#insight-inspect").click()
     expect(page.locator("#insight-heading")).to_contain_text("reopened from saved history", timeout=30_000)
@@ -212,8 +214,17 @@ def test_8_structured_output_is_said_beside_the_chat_and_keeps_its_indentation(p
     expect(page.locator("#chat-schema-on")).to_contain_text("Structured output is on")
     send(page, "Name a colour as JSON.")
     expect(page.locator("#chat-status")).to_contain_text("valid JSON matching the schema", timeout=120_000)
-    reply = page.locator("#chatbot .message.bot").last
+    reply = page.locator(REPLIES).last
     assert '\n  "colour"' in reply.inner_text()  # two spaces of indentation, as printed
+    # Item 2: the stats line is shown under the reply but is not part of it: the reply's copy button copies JSON
+    # that parses.
+    expect(page.locator(REPLY_STATS).last).to_contain_text("tokens")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    reply.hover()
+    page.locator(f"#chatbot .message-row:has({REPLIES.removeprefix('#chatbot ')}) + .message-buttons "
+                 "button[aria-label='Copy message']").last.click()
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert json.loads(copied)["colour"], copied
     shot(page, screens, "trust-8-structured")
     page.locator("#chat-schema .cm-content").fill("")
     expect(page.locator("#chat-schema-on")).to_be_hidden()
@@ -304,15 +315,20 @@ def test_12_a_message_that_waits_in_the_queue_gets_its_bubble_at_once(page, app,
     other = page.context.new_page()  # another visitor: its own session, the same model
     try:
         other.goto(app.url)
-        other.locator("#sampling-max_new_tokens input").fill("60")
-        other.locator("#sampling-max_new_tokens input").press("Tab")
+        # Long enough that it does not end before this page's message arrives (the model may end a story earlier).
+        for name, value in (("max_new_tokens", "1000"), ("seed", "3")):  # seed 3: a story that goes on
+            box = other.locator(f"#sampling-{name} input, #sampling-{name} textarea").first
+            box.fill(value)
+            box.press("Tab")
         other.locator("#chat-input textarea").fill(LONG_ASK)
         other.locator("#chat-input textarea").press("Enter")
         expect(other.locator("#chat-status")).to_contain_text("Generating", timeout=60_000)
         send(page, "Hi!")
-        expect(page.locator("#chatbot .message.bot").last).to_contain_text("Waiting: place 1 in the queue",
-                                                                        timeout=30_000)
+        expect(page.locator(REPLIES).last).to_contain_text("Waiting: place 1 in the queue", timeout=30_000)
         shot(page, screens, "trust-12-queued-bubble")
+        stop = other.locator("#chat-stop")
+        if stop.is_enabled():
+            stop.click()  # no need to wait for the whole story
         chat_done(page)
         assert "waited" in status_text(page) and "in the queue" in status_text(page)
     finally:

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from gradio_client import Client, handle_file
 
-from harness import LaunchedServer, ServedApp, ServerChecks, chat_call
+from harness import (LaunchedServer, ServedApp, ServerChecks, chat_call, chat_reply_stats, chat_turn_messages,
+                     chat_turns, shown_text)
 from playground.storage_exchange import EXPORT_FORMAT
 from playground.ui.lab_tab import SETTING_FIELDS
 
@@ -31,12 +32,12 @@ def frame(table) -> pd.DataFrame:
 
 
 def roles(chat) -> list[str]:
-    return [m["role"] for m in chat]
+    return chat_turns(chat)
 
 
-def text_of(message) -> str:
-    content = message["content"]
-    return "".join(part["text"] for part in content) if isinstance(content, list) else content
+def texts(chat) -> list[str]:
+    """The text of each turn (stats lines left out)."""
+    return [shown_text(m) for m in chat_turn_messages(chat)]
 
 
 def start(data_dir: Path, log_dir: Path, manager=None) -> tuple[ServerChecks, Client]:
@@ -58,7 +59,7 @@ def test_chats_and_runs_survive_a_restart(tmp_path, embedded_manager):
     try:
         client.predict(**chat_args("My name is Ada. Say hi."), api_name="/chat")
         chat, _, _ = client.predict(**chat_args("What is my name?"), api_name="/chat")
-        replies = [text_of(m) for m in chat if m["role"] == "assistant"]
+        replies = [text for text, role in zip(texts(chat), roles(chat)) if role == "assistant"]
         table = {"headers": SETTING_FIELDS,
                  "data": [[0.0, 0.9, 50, 0, 1, 1, 0, 8, 1], [1.2, 0.95, 50, 0, 1, 1, 0, 8, 42]]}
         run = client.predict("Write a haiku about rain.", table, api_name="/lab_run")
@@ -83,8 +84,8 @@ def test_chats_and_runs_survive_a_restart(tmp_path, embedded_manager):
         chat_id = chats["id"][0]
         note, shown, system_prompt, status = client.predict(chat_id, api_name="/history_open_chat")
         assert roles(shown) == ["user", "assistant"] * 2 and "Opened" in note
-        assert text_of(shown[0]) == "My name is Ada. Say hi." and replies[0] in text_of(shown[1])
-        assert "tokens" in text_of(shown[1])  # the saved stats line is back under the reply
+        assert texts(shown)[0] == "My name is Ada. Say hi." and replies[0] == texts(shown)[1]
+        assert "tokens" in chat_reply_stats(shown)  # the saved stats line is back under the reply
         chat, status, _ = client.predict(**chat_args("Say goodbye."), api_name="/chat")
         assert roles(chat) == ["user", "assistant"] * 3 and status.startswith("Done:")
         chats = frame(client.predict(api_name="/history_chats"))
@@ -165,7 +166,7 @@ def test_kill_mid_reply_keeps_completed_turns(tmp_path):
         assert len(chats) == 1 and list(chats["messages"]) == [3]
         note, shown, _, chat_status = client.predict(chats["id"][0], api_name="/history_open_chat")
         # the first turn, and the question that was being answered; the half reply is not there
-        assert roles(shown) == ["user", "assistant", "user"] and text_of(shown[2]) == question
+        assert roles(shown) == ["user", "assistant", "user"] and texts(shown)[2] == question
         assert "Regenerate" in chat_status and "Regenerate" not in note  # said on the Chat tab, where the user is
         chat, status = client.predict(**chat_call(None, **GREEDY), api_name="/chat_regenerate")
         assert roles(chat) == ["user", "assistant", "user", "assistant"] and status.startswith("Done:")

@@ -7,7 +7,7 @@ import pytest
 from gradio_client import Client
 
 from fake_engine import FakeEngine
-from harness import ServedApp, chat_call, count_tokens, free_port
+from harness import ServedApp, chat_call, chat_reply, count_tokens, free_port
 from playground.errors import ParameterError, PlaygroundError
 from playground.remote import RemoteEngine, metrics_url, parse_prometheus
 
@@ -54,8 +54,7 @@ def test_openai_api_through_the_front_matches_the_remote(front, launched_server)
 def test_chat_and_lab_through_the_front(front):
     client = Client(front.url, verbose=False)
     chat, status, _ = client.predict(**chat_call("Say hi.", **GREEDY), api_name="/chat")
-    reply = chat[-1]["content"]
-    reply = "".join(p["text"] for p in reply) if isinstance(reply, list) else reply
+    reply = chat_reply(chat)
     assert reply.strip() and "tok" in status
     table = {"headers": ["temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty",
                          "no_repeat_ngram_size", "max_new_tokens", "seed"],

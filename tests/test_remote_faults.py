@@ -14,7 +14,7 @@ import pytest
 from gradio_client import Client
 
 from fake_engine import FakeEngine
-from harness import LaunchedServer, ServedApp, chat_call, free_port, wait_for
+from harness import LaunchedServer, ServedApp, chat_call, chat_reply, free_port, wait_for
 from playground.errors import PlaygroundError
 from playground.manager import GenerationHandle, ModelManager
 from playground.models.yuan.prompt import YuanChatFormat
@@ -58,9 +58,7 @@ def front(engine, tmp_path_factory):
 def chat(front, message: str) -> tuple[str, str]:
     history, status, _ = Client(front.url, verbose=False).predict(**chat_call(message, **CHAT_DEFAULTS),
                                                                    api_name="/chat")
-    reply = history[-1]["content"] if history else ""
-    reply = "".join(part["text"] for part in reply) if isinstance(reply, list) else reply
-    return reply.split("\n\n<sub>")[0], status  # the stats line shown under a reply
+    return chat_reply(history or []), status
 
 
 def connected(new_manager, engine: FakeEngine, **kwargs) -> ModelManager:

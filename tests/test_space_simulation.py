@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-from harness import REPO, LaunchedServer, free_port
+from harness import REPO, LaunchedServer, chat_reply, free_port
 from playground.embedded import EMBEDDED_NAME, HUB_REPO, convert_gguf
 
 PIP_TIMEOUT_S = 600
@@ -169,11 +169,6 @@ def importable(python: Path, module: str) -> bool:
     return subprocess.run([str(python), "-c", check]).returncode == 0
 
 
-def reply_text(chat: list) -> str:
-    content = chat[-1]["content"]
-    return "".join(part["text"] for part in content) if isinstance(content, list) else content
-
-
 @pytest.mark.slow
 @pytest.mark.fresh_venv
 def test_a_space_starts_from_requirements_txt_alone(space_python, space_home, tmp_path):
@@ -192,7 +187,7 @@ def test_a_space_starts_from_requirements_txt_alone(space_python, space_home, tm
         chat, *_ = client.predict(text="What is the capital of France?", system_prompt="", temperature=0,
                                   max_new_tokens=24, seed=1, api_name="/chat")
         assert [message["role"] for message in chat] == ["user", "assistant"]
-        assert "Paris" in reply_text(chat)
+        assert "Paris" in chat_reply(chat)
     finally:
         server.stop()
 

@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel
 
 from fake_engine import FakeEngine
-from harness import chat_call
+from harness import chat_call, chat_reply
 
 from playground.errors import ParameterError
 from playground.manager import ModelManager
@@ -259,8 +259,7 @@ def test_the_chat_and_the_lab_take_a_schema_and_check_the_reply(launched_server)
     chat, status, _ = ui.predict(**chat_call("Name a colour as JSON.", **CHAT_SETTINGS), response_schema=json.dumps(COLOUR),
                                  api_name="/chat")
     assert "valid JSON matching the schema" in status, status
-    reply = chat[-1]["content"] if isinstance(chat[-1]["content"], str) else chat[-1]["content"][0]["text"]
-    shown = reply.split("\n\n<sub>")[0]
+    shown = chat_reply(chat)  # the reply alone: what its copy button copies
     jsonschema.validate(json.loads(shown), COLOUR)
     assert "\n  " in shown  # pretty-printed for people
     _, refused, box = ui.predict(**chat_call("Hi", **CHAT_SETTINGS), response_schema="{not json", api_name="/chat")

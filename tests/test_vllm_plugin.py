@@ -25,7 +25,7 @@ import pytest
 import torch
 from gradio_client import Client
 
-from harness import ServedApp
+from harness import ServedApp, chat_reply, chat_reply_stats
 from vllm_engine import YUAN_INT4_ARGS, VllmServer
 from playground.models.yuan import YuanChatFormat, load_yuan
 from playground.models.yuan.make_tiny import make_tiny_checkpoint
@@ -80,10 +80,12 @@ def servers(folders, tmp_path_factory, refused_start):
                             # Room for one 1024-token sequence and a little more: requests sent together preempt
                             # each other and are recomputed.
                             "--num-gpu-blocks-override", "12", log_dir=log_dir),
-        "int4": VllmServer(folders["int4"], *YUAN_INT4_ARGS, "--max-model-len", "1024", log_dir=log_dir),
+        # The INT4 engines run their worker in the engine core (the float one is started exactly as users do).
+        "int4": VllmServer(folders["int4"], *YUAN_INT4_ARGS, "--max-model-len", "1024", log_dir=log_dir,
+                           worker_in_engine=True),
         # What a CPU without a GPTQ MoE kernel (no AMX, no zentorch) runs: experts dequantised at load.
         "int4-dequantized": VllmServer(folders["int4"], *YUAN_INT4_ARGS, "--max-model-len", "1024", log_dir=log_dir,
-                                       env={"VLLM_YUAN_DEQUANTIZE_EXPERTS": "1"}),
+                                       env={"VLLM_YUAN_DEQUANTIZE_EXPERTS": "1"}, worker_in_engine=True),
     }
     try:
         for server in started.values():
@@ -288,9 +290,7 @@ def test_the_playground_in_front_of_vllm_answers_in_the_release_format(front, se
     greedy = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0,
                   no_repeat_ngram_size=0, max_new_tokens=12, seed=1, stop="")
     chat, chat_status, _ = client.predict("Say hi.", "", *greedy.values(), api_name="/chat")
-    reply = chat[-1]["content"]
-    reply = "".join(part["text"] for part in reply) if isinstance(reply, list) else reply
-    assert reply.split("<sub>")[0].strip() == expected and "tok" in chat_status  # the stats line follows the reply
+    assert chat_reply(chat).strip() == expected and "tok" in chat_status and "tok" in chat_reply_stats(chat)
     table = {"headers": list(greedy)[:-1], "data": [[0.0, 1.0, 0, 0, 1, 1, 0, 12, 1], [0.8, 0.9, 40, 0, 1, 1, 0, 12, 3]]}
     out = client.predict("Say hi.", table, api_name="/lab_run")
     assert out[0]["value"] and out[14] == "Done: 2 of 2 settings"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from gradio_client import Client
 
-from harness import ServedApp, chat_call, count_tokens
+from harness import ServedApp, chat_call, chat_reply, chat_reply_stats, count_tokens
 from playground.errors import ModelFolderError
 from playground.models.yuan.make_tiny import make_tiny_checkpoint
 from tests.conftest import YUAN_TOKENIZER_DIR
@@ -64,9 +64,9 @@ def test_launch_serves_tiny_int4_yuan_in_the_chat_tab(tiny_int4, tmp_path):
         job = client.submit(**chat_call("你好", max_new_tokens=16), api_name="/chat")
         updates = list(job)
         chat, note, _ = job.outputs()[-1]
-        assert len(updates) >= 2 and [m["role"] for m in chat] == ["user", "assistant"]
+        assert len(updates) >= 2 and [m["role"] for m in chat] == ["user", "assistant", "assistant"]
         assert note.startswith("Done:") and ("16 tokens" in note or " stop" in note)
-        assert "<sep>" not in str(chat[-1]["content"])
+        assert "<sep>" not in chat_reply(chat) and chat_reply_stats(chat) in note  # the stats line, after the reply
     finally:
         server.stop()
 

@@ -28,10 +28,19 @@ from playground.ui.replies import StreamedReply
 
 SCHEMA_INPUT = "response_schema"  # the chat's structured-output box, passed with the sampling controls
 SCHEMA_ON = "**Structured output is on**: each reply must match the JSON Schema under *Structured output*."
-# A structured reply is pretty-printed JSON: its indentation shows as written (the chat renders Markdown). A setting
-# that was refused is outlined until the next send.
+# A structured reply is pretty-printed JSON: its indentation shows as written (the chat renders Markdown). A reply's
+# stats line (a titled message of its own, see `stats_message`) reads as the reply's footer: no bubble, no fold arrow,
+# no copy button of its own. A setting that was refused is outlined until the next send.
 CHAT_CSS = """
 #chatbot .message-content p { white-space: pre-wrap; }
+#chatbot .message-row:has(.thought-group) .message { border: none !important; background: none !important;
+  box-shadow: none !important; padding: 0 !important; margin-top: -6px; }
+#chatbot .message-row:has(.thought-group) .thought-group { border: none !important; background: none !important;
+  padding: 0 !important; margin: 0 !important; }
+#chatbot .message-row:has(.thought-group) .arrow { display: none !important; }
+#chatbot .message-row:has(.thought-group) .title { cursor: default; pointer-events: none; padding: 0 !important;
+  color: var(--body-text-color-subdued); font-size: var(--text-sm); }
+#chatbot .message-row:has(.thought-group) + .message-buttons { display: none !important; }
 #chat-settings .refused input, #chat-settings .refused textarea {
   border-color: #e11d48 !important; box-shadow: 0 0 0 2px #e11d48 !important;
 }
@@ -45,18 +54,35 @@ MARK_REFUSED_JS = """() => {
 }"""
 
 
+def stats_message(line: str) -> dict:
+    """A reply's stats line as a message of its own after it, titled (Gradio's "thought" form, shown as the reply's
+    footer by CHAT_CSS): the reply's copy button, "Copy conversation" and API clients get the reply's text alone."""
+    return {"role": "assistant", "content": "", "metadata": {"title": line, "status": "done"}}
+
+
 def display(history: list[dict], stats: list[str]) -> list[dict]:
-    """Chatbot messages: the clean history, each reply followed by its stats line."""
+    """Chatbot messages: the clean history, each reply followed by its stats line (`stats_message`)."""
     shown, reply = [], 0
     for message in history:
-        content = message["content"]
+        shown.append({"role": message["role"], "content": message["content"]})
         if message["role"] == "assistant":
             line = stats[reply] if reply < len(stats) else ""
             reply += 1
             if line:
-                content = f"{content}\n\n<sub>{line}</sub>"
-        shown.append({"role": message["role"], "content": content})
+                shown.append(stats_message(line))
     return shown
+
+
+def history_index(history: list[dict], stats: list[str], shown_index: int) -> int | None:
+    """The history position of the Chatbot's message `shown_index` (None for a stats line)."""
+    positions, turn = [], 0
+    for message in display(history, stats):
+        if message.get("metadata"):
+            positions.append(None)
+        else:
+            positions.append(turn)
+            turn += 1
+    return positions[shown_index] if 0 <= shown_index < len(positions) else None
 
 
 @dataclass
@@ -251,7 +277,7 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
             with gr.Column(scale=3, min_width=520):
                 # Your own messages can be edited in place: the conversation from there is answered again.
                 chatbot = gr.Chatbot(label="Conversation", height=560, elem_id="chatbot", buttons=["copy", "copy_all"],
-                                     editable="user")
+                                     editable="user", group_consecutive_messages=False)
                 with gr.Row():
                     message = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=8,
                                          elem_id="chat-input")
@@ -353,9 +379,10 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
         def edit_and_resend(history, stats, details, system_prompt, chat_id, edited: gr.EditData,
                             request: gr.Request = None, **sampling):
             """A sent message edited in place: the conversation from it on is replaced by the new text's reply."""
-            index = edited.index[0] if isinstance(edited.index, (list, tuple)) else edited.index
+            shown_index = edited.index[0] if isinstance(edited.index, (list, tuple)) else edited.index
+            index = history_index(history, stats, shown_index)
             text = message_text(edited.value)
-            if not 0 <= index < len(history) or history[index]["role"] != "user" or not text.strip():
+            if index is None or history[index]["role"] != "user" or not text.strip():
                 note = "⚠️ Only a message you sent can be edited, and not to nothing."
                 yield display(history, stats), history, stats, note, details, chat_id
                 return
