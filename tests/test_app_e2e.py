@@ -156,15 +156,18 @@ def test_memory_panel_gains_points(client):
     assert "No GPU readings" in report and "Process RSS" in report
     # A local model: the remote engine's plots stay hidden and empty.
     assert len(remote_plots) == 3 and not any(plot["visible"] or plot["value"]["data"] for plot in remote_plots)
-    newest = max(row[frame1["columns"].index("seconds")] for row in frame1["data"])
+    first_read = time.time()  # every sample of the first reading was taken before this
 
     def later_tick():
-        # "seconds" is how long ago (negative): a sample taken after the first reading is younger than its newest.
+        # "seconds" is how long before the server's reply a sample was taken (negative, to 0.1 s); the server's clock
+        # is this machine's, and it replied after `asked`: a sample with `asked + seconds` after the first reading
+        # (by more than the rounding) is new.
+        asked = time.time()
         frame, *_ = client.predict(api_name="/memory_tick")
         ages = [row[frame["columns"].index("seconds")] for row in frame["data"]]
-        return frame if sum(age > newest + 0.05 for age in ages) >= 2 else None  # both series sampled again
+        return frame if sum(asked + age - 0.05 > first_read for age in ages) >= 2 else None  # both series again
 
-    frame2 = wait_for(later_tick, 15, "a memory sample after the first reading", every=0.5)
+    frame2 = wait_for(later_tick, 45, "a memory sample after the first reading", every=0.5)
     assert len(frame1["data"]) >= 2
     series = {row[frame2["columns"].index("series")] for row in frame2["data"]}
     assert series == {"process RSS", "system used"}

@@ -142,7 +142,7 @@ def test_4_the_bin_during_a_reply_clears_for_good(page, app, screens):
     chats_before = len(saved_chats(app))
     page.locator("#chatbot button[aria-label='Clear']").first.click()
     expect(page.locator("#chatbot .message")).to_have_count(0)
-    expect(page.locator("#chat-status")).to_contain_text("Cleared")
+    expect(page.locator("#chat-status")).to_contain_text("Cleared", timeout=30_000)
     # For the next two seconds nothing comes back (it came back after about 0.7 s).
     for _ in range(10):
         page.wait_for_timeout(200)
@@ -315,6 +315,9 @@ def test_12_a_message_that_waits_in_the_queue_gets_its_bubble_at_once(page, app,
     other = page.context.new_page()  # another visitor: its own session, the same model
     try:
         other.goto(app.url)
+        # The settings this browser remembers are put in the new page's boxes when it loads: wait for them first, or
+        # they would overwrite the ones set below.
+        expect(other.locator("#sampling-max_new_tokens input")).to_have_value("6", timeout=30_000)
         # Long enough that it does not end before this page's message arrives (the model may end a story earlier).
         for name, value in (("max_new_tokens", "1000"), ("seed", "3")):  # seed 3: a story that goes on
             box = other.locator(f"#sampling-{name} input, #sampling-{name} textarea").first

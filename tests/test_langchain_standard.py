@@ -12,6 +12,8 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from playground.integrations.langchain import PlaygroundChatModel
 
+pytestmark = pytest.mark.slow  # about 60 replies
+
 # A 135M model decoding greedily falls into loops ("sampu, sampu, ...") that never close a JSON string; a light
 # repetition penalty (an extension the model takes) keeps its replies finite.
 OWN_PARAMS = {"repetition_penalty": 1.1}

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-from harness import REPO, LaunchedServer, chat_reply, free_port
+from harness import REPO, LaunchedServer, chat_reply, chat_turns, free_port
 from playground.embedded import EMBEDDED_NAME, HUB_REPO, convert_gguf
 
 PIP_TIMEOUT_S = 600
@@ -186,7 +186,7 @@ def test_a_space_starts_from_requirements_txt_alone(space_python, space_home, tm
         client = Client(server.url, verbose=False)
         chat, *_ = client.predict(text="What is the capital of France?", system_prompt="", temperature=0,
                                   max_new_tokens=24, seed=1, api_name="/chat")
-        assert [message["role"] for message in chat] == ["user", "assistant"]
+        assert chat_turns(chat) == ["user", "assistant"]
         assert "Paris" in chat_reply(chat)
     finally:
         server.stop()

@@ -25,7 +25,7 @@ import pytest
 import torch
 from gradio_client import Client
 
-from harness import ServedApp, chat_reply, chat_reply_stats
+from harness import ServedApp, chat_call, chat_reply, chat_reply_stats
 from vllm_engine import YUAN_INT4_ARGS, VllmServer
 from playground.models.yuan import YuanChatFormat, load_yuan
 from playground.models.yuan.make_tiny import make_tiny_checkpoint
@@ -289,7 +289,7 @@ def test_the_playground_in_front_of_vllm_answers_in_the_release_format(front, se
     client = Client(front.url, verbose=False)
     greedy = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0,
                   no_repeat_ngram_size=0, max_new_tokens=12, seed=1, stop="")
-    chat, chat_status, _ = client.predict("Say hi.", "", *greedy.values(), api_name="/chat")
+    chat, chat_status, _ = client.predict(**chat_call("Say hi.", **greedy), api_name="/chat")
     assert chat_reply(chat).strip() == expected and "tok" in chat_status and "tok" in chat_reply_stats(chat)
     table = {"headers": list(greedy)[:-1], "data": [[0.0, 1.0, 0, 0, 1, 1, 0, 12, 1], [0.8, 0.9, 40, 0, 1, 1, 0, 12, 3]]}
     out = client.predict("Say hi.", table, api_name="/lab_run")
