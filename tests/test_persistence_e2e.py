@@ -31,10 +31,6 @@ def frame(table) -> pd.DataFrame:
     return pd.DataFrame(table["data"], columns=table["headers"])
 
 
-def roles(chat) -> list[str]:
-    return chat_turns(chat)
-
-
 def texts(chat) -> list[str]:
     """The text of each turn (stats lines left out)."""
     return [shown_text(m) for m in chat_turn_messages(chat)]
@@ -59,7 +55,7 @@ def test_chats_and_runs_survive_a_restart(tmp_path, embedded_manager):
     try:
         client.predict(**chat_args("My name is Ada. Say hi."), api_name="/chat")
         chat, _, _ = client.predict(**chat_args("What is my name?"), api_name="/chat")
-        replies = [text for text, role in zip(texts(chat), roles(chat)) if role == "assistant"]
+        replies = [shown_text(m) for m in chat_turn_messages(chat) if m["role"] == "assistant"]
         table = {"headers": SETTING_FIELDS,
                  "data": [[0.0, 0.9, 50, 0, 1, 1, 0, 8, 1], [1.2, 0.95, 50, 0, 1, 1, 0, 8, 42]]}
         run = client.predict("Write a haiku about rain.", table, api_name="/lab_run")
@@ -83,11 +79,11 @@ def test_chats_and_runs_survive_a_restart(tmp_path, embedded_manager):
         # reopen the chat: the chatbot shows it (stats lines included) and the next turn continues it
         chat_id = chats["id"][0]
         note, shown, system_prompt, status = client.predict(chat_id, api_name="/history_open_chat")
-        assert roles(shown) == ["user", "assistant"] * 2 and "Opened" in note
+        assert chat_turns(shown) == ["user", "assistant"] * 2 and "Opened" in note
         assert texts(shown)[0] == "My name is Ada. Say hi." and replies[0] == texts(shown)[1]
         assert "tokens" in chat_reply_stats(shown)  # the saved stats line is back under the reply
         chat, status, _ = client.predict(**chat_args("Say goodbye."), api_name="/chat")
-        assert roles(chat) == ["user", "assistant"] * 3 and status.startswith("Done:")
+        assert chat_turns(chat) == ["user", "assistant"] * 3 and status.startswith("Done:")
         chats = frame(client.predict(api_name="/history_chats"))
         assert list(chats["id"]) == [chat_id] and list(chats["messages"]) == [6]
 
@@ -166,10 +162,10 @@ def test_kill_mid_reply_keeps_completed_turns(tmp_path):
         assert len(chats) == 1 and list(chats["messages"]) == [3]
         note, shown, _, chat_status = client.predict(chats["id"][0], api_name="/history_open_chat")
         # the first turn, and the question that was being answered; the half reply is not there
-        assert roles(shown) == ["user", "assistant", "user"] and texts(shown)[2] == question
+        assert chat_turns(shown) == ["user", "assistant", "user"] and texts(shown)[2] == question
         assert "Regenerate" in chat_status and "Regenerate" not in note  # said on the Chat tab, where the user is
         chat, status = client.predict(**chat_call(None, **GREEDY), api_name="/chat_regenerate")
-        assert roles(chat) == ["user", "assistant", "user", "assistant"] and status.startswith("Done:")
+        assert chat_turns(chat) == ["user", "assistant", "user", "assistant"] and status.startswith("Done:")
         assert list(frame(client.predict(api_name="/history_chats"))["messages"]) == [4]
         # Ctrl+C while a reply streams into an open page: a clean stop, one line, exit code 0.
         job = client.submit(**chat_args(question, temperature=0.8, seed=4, max_new_tokens=1500), api_name="/chat")

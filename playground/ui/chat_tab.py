@@ -74,15 +74,11 @@ def display(history: list[dict], stats: list[str]) -> list[dict]:
 
 
 def history_index(history: list[dict], stats: list[str], shown_index: int) -> int | None:
-    """The history position of the Chatbot's message `shown_index` (None for a stats line)."""
-    positions, turn = [], 0
-    for message in display(history, stats):
-        if message.get("metadata"):
-            positions.append(None)
-        else:
-            positions.append(turn)
-            turn += 1
-    return positions[shown_index] if 0 <= shown_index < len(positions) else None
+    """The history position of the Chatbot's message `shown_index` (None for a stats line or no message)."""
+    shown = display(history, stats)
+    if not 0 <= shown_index < len(shown) or shown[shown_index].get("metadata"):
+        return None
+    return sum(not message.get("metadata") for message in shown[:shown_index])
 
 
 @dataclass

@@ -346,7 +346,8 @@ def saved_run_updates(view: LabView, run) -> dict:
     labels, shared = setting_labels(settings)
     notes = [cell.get("summary", "") + logprob_note(cell.get("mean_logprob")) if cell else "Not run" for cell in stats]
     finished = sum(s is not None for s in stats)
-    return {**cards_updates(view, labels, outputs, notes), **results_updates(view, run.prompt, settings, outputs, stats), view.shared: shared,
+    return {**cards_updates(view, labels, outputs, notes), **results_updates(view, run.prompt, settings, outputs, stats),
+            view.shared: shared,
             view.details: [None] * len(settings),
             view.status: f"Saved run of {time.strftime('%Y-%m-%d %H:%M', time.localtime(run.created))}: "
                          f"{finished} of {len(settings)} settings finished. Press **Run** to run it again."}
