@@ -62,8 +62,19 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
+# Two pytest workers (pytest-xdist), each test module whole on one of them (its module fixtures start once), the
+# longest modules first (tests/conftest.py), one torch thread each: on two cores they finish the suite in about
+# half the time of one process with two threads (most of a test is single-threaded Python, a server or a browser).
+# WORKERS=0 runs it in one process.
+WORKERS ?= 2
+ifeq ($(WORKERS),0)
+SUITE := $(PY) -m pytest
+else
+SUITE := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder
+endif
+
 test: $(TEST_STAMP) $(CHROMIUM) vllm-venv
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	$(SUITE) -q -rs $(PYTEST_ARGS)
 
 # The vLLM plugin's tests alone (tests/test_vllm_plugin.py; `make test` runs them too).
 test-vllm: $(TEST_STAMP) vllm-venv

@@ -19,6 +19,7 @@ from playground.errors import ModelFolderError, ParameterError
 
 Progress = Callable[[float, str], None]
 EMBEDDED = "embedded"
+ALIGNED_PREFILL_TOKENS = 32
 
 
 @dataclass
@@ -37,7 +38,15 @@ class LoadedModel:
     context_length: int
     has_experts: bool = False
     prefill_chunk_tokens: int | None = None  # a long prompt is computed this many tokens at a time (None: at once)
+    # Chunks start at multiples of prefill_chunk_tokens, and the prompt cache resumes a prompt only there: a prompt is
+    # computed in the same pieces whatever the cache held, so its numbers do not depend on it.
+    aligned_prefill: bool = False
     loaded_at: float = field(default_factory=time.time)  # when it was ready (Unix time): /v1/models' "created"
+
+    @property
+    def resume_step(self) -> int:
+        """A cached prompt resumes at a multiple of this many tokens (1: anywhere)."""
+        return self.prefill_chunk_tokens if self.aligned_prefill and self.prefill_chunk_tokens else 1
 
 
 def build_local_model(target: str, device: str, dtype: str, report: Progress) -> LoadedModel:
@@ -46,7 +55,8 @@ def build_local_model(target: str, device: str, dtype: str, report: Progress) ->
         from playground.embedded import EMBEDDED_NAME, ensure_converted
 
         folder = ensure_converted(report)
-        return _load_transformers_folder(folder, device, dtype, report, name=EMBEDDED_NAME, kind="embedded")
+        loaded = _load_transformers_folder(folder, device, dtype, report, name=EMBEDDED_NAME, kind="embedded")
+        return _four_bit_layers_on_int4_kernels(loaded, dtype)
     path = Path(target).expanduser()
     if not path.exists():
         raise ModelFolderError(f"model folder {path} does not exist")
@@ -93,7 +103,25 @@ def _load_gguf(path: Path, device, dtype, report) -> LoadedModel:
     report(0.2, f"dequantising {path.name}")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=resolve_dtype(dtype, device))
-    return _finish(model, tokenizer, path.stem, "gguf", str(path), device, report)
+    loaded = _finish(model, tokenizer, path.stem, "gguf", str(path), device, report)
+    return _four_bit_layers_on_int4_kernels(loaded, dtype)
+
+
+def _four_bit_layers_on_int4_kernels(loaded: LoadedModel, dtype: str) -> LoadedModel:
+    """A model read from a GGUF, on CPU with dtype auto: its layers that hold whole 4-bit groups (Q4_1) run on the
+    int4 kernel (`models/int4_linear.py`), prompts in aligned chunks; `--dtype float32` keeps the float model."""
+    if loaded.device != "cpu" or dtype not in (None, "", "auto"):
+        return loaded
+    from playground.models.int4_linear import use_int4_kernels
+
+    swapped = use_int4_kernels(loaded.model)
+    if swapped:
+        loaded.dtype = f"{loaded.dtype} · int4 kernels ({swapped} Q4 layers)"
+        loaded.memory_bytes = _memory_bytes(loaded.model)
+        # bf16 activations turn the last-bit differences between a prompt computed whole and one resumed from the
+        # prompt cache into different replies; computed in the same aligned chunks either way, they are identical.
+        loaded.prefill_chunk_tokens, loaded.aligned_prefill = ALIGNED_PREFILL_TOKENS, True
+    return loaded
 
 def _load_yuan_folder(path: Path, device, dtype, report) -> LoadedModel:
     from playground.models.yuan.gguf_yuan import gguf_model_name
@@ -124,12 +152,11 @@ def _finish(model, tokenizer, name, kind, path, device, report, chat_format=None
         chat_format = TemplateChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else PlainChatFormat()
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    tensors = list(model.parameters()) + list(model.buffers())
     # Packed INT4 layers hold their weights as buffers: count them as the weights they stand for.
     parameters = sum(p.numel() for p in model.parameters()) + sum(
         m.in_features * m.out_features for m in model.modules() if hasattr(m, "qweight")
     )
-    memory = sum(t.numel() * t.element_size() for t in tensors)
+    memory = _memory_bytes(model)
     dtype = next((str(p.dtype) for p in model.parameters() if p.is_floating_point()), "unknown")
     if getattr(model, "compute_precision", None) is not None:  # Yuan: mixed precisions, described by the loader
         dtype = model.compute_precision.describe()
@@ -143,6 +170,10 @@ def _finish(model, tokenizer, name, kind, path, device, report, chat_format=None
         device=device, dtype=dtype.replace("torch.", ""), parameters=parameters, memory_bytes=memory,
         load_time_s=0.0, context_length=context, has_experts=has_experts,
     )
+
+
+def _memory_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def _model_type(folder: Path) -> str | None:

@@ -18,6 +18,19 @@ os.environ.setdefault("PLAYGROUND_CACHE_DIR", str(REPO / ".cache"))
 os.environ.setdefault("PLAYGROUND_DATA_DIR", tempfile.mkdtemp(prefix="playground-test-data-"))
 
 
+# `make test` runs two workers that take whole modules in collection order (`-n 2 --dist loadfile
+# --no-loadscope-reorder`); the longest modules (by `--durations`, in worker-seconds) go first, so that the two
+# workers end together instead of one waiting for the other's last long module.
+LONGEST_MODULES = ("test_vllm_plugin.py", "test_browser.py", "test_langchain_standard.py", "test_space_simulation.py",
+                   "test_benches.py", "test_browser_trust.py", "test_yuan_gguf.py", "test_prompt_cache.py",
+                   "test_remote_faults.py", "test_persistence_e2e.py", "test_langchain.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order is kept
+
+
 @pytest.fixture(scope="session")
 def launched_server(tmp_path_factory):
     """The real app with the real embedded model, started once for the whole test session."""

@@ -25,6 +25,14 @@ def count_tokens(manager, text: str) -> int:
     return len(manager.require_local("counting tokens").tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def cached_when_repeated(status: dict, prompt_tokens: int) -> int:
+    """How many tokens of a prompt sent again come from the prompt cache, by a manager's or server's status: all
+    but the last, in the loaded model's resume steps."""
+    from playground.generation.prompt_cache import longest_resume
+
+    return longest_resume(prompt_tokens, status["prompt_cache"]["resume_step"])
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

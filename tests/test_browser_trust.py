@@ -141,7 +141,7 @@ def test_4_the_bin_during_a_reply_clears_for_good(page, app, screens):
     expect(page.locator("#chat-status")).to_contain_text("Generating", timeout=60_000)
     chats_before = len(saved_chats(app))
     page.locator("#chatbot button[aria-label='Clear']").first.click()
-    expect(page.locator("#chatbot .message")).to_have_count(0)
+    expect(page.locator("#chatbot .message")).to_have_count(0, timeout=30_000)  # a busy machine delays the stop
     expect(page.locator("#chat-status")).to_contain_text("Cleared", timeout=30_000)
     # For the next two seconds nothing comes back (it came back after about 0.7 s).
     for _ in range(10):

@@ -136,8 +136,7 @@ class LocalBackend:
         """The raw next-token logits [vocab] (float32, CPU) after `input_ids`, on the device's worker thread, computing
         only what the prompt cache lacks. The caller holds the device's turn in the queue."""
         loaded = self.loaded
-        run = PrefixedRun(loaded.model, input_ids.to(loaded.device), self._active_prompt_cache(),
-                          record_routing=loaded.has_experts)
+        run = PrefixedRun.for_model(loaded, input_ids.to(loaded.device), self._active_prompt_cache())
 
         def forward() -> torch.Tensor:
             logits = self._gpu_calls.run(run.next_token_logits)
@@ -153,7 +152,7 @@ class LocalBackend:
         return []
 
     def status_fields(self) -> dict[str, Any]:
-        return {"prompt_cache": self.prompt_cache.stats()}
+        return {"prompt_cache": {**self.prompt_cache.stats(), "resume_step": self.loaded.resume_step}}
 
     def metrics(self) -> dict[str, float] | None:
         return None

@@ -103,7 +103,8 @@ def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle
     if params.stop:
         kwargs["tokenizer"] = tokenizer
     if loaded.prefill_chunk_tokens:
-        kwargs["prefill_chunk_size"] = loaded.prefill_chunk_tokens  # bounded activations for long prompts
+        # Bounded activations for long prompts; aligned chunks make a prompt the same numbers whatever was cached.
+        kwargs["prefill_chunk_size"] = loaded.prefill_chunk_tokens
     # The grammar masks first, so the warpers (temperature, top-k, top-p...) sample among allowed tokens only, and
     # its stopping criterion ends the reply when the structure is complete.
     constraint = grammar.constraint(prompt_tokens) if grammar else None
@@ -120,7 +121,7 @@ def stream_local(loaded, input_ids: torch.Tensor, params: SamplingParams, handle
         **kwargs,
     )
     hook = model.get_output_embeddings().register_forward_hook(raw) if raw else None
-    run = PrefixedRun(model, input_ids, prompt_cache, record_routing=loaded.has_experts)
+    run = PrefixedRun.for_model(loaded, input_ids, prompt_cache)
 
     def generate():
         try:
@@ -217,8 +218,11 @@ class PrefixedRun:
     routing); `keep` then stores the sequence it computed, the prompt and all reply tokens but the last.
     """
 
-    def __init__(self, model, input_ids: torch.Tensor, prompt_cache: PromptCache | None, record_routing: bool):
+    def __init__(self, model, input_ids: torch.Tensor, prompt_cache: PromptCache | None, record_routing: bool,
+                 prefill_chunk: int | None = None, resume_step: int = 1):
         self.model = model
+        self.prefill_chunk = prefill_chunk
+        self.resume_step = resume_step
         self.input_ids = input_ids
         self.prompt_cache = prompt_cache
         self.record_routing = record_routing and hasattr(model, "record_routing")
@@ -229,6 +233,11 @@ class PrefixedRun:
         self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
         self.failure: BaseException | None = None
         self.generated = threading.Event()  # set once generate has returned (or failed)
+
+    @classmethod
+    def for_model(cls, loaded, input_ids: torch.Tensor, prompt_cache: PromptCache | None) -> "PrefixedRun":
+        return cls(loaded.model, input_ids, prompt_cache, record_routing=loaded.has_experts,
+                   prefill_chunk=loaded.prefill_chunk_tokens, resume_step=loaded.resume_step)
 
     def generate(self, seed: int, generate_kwargs: dict) -> None:
         try:
@@ -251,8 +260,13 @@ class PrefixedRun:
         with torch.inference_mode(), self._routing_trace() as trace:
             self._resume()
             ids = self.input_ids
-            output = self.model(input_ids=ids[:, self.reused:], attention_mask=torch.ones_like(ids), cache=self.cache,
-                                use_cache=True, logits_to_keep=1)
+            rest = ids[:, self.reused:]
+            # In the chunks `generate` computes a prompt in, so the logits are the ones a reply starts from.
+            end = self.reused
+            for chunk in rest.split(self.prefill_chunk, dim=1) if self.prefill_chunk else (rest,):
+                end += chunk.shape[1]
+                output = self.model(input_ids=chunk, attention_mask=torch.ones_like(ids[:, :end]), cache=self.cache,
+                                    use_cache=True, logits_to_keep=1)
         self.sequence = ids
         self._keep_routing(trace)
         return output.logits[0, -1].float().cpu()
@@ -262,7 +276,7 @@ class PrefixedRun:
         if self.prompt_cache is None:
             self.cache = empty_cache(self.model)
             return
-        reuse = self.prompt_cache.lookup(self.model, ids)
+        reuse = self.prompt_cache.lookup(self.model, ids, self.resume_step)
         if self.record_routing and reuse.tokens and reuse.extras is None:
             reuse = Reuse(0, empty_cache(self.model))  # blocks without routing: recompute rather than show a gap
         self.cache, self.reused = reuse.cache, reuse.tokens

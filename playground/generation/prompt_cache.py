@@ -83,6 +83,24 @@ def _common_prefix(a, b) -> int:
     return count
 
 
+def longest_resume(prompt_tokens: int, step: int = 1) -> int:
+    """The most of a prompt the cache can give: all but its last token (whose logits choose the next one), in whole
+    steps of `step`."""
+    return (prompt_tokens - 1) // step * step
+
+
+def _whole_steps(chain: list[tuple["_Block", int]], step: int) -> list[tuple["_Block", int]]:
+    """The beginning of `chain` that covers a multiple of `step` positions."""
+    keep = longest_resume(sum(used for _, used in chain) + 1, step)
+    trimmed = []
+    for block, used in chain:
+        if keep <= 0:
+            break
+        trimmed.append((block, min(used, keep)))
+        keep -= used
+    return trimmed
+
+
 class PromptCache:
     """Blocks of recent sequences within `budget_bytes` (0 turns the cache off). Thread-safe; the lookups and stores
     themselves run on the device's generation thread, where their tensor copies belong."""
@@ -99,11 +117,12 @@ class PromptCache:
         self.hits = 0
         self.reused_tokens = 0
 
-    def lookup(self, model, ids: list[int]) -> Reuse:
-        """A cache for `model` holding the longest cached beginning of `ids` (leaving at least its last token)."""
+    def lookup(self, model, ids: list[int], step: int = 1) -> Reuse:
+        """A cache for `model` holding the longest cached beginning of `ids` (leaving at least its last token) whose
+        length is a multiple of `step` (a model that computes prompts in aligned chunks resumes only between two)."""
         with self._lock:
             self.lookups += 1
-            chain = self._match(ids)
+            chain = _whole_steps(self._match(ids), step)
             self._touch([block for block, _ in chain])
             if chain:
                 self.hits += 1
@@ -120,7 +139,7 @@ class PromptCache:
         return Reuse(sum(used for _, used in chain), cache, extras)
 
     def _match(self, ids: list[int]) -> list[tuple[_Block, int]]:
-        limit = len(ids) - 1  # the last token is always computed: its logits choose the next one
+        limit = longest_resume(len(ids))
         chain: list[tuple[_Block, int]] = []
         node, position = self._root, 0
         while position < limit:
@@ -229,4 +248,5 @@ class PromptCache:
                     "reused_tokens": self.reused_tokens}
 
 
-__all__ = ["BLOCK_TOKENS", "PromptCache", "Reuse", "default_budget_bytes", "empty_cache", "resumable"]
+__all__ = ["BLOCK_TOKENS", "PromptCache", "Reuse", "default_budget_bytes", "empty_cache", "longest_resume",
+           "resumable"]

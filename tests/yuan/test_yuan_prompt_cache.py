@@ -90,6 +90,18 @@ def test_blocks_are_shared_and_lookups_copy(double_model):
     assert again.cache.layers[0].keys.abs().sum() > 0
 
 
+def test_a_lookup_in_steps_resumes_at_the_last_whole_step(double_model):
+    """A model that computes prompts in aligned chunks resumes only at a multiple of its chunk."""
+    prompt_cache = PromptCache(budget_bytes=2**30)
+    prompt_cache.store(SEQUENCE, _stored_cache(double_model, SEQUENCE))  # 36 tokens
+    assert prompt_cache.lookup(double_model, SEQUENCE + [1], step=1).tokens == 36
+    assert prompt_cache.lookup(double_model, SEQUENCE + [1], step=16).tokens == 32
+    assert prompt_cache.lookup(double_model, SEQUENCE, step=7).tokens == 35 - 35 % 7  # never the last token
+    reuse = prompt_cache.lookup(double_model, SEQUENCE[:30] + [9] * 6, step=12)
+    assert reuse.tokens == 24 and reuse.cache.get_seq_length() == 24  # a block used in part, at the step
+    assert prompt_cache.lookup(double_model, SEQUENCE, step=64).tokens == 0
+
+
 def test_a_partial_block_gives_way_to_the_sequence_that_extends_it(double_model):
     prompt_cache = PromptCache(budget_bytes=2**30)
     prompt_cache.store(SEQUENCE[:20], _stored_cache(double_model, SEQUENCE[:20]))  # a full block and 4 tokens

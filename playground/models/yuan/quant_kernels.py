@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _CHECK_TOLERANCE = 2e-2  # relative L2 error of a kernel against the exact path on the probe
-_CPU_N_MULTIPLE = 16  # the CPU packer's block of output rows
+CPU_N_MULTIPLE = 16  # the CPU packer's block of output rows
 # From this many rows on, a CPU int4 matmul dequantises its weight to bf16 once and runs a bf16 GEMM: dequantising
 # costs about what the int4 kernel spends on 200 rows, the GEMM then a tenth of the kernel's time per row.
 DEQUANTIZE_ROWS = 256
@@ -156,7 +156,7 @@ def _cpu_packer_block() -> int | None:
     """How many outputs the CPU packer interleaves (it depends on the CPU's vector width), found by packing a probe:
     block b of `block` outputs is stored [k, block/2] with output j in the low nibble and j + block/2 in the high one.
     None when the layout is none of those (a future PyTorch): the int4 kernel is then used for any number of rows."""
-    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+    if int4_cpu_kernel_missing():
         return None
     out_features, in_features = 128, 256
     generator = torch.Generator().manual_seed(0)
@@ -176,6 +176,12 @@ def cpu_block_n(out_features: int) -> int | None:
     return block if block is not None and out_features % block == 0 else None
 
 
+def int4_cpu_kernel_missing() -> bool:
+    """True when this PyTorch has no CPU int4 kernel (or no packer for it)."""
+    return not (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+                and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
+
+
 def int4pack_unsupported(layer: QuantLinear, device: torch.device) -> str | None:
     """Why `layer` cannot run on the int4pack kernel on `device`, or None."""
     if layer.bits != 4:
@@ -187,10 +193,10 @@ def int4pack_unsupported(layer: QuantLinear, device: torch.device) -> str | None
     if inner_k_tiles(layer.in_features) is None:
         return f"in_features {layer.in_features} not a multiple of 32"
     if device.type == "cpu":
-        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        if int4_cpu_kernel_missing():
             return "this PyTorch has no CPU int4 kernel"
-        if layer.out_features % _CPU_N_MULTIPLE:
-            return f"out_features {layer.out_features} not a multiple of {_CPU_N_MULTIPLE}"
+        if layer.out_features % CPU_N_MULTIPLE:
+            return f"out_features {layer.out_features} not a multiple of {CPU_N_MULTIPLE}"
     elif device.type == "cuda":
         if not torch.cuda.is_available() or torch.cuda.get_device_capability(device) < (8, 0):
             return "the CUDA int4 kernel needs compute capability 8.0 or newer"
