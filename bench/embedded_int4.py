@@ -32,11 +32,13 @@ OTHER = [SYSTEM, {"role": "user", "content": "Name three animals that live in th
 
 
 def decode_rate(manager: ModelManager, tokens: int, rounds: int) -> float:
-    manager.loaded.model.generation_config.min_new_tokens = tokens
-    rates = []
-    for _ in range(rounds):
-        stats = manager.generate(messages=ASK, params={"temperature": 0, "max_new_tokens": tokens}).stats
-        rates.append(stats.decode_tokens_per_s)
+    config = manager.loaded.model.generation_config
+    config.min_new_tokens = tokens  # every round exactly `tokens` long
+    try:
+        rates = [manager.generate(messages=ASK, params={"temperature": 0, "max_new_tokens": tokens}
+                                  ).stats.decode_tokens_per_s for _ in range(rounds)]
+    finally:
+        config.min_new_tokens = None
     return statistics.median(rates)
 
 
@@ -76,7 +78,9 @@ def main() -> int:
     figures = {}
     for dtype in ("float32", "auto"):
         manager = ModelManager()
-        status = manager.load(dtype=dtype)
+        # Loaded on a thread of its own, as the server loads: torch work on this main thread first would slow the
+        # manager's generation thread (ModelManager.load_on_thread says why).
+        status = manager.load_on_thread(dtype=dtype).result()
         manager.set_prompt_cache_budget(0)
         decode_rate(manager, 8, 1)  # warm-up
         figures[dtype] = {"decode": decode_rate(manager, args.tokens, args.rounds),

@@ -116,12 +116,13 @@ def _four_bit_layers_on_int4_kernels(loaded: LoadedModel, dtype: str) -> LoadedM
 
     swapped = use_int4_kernels(loaded.model)
     if swapped:
-        loaded.dtype = f"{loaded.dtype} · int4 kernels ({swapped} Q4 layers)"
+        loaded.dtype = f"{loaded.dtype} + int4 kernels ({swapped} Q4 layers)"
         loaded.memory_bytes = _memory_bytes(loaded.model)
         # bf16 activations turn the last-bit differences between a prompt computed whole and one resumed from the
         # prompt cache into different replies; computed in the same aligned chunks either way, they are identical.
         loaded.prefill_chunk_tokens, loaded.aligned_prefill = ALIGNED_PREFILL_TOKENS, True
     return loaded
+
 
 def _load_yuan_folder(path: Path, device, dtype, report) -> LoadedModel:
     from playground.models.yuan.gguf_yuan import gguf_model_name
