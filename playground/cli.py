@@ -10,7 +10,6 @@ import time
 import uvicorn
 
 from playground.config import parse_args
-from playground.server import create_app, load_in_background
 
 
 def open_share_link(server: uvicorn.Server, host: str, port: int) -> None:
@@ -47,7 +46,9 @@ class PlaygroundServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse_args(argv)
+    settings = parse_args(argv)  # --help and a bad option answer before the app's imports (Gradio: seconds)
+    from playground.server import create_app, load_in_background
+
     app = create_app(settings)
     manager = app.state.manager
     url = f"http://{settings.host}:{settings.port}"
