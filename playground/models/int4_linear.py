@@ -16,15 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from playground.models.yuan.quant_kernels import (
-    CPU_N_MULTIPLE, Int4PackKernel, inner_k_tiles, int4_cpu_kernel_missing,
+    CPU_N_MULTIPLE, Int4PackKernel, inner_k_tiles, int4_cpu_kernel_missing, kernel_agrees,
 )
 
 GROUP_SIZE = 32
 LEVELS = 15
 # A group is 4-bit when every weight lies within this fraction of a level of the level it rounds to.
 LEVEL_TOLERANCE = 1e-3
-# The kernel's output against the float layer's on a probe input (relative L2): bf16 activations and scales.
-CHECK_TOLERANCE = 2e-2
 
 
 class Int4Linear(nn.Module):
@@ -77,11 +75,9 @@ def build_int4_linear(layer: nn.Linear) -> Int4Linear | None:
 
 
 def agrees(layer: nn.Linear, converted: Int4Linear) -> bool:
-    """Whether `converted` computes what `layer` does on a probe input, within `CHECK_TOLERANCE`."""
-    probe = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(0))
-    expected = F.linear(probe, layer.weight.float())
-    error = (converted(probe).float() - expected).norm() / expected.norm().clamp_min(1e-12)
-    return bool(error <= CHECK_TOLERANCE)
+    """Whether `converted` computes what `layer` does (the check the Yuan INT4 kernels get)."""
+    return kernel_agrees(converted.kernel, lambda probe: F.linear(probe, layer.weight.float()), lambda: layer.weight,
+                         layer.in_features, torch.device("cpu"), torch.bfloat16)
 
 
 def use_int4_kernels(model: nn.Module) -> int:

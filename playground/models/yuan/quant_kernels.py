@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from .precision import ROUTER_LINEAR
 logger = logging.getLogger(__name__)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-_CHECK_TOLERANCE = 2e-2  # relative L2 error of a kernel against the exact path on the probe
+CHECK_TOLERANCE = 2e-2  # relative L2 error of a kernel against the exact path on the probe
 CPU_N_MULTIPLE = 16  # the CPU packer's block of output rows
 # From this many rows on, a CPU int4 matmul dequantises its weight to bf16 once and runs a bf16 GEMM: dequantising
 # costs about what the int4 kernel spends on 200 rows, the GEMM then a tenth of the kernel's time per row.
@@ -252,20 +253,28 @@ def build_marlin(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -
 # choosing and checking
 
 
-def _agrees(layer: QuantLinear, kernel: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `kernel` computes what the exact path computes, on a few random rows."""
+def kernel_agrees(kernel: nn.Module, exact: Callable[[torch.Tensor], torch.Tensor],
+                  exact_weight: Callable[[], torch.Tensor], in_features: int, device: torch.device,
+                  dtype: torch.dtype) -> bool:
+    """Whether `kernel` computes what `exact` (float32 rows in, float32 out) computes, on a few random rows, within
+    `CHECK_TOLERANCE`; a CPU int4 kernel's own dequantised weight (many rows take it) against `exact_weight()`."""
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(4, layer.in_features, generator=generator).to(device)
-    exact = layer._torch_forward(probe.to(layer.qweight.device).float()).to(device)
+    probe = torch.randn(4, in_features, generator=generator).to(device)
+    expected = exact(probe).to(device)
     got = kernel(probe.to(dtype)).float()
-    if got.shape != exact.shape:
+    if got.shape != expected.shape:
         return False
-    error = float((got - exact).norm() / exact.norm().clamp(min=1e-12))
+    error = float((got - expected).norm() / expected.norm().clamp(min=1e-12))
     if isinstance(kernel, Int4PackKernel) and kernel.layout == "cpu" and cpu_block_n(kernel.out_features):
-        # Many rows take the kernel's own dequantised weight: it must be the layer's too.
-        weight = layer.dequantize().to(device)
+        weight = exact_weight().float().to(device)
         error = max(error, float((kernel.dequantize().float() - weight).norm() / weight.norm().clamp(min=1e-12)))
-    return error <= _CHECK_TOLERANCE
+    return error <= CHECK_TOLERANCE
+
+
+def _agrees(layer: QuantLinear, kernel: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `kernel` computes what the layer's exact dequantising path computes."""
+    return kernel_agrees(kernel, lambda probe: layer._torch_forward(probe.to(layer.qweight.device).float()),
+                         layer.dequantize, layer.in_features, device, dtype)
 
 
 class KernelChooser:
