@@ -1,11 +1,12 @@
 """The embedded SmolLM2 on the CPU int4 kernel (`--dtype auto`) against its float32 model (`--dtype float32`).
 
-    python bench/embedded_int4.py [--threads 2] [--tokens 100] [--prompt-tokens 500]
+    python bench/embedded_int4.py [--threads 2] [--tokens 100] [--logprobs 5] [--prompt-tokens 500]
 
-For each precision, in one process: decode tokens/s through the manager (greedy, exactly --tokens new tokens, the
-prompt cache off so every round is cold), prompt tokens/s for a --prompt-tokens prompt, and the resident memory of
-the model's tensors. Then, on the int4 model, whether a Regenerate and a prompt sharing the beginning, resumed from
-the prompt cache, give the cold request's tokens and logprobs bit for bit.
+For each precision, in one process: decode tokens/s through the manager (greedy, exactly --tokens new tokens with
+--logprobs alternatives each, as the UI asks for 5; the prompt cache off so every round is cold), prompt tokens/s
+for a --prompt-tokens prompt, and the resident memory of the model's tensors. Then, on the int4 model, whether a
+Regenerate and a prompt sharing the beginning, resumed from the prompt cache, give the cold request's tokens and
+logprobs bit for bit.
 
 Target: int4 decode >= 1.3x float32's on 2 threads, resumed == cold. Exit status 0 when met.
 """
@@ -31,11 +32,11 @@ ASK = [SYSTEM, {"role": "user", "content": "Why is the sky blue? Explain it to a
 OTHER = [SYSTEM, {"role": "user", "content": "Name three animals that live in the sea."}]
 
 
-def decode_rate(manager: ModelManager, tokens: int, rounds: int) -> float:
+def decode_rate(manager: ModelManager, tokens: int, rounds: int, logprobs: int | None) -> float:
     config = manager.loaded.model.generation_config
     config.min_new_tokens = tokens  # every round exactly `tokens` long
     try:
-        rates = [manager.generate(messages=ASK, params={"temperature": 0, "max_new_tokens": tokens}
+        rates = [manager.generate(messages=ASK, params={"temperature": 0, "max_new_tokens": tokens}, logprobs=logprobs
                                   ).stats.decode_tokens_per_s for _ in range(rounds)]
     finally:
         config.min_new_tokens = None
@@ -73,6 +74,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--prompt-tokens", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--logprobs", type=int, default=5, help="alternatives per token (the UI asks for 5; -1: none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     figures = {}
@@ -82,13 +84,15 @@ def main() -> int:
         # manager's generation thread (ModelManager.load_on_thread says why).
         status = manager.load_on_thread(dtype=dtype).result()
         manager.set_prompt_cache_budget(0)
-        decode_rate(manager, 8, 1)  # warm-up
-        figures[dtype] = {"decode": decode_rate(manager, args.tokens, args.rounds),
+        logprobs = None if args.logprobs < 0 else args.logprobs
+        decode_rate(manager, 8, 1, logprobs)  # warm-up
+        figures[dtype] = {"decode": decode_rate(manager, args.tokens, args.rounds, logprobs),
                           "prompt": prompt_rate(manager, args.prompt_tokens), "memory": status["memory_mib"]}
         if dtype == "auto":
             figures[dtype]["resumed"] = resumed_equals_cold(manager)
-        print(f"{status['dtype']:>40}: decode {figures[dtype]['decode']:5.1f} tok/s, a {args.prompt_tokens}-token "
-              f"prompt {figures[dtype]['prompt']:5.0f} tok/s, tensors {figures[dtype]['memory']:.0f} MiB", flush=True)
+        print(f"{status['dtype']:>40}: decode {figures[dtype]['decode']:5.1f} tok/s (logprobs {args.logprobs}), "
+              f"a {args.prompt_tokens}-token prompt {figures[dtype]['prompt']:5.0f} tok/s, "
+              f"tensors {figures[dtype]['memory']:.0f} MiB", flush=True)
         manager.close()
     same, cached = figures["auto"]["resumed"]
     print(f"int4: Regenerate and a prompt sharing the beginning, resumed from {cached} cached tokens: "

@@ -34,7 +34,8 @@ def test_cpu_decode_bench_reports_speed_memory_profile_and_quality():
 
 @pytest.mark.slow
 def test_cpu_prefill_bench_reports_speed_profile_memory_and_routing():
-    result = _run("int4_cpu_prefill.py", "--tiny", "--threads", "1", "--repeats", "2", "--lengths", "64", "96", "--chunk", "32")
+    result = _run("int4_cpu_prefill.py", "--tiny", "--threads", "1", "--repeats", "2", "--lengths", "64", "96",
+                  "--chunk", "32")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for expected in ("chunks of 32 tokens", "projected tok/s", "peak RSS growth MB", "what a prefill is made of",
@@ -68,7 +69,8 @@ def test_structured_output_bench_reports_the_cost_of_a_json_schema():
 
 @pytest.mark.slow
 def test_prompt_reuse_bench_reports_turns_regenerate_and_the_lab():
-    result = _run("prompt_reuse.py", "--tiny", "--threads", "1", "--layers", "2", "--prompt-tokens", "64", "--reply-tokens", "4")
+    result = _run("prompt_reuse.py", "--tiny", "--threads", "1", "--layers", "2", "--prompt-tokens", "64",
+                  "--reply-tokens", "4")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "shared prefill (prompt cache)" in out and "each setting prefills" in out

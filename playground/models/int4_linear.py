@@ -76,7 +76,8 @@ def build_int4_linear(layer: nn.Linear) -> Int4Linear | None:
 
 def agrees(layer: nn.Linear, converted: Int4Linear) -> bool:
     """Whether `converted` computes what `layer` does (the check the Yuan INT4 kernels get)."""
-    return kernel_agrees(converted.kernel, lambda probe: F.linear(probe, layer.weight.float()), lambda: layer.weight,
+    weight = layer.weight.detach()
+    return kernel_agrees(converted.kernel, lambda probe: F.linear(probe, weight.float()), lambda: weight,
                          layer.in_features, torch.device("cpu"), torch.bfloat16)
 
 
