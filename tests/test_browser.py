@@ -177,7 +177,8 @@ def test_7_remote_engine_greys_out_what_it_cannot_take(remote_page, screens):
     # Switching to a local model (the embedded one, from the model panel) brings the controls back.
     page.locator("#model-panel").get_by_text("Model", exact=True).first.click()
     page.locator("#model-load").click()
-    expect(page.locator("#model-status")).to_contain_text("SmolLM2-135M-Instruct", timeout=60_000)
+    # The status names the model while it loads too: wait for the load to end (the int4 conversion takes seconds).
+    expect(page.locator("#model-status")).to_contain_text("Ready: SmolLM2-135M-Instruct", timeout=60_000)
     open_tab(page, "Chat")
     for name in ("typical_p", "no_repeat_ngram_size"):
         expect(sampling_input(page, name)).to_be_enabled(timeout=15_000)
