@@ -24,7 +24,7 @@ from playground.ui.controls import (
     sampling_controls,
     session_owner,
 )
-from playground.ui.replies import StreamedReply
+from playground.ui.replies import ClearableReplies, StreamedReply
 
 SCHEMA_INPUT = "response_schema"  # the chat's structured-output box, passed with the sampling controls
 SCHEMA_ON = "**Structured output is on**: each reply must match the JSON Schema under *Structured output*."
@@ -393,7 +393,7 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
                 yield (*update, chat_id)
 
         def clear_chat(request: gr.Request = None):
-            manager.cancel(session_owner(request)) if session_owner(request) else None
+            streaming.clear(session_owner(request))
             # The next message starts a new saved chat; this one stays in the History tab.
             return [], [], [], "Cleared: your next message starts a new chat (this one stays in History).", [], None
 
@@ -421,6 +421,9 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
         inputs = [history, stats, details, system_prompt, chat_id]
         # concurrency_limit=None: the manager's own queue orders generations and reports places in it.
         # Each reply greys out what must wait for it (and lights Stop) while it runs.
+        streaming = ClearableReplies(manager)  # what Clear ends, answering after their last update
+        send_message, send_message_api = streaming.clearable(send_message), streaming.clearable(send_message_api)
+        regenerate_reply, edit_and_resend = streaming.clearable(regenerate_reply), streaming.clearable(edit_and_resend)
         send_events = []
         for trigger in (message.submit, send.click):
             trigger(buttons_busy, None, buttons, api_name=False, queue=False, show_progress="hidden")
@@ -441,8 +444,9 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
         chatbot.edit(buttons_busy, None, buttons, api_name=False, queue=False, show_progress="hidden")
         chatbot.edit(edit_and_resend, inputs, outputs, inputs_kwargs=inputs_by_name, api_name=False,
                      concurrency_limit=None).then(buttons_idle, None, buttons, api_name=False, show_progress="hidden")
-        # Clear and the Chatbot's bin icon stop a reply being written (its later updates would bring the chat back)
-        # and start afresh; the buttons are set free at once, as the stopped reply's own ending never comes.
+        # Clear and the Chatbot's bin icon stop a reply being written (`streaming.clear`: they answer after its last
+        # update, which would otherwise bring the chat back) and start afresh; `cancels` ends its Gradio event too, so
+        # the buttons are set free at once, as the stopped reply's own ending never comes.
         replies = [*send_events, regenerate_event]
         clear.click(clear_chat, None, outputs, api_name="chat_clear", cancels=replies).then(
             buttons_free, None, buttons, api_name=False, show_progress="hidden")

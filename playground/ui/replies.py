@@ -3,12 +3,17 @@ queued / delta / done events, written once."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import itertools
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from playground.generation.events import GenerationEvent, GenerationStats, TokenInfo
 from playground.insight import mean_logprob, routing_to_state, tokens_to_state
 from playground.structured import ResponseFormat, checked_reply
+from playground.ui.controls import session_owner
 
 NOT_STARTED = "Waiting for its turn"
 GENERATING = "Generating…"
@@ -62,4 +67,67 @@ class StreamedReply:
         self.details = {"tokens": token_state, "routing": routing_to_state(event.routing, self.tokenizer)}
 
 
-__all__ = ["GENERATING", "NOT_STARTED", "StreamedReply"]
+class ClearableReplies:
+    """The replies each page is streaming, so that Clear ends them and answers only after their last update.
+
+    Gradio's `cancels` runs beside Clear, not before it: an update a reply sent just then would land after the
+    emptied chat and bring the reply back. Clear instead marks the page's replies, cancels them in the manager and
+    waits until each has ended; a marked reply sends nothing more.
+    """
+
+    def __init__(self, manager, wait_s: float = 15.0):
+        self._manager = manager
+        self._wait_s = wait_s  # a bound, for a reply Gradio dropped without closing it
+        self._changed = threading.Condition()
+        self._running: dict[str, set[int]] = {}  # page (session) -> its replies' ids
+        self._cleared: set[int] = set()
+        self._ids = itertools.count()
+
+    def clearable(self, reply_fn: Callable[..., Iterator]) -> Callable[..., Iterator]:
+        """`reply_fn`, a handler yielding UI updates with a `request` parameter, as one that `clear` can end."""
+        signature = inspect.signature(reply_fn)
+
+        @functools.wraps(reply_fn)  # Gradio reads the handler's parameters (request, named inputs) through it
+        def reply(*args, **kwargs):
+            owner = session_owner(signature.bind(*args, **kwargs).arguments.get("request"))
+            reply_id = self._started(owner)
+            updates = reply_fn(*args, **kwargs)
+            try:
+                for update in updates:
+                    with self._changed:
+                        if reply_id in self._cleared:
+                            return
+                    yield update
+            finally:
+                updates.close()  # a reply stopped mid-stream lets its generation go
+                self._ended(owner, reply_id)
+
+        return reply
+
+    def clear(self, owner: str | None) -> None:
+        """End the page's replies, queued or streaming, and return once each has sent its last update."""
+        if owner is None:
+            return
+        with self._changed:
+            replies = set(self._running.get(owner, ()))
+            self._cleared |= replies
+        self._manager.cancel(owner)
+        with self._changed:
+            self._changed.wait_for(lambda: not replies & self._running.get(owner, set()), timeout=self._wait_s)
+
+    def _started(self, owner: str | None) -> int:
+        with self._changed:
+            reply_id = next(self._ids)
+            self._running.setdefault(owner, set()).add(reply_id)
+            return reply_id
+
+    def _ended(self, owner: str | None, reply_id: int) -> None:
+        with self._changed:
+            self._running[owner].discard(reply_id)
+            if not self._running[owner]:
+                del self._running[owner]
+            self._cleared.discard(reply_id)
+            self._changed.notify_all()
+
+
+__all__ = ["ClearableReplies", "GENERATING", "NOT_STARTED", "StreamedReply"]
