@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -460,10 +461,13 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
 
         # Every setting is remembered in this browser as it changes (by hand, by a preset or by a reopened chat).
         remembered = gr.BrowserState({}, storage_key="yuan-playground-chat-settings")
-        names = list(inputs_by_name)
+        # Written in the page, not by a round trip to the server: two quick changes cannot land out of order (the
+        # earlier one's answer arriving last took the later setting back).
+        remember = ("(...values) => Object.fromEntries("
+                    f"{json.dumps(list(inputs_by_name))}.map((name, i) => [name, values[i]]))")
         for control in inputs_by_name.values():
-            control.change(lambda *values: dict(zip(names, values)), list(inputs_by_name.values()), remembered,
-                           api_name=False, show_progress="hidden", queue=False)
+            control.change(None, list(inputs_by_name.values()), remembered, js=remember, api_name=False,
+                           show_progress="hidden", queue=False)
     return ChatTab(chatbot=chatbot, history=history, stats=stats, details=details, chat_id=chat_id,
                    system_prompt=system_prompt, status=status, shown_chat=shown_chat, settings=inputs_by_name,
                    remembered=remembered)
