@@ -71,11 +71,12 @@ def connected(new_manager, engine: FakeEngine, **kwargs) -> ModelManager:
 
 
 def test_slow_remote_fails_with_a_clear_message_and_the_front_stays_up(front, engine):
-    engine.first_token_delay_s = FRONT_TIMEOUT_S + 2
+    engine.first_token_delay_s = FRONT_TIMEOUT_S + 8
     started = time.monotonic()
     _, status = chat(front, "Hello?")
     assert f"sent nothing for {FRONT_TIMEOUT_S} s" in status and "--remote-timeout" in status
-    assert time.monotonic() - started < FRONT_TIMEOUT_S + 1.5  # it gave up at the timeout, not at the reply
+    # It gave up at the timeout, not at the reply (the margin is a busy machine's, for the client's own round trip).
+    assert time.monotonic() - started < FRONT_TIMEOUT_S + 6
     with pytest.raises(openai.APIStatusError) as answer:
         openai.OpenAI(base_url=front.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
             model="fake-model", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
@@ -115,7 +116,7 @@ def test_stop_while_the_remote_is_silent_ends_at_once(new_manager, engine):
     started = time.monotonic()
     assert manager.cancel("session-a") == 1
     worker.join(5)
-    assert not worker.is_alive() and time.monotonic() - started < 1.0
+    assert not worker.is_alive() and time.monotonic() - started < 3  # not the 30 s the remote stays silent
     assert result["done"].stats.finish_reason == "cancelled"
     deadline = time.monotonic() + 5
     while engine.disconnects == disconnects and time.monotonic() < deadline:

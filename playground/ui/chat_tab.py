@@ -447,11 +447,12 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
                      concurrency_limit=None).then(buttons_idle, None, buttons, api_name=False, show_progress="hidden")
         # Clear and the Chatbot's bin icon stop a reply being written (`streaming.clear`: they answer after its last
         # update, which would otherwise bring the chat back) and start afresh; `cancels` ends its Gradio event too, so
-        # the buttons are set free at once, as the stopped reply's own ending never comes.
+        # the buttons are set free at once, as the stopped reply's own ending never comes. No concurrency limit: one
+        # page's Clear, waiting for its reply, holds up no other page's.
         replies = [*send_events, regenerate_event]
-        clear.click(clear_chat, None, outputs, api_name="chat_clear", cancels=replies).then(
+        clear.click(clear_chat, None, outputs, api_name="chat_clear", cancels=replies, concurrency_limit=None).then(
             buttons_free, None, buttons, api_name=False, show_progress="hidden")
-        chatbot.clear(clear_chat, None, outputs, api_name=False, cancels=replies).then(
+        chatbot.clear(clear_chat, None, outputs, api_name=False, cancels=replies, concurrency_limit=None).then(
             buttons_free, None, buttons, api_name=False, show_progress="hidden")
         stop.click(stop_generation, None, status, api_name="chat_stop", queue=False)
         chat_id.change(lambda shown: shown, chat_id, shown_chat, api_name=False, show_progress="hidden")
