@@ -282,6 +282,8 @@ def test_11_history_runs_tell_apart_find_and_reopen_with_results(page, screens):
     page.locator("#lab-prompt textarea").fill("Name a fruit.")
     page.locator("#lab-sweep-values input, #lab-sweep-values textarea").first.fill("0, 0.7")
     page.get_by_role("button", name="Fill table with sweep").click()
+    # The table is the server's answer: what is clicked before it arrives acts on the previous table.
+    expect(page.locator("#lab-status")).to_contain_text("Sweep of temperature: 0, 0.7", timeout=30_000)
     page.locator("#lab-run").click()
     expect(page.locator("#lab-status")).to_contain_text("Done: 2 of 2", timeout=120_000)
     open_tab(page, "History")
@@ -343,6 +345,8 @@ def test_13_the_lab_adds_a_setting_with_one_click(page, screens):
     open_tab(page, "Sampling lab")
     page.locator("#lab-sweep-values input, #lab-sweep-values textarea").first.fill("0, 0.7")
     page.get_by_role("button", name="Fill table with sweep").click()
+    # The table is the server's answer: what is clicked before it arrives acts on the previous table.
+    expect(page.locator("#lab-status")).to_contain_text("Sweep of temperature: 0, 0.7", timeout=30_000)
     add = page.locator("#lab-add-setting")
     for rows in range(3, 7):
         add.click()
