@@ -248,15 +248,21 @@ def test_9_the_memory_panel_refreshes_only_while_shown(page, screens):
     shot(page, screens, "trust-9-memory")
 
 
+def fill_sweep(page: Page, values: str) -> None:
+    """The lab's table filled with a temperature sweep over `values`, waited for: the table is the server's answer,
+    and what is clicked before it arrives acts on the previous table."""
+    page.locator("#lab-sweep-values input, #lab-sweep-values textarea").first.fill(values)
+    page.get_by_role("button", name="Fill table with sweep").click()
+    expect(page.locator("#lab-status")).to_contain_text(f"Sweep of temperature: {values}", timeout=30_000)
+
+
 def test_10_a_stopped_lab_run_finishes_every_card(page, screens):
     """Items 3 and 11: four settings in two rows of two, Stop red only while running, and a stopped run leaves no
     card waiting, no NaN and no one-point chart."""
     open_tab(page, "Sampling lab")
     stop = page.locator("#lab-stop")
     expect(stop).to_be_disabled()
-    page.locator("#lab-sweep-values input, #lab-sweep-values textarea").first.fill("0.2, 0.5, 0.8, 1.1")
-    page.get_by_role("button", name="Fill table with sweep").click()
-    expect(page.locator("#lab-status")).to_contain_text("Sweep of temperature")
+    fill_sweep(page, "0.2, 0.5, 0.8, 1.1")
     page.locator("#lab-prompt textarea").fill(LONG_ASK)
     page.locator("#lab-run").click()
     expect(stop).to_be_enabled(timeout=30_000)
@@ -280,10 +286,7 @@ def test_11_history_runs_tell_apart_find_and_reopen_with_results(page, screens):
     """Item 8 (and 17: the import button says this server's limit)."""
     open_tab(page, "Sampling lab")
     page.locator("#lab-prompt textarea").fill("Name a fruit.")
-    page.locator("#lab-sweep-values input, #lab-sweep-values textarea").first.fill("0, 0.7")
-    page.get_by_role("button", name="Fill table with sweep").click()
-    # The table is the server's answer: what is clicked before it arrives acts on the previous table.
-    expect(page.locator("#lab-status")).to_contain_text("Sweep of temperature: 0, 0.7", timeout=30_000)
+    fill_sweep(page, "0, 0.7")
     page.locator("#lab-run").click()
     expect(page.locator("#lab-status")).to_contain_text("Done: 2 of 2", timeout=120_000)
     open_tab(page, "History")
@@ -343,10 +346,7 @@ def test_12_a_message_that_waits_in_the_queue_gets_its_bubble_at_once(page, app,
 def test_13_the_lab_adds_a_setting_with_one_click(page, screens):
     """Item 11: an "Add a setting" button beside the table, up to six."""
     open_tab(page, "Sampling lab")
-    page.locator("#lab-sweep-values input, #lab-sweep-values textarea").first.fill("0, 0.7")
-    page.get_by_role("button", name="Fill table with sweep").click()
-    # The table is the server's answer: what is clicked before it arrives acts on the previous table.
-    expect(page.locator("#lab-status")).to_contain_text("Sweep of temperature: 0, 0.7", timeout=30_000)
+    fill_sweep(page, "0, 0.7")
     add = page.locator("#lab-add-setting")
     for rows in range(3, 7):
         add.click()
