@@ -26,7 +26,9 @@ def load_for_rates(description: str):
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     manager = ModelManager()
-    status = manager.load(args.model)
+    # Loaded on a thread of its own, as the server loads: torch work on the main thread first (the int4 layers'
+    # checks) would slow every later generation thread (ModelManager.load_on_thread says why).
+    status = manager.load_on_thread(args.model).result()
     manager.loaded.model.generation_config.min_new_tokens = args.tokens
     params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=args.tokens, seed=1234)
     print(f"model {status['name']} ({status['kind']}, {status['dtype']} on {status['device']}), "
