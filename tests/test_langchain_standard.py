@@ -20,6 +20,10 @@ pytestmark = pytest.mark.slow  # about 60 replies
 OWN_PARAMS = {"repetition_penalty": 1.15}
 # Greedy and short: what the unit suite's standard parameters already say (and its test of them adds max_tokens).
 STANDARD_PARAMS = {"temperature": 0, "max_tokens": 100}
+# Most checks only need a reply to exist, so it stays short (the suite's "Hello" gets about 50 tokens otherwise); a
+# structured reply keeps the suite's 100 tokens, room for its whole JSON object.
+SHORT_REPLY_TOKENS = 12
+WHOLE_REPLY_TESTS = ("structured_output", "json_mode")
 
 
 # The suites build the model from `chat_model_params`, a property without fixtures: the session's manager is put
@@ -94,6 +98,14 @@ class TestPlaygroundChatModelUnit(Capabilities, ChatModelUnitTests):
 
 
 class TestPlaygroundChatModelIntegration(Capabilities, ChatModelIntegrationTests):
+    max_tokens = STANDARD_PARAMS["max_tokens"]
+
+    @pytest.fixture(autouse=True)
+    def reply_length(self, request):
+        """Before the suite's `model` fixture builds the model from `chat_model_params`: this test's reply limit."""
+        if not any(name in request.node.name for name in WHOLE_REPLY_TESTS):
+            self.max_tokens = SHORT_REPLY_TOKENS
+
     @property
     def chat_model_params(self) -> dict:
-        return {**STANDARD_PARAMS, **super().chat_model_params}
+        return {**STANDARD_PARAMS, **super().chat_model_params, "max_tokens": self.max_tokens}

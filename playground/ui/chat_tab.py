@@ -25,7 +25,7 @@ from playground.ui.controls import (
     sampling_controls,
     session_owner,
 )
-from playground.ui.replies import ClearableReplies, StreamedReply
+from playground.ui.replies import ClearableReplies, StreamedReply, UpdatePacer
 
 SCHEMA_INPUT = "response_schema"  # the chat's structured-output box, passed with the sampling controls
 SCHEMA_ON = "**Structured output is on**: each reply must match the JSON Schema under *Structured output*."
@@ -241,8 +241,11 @@ def stream_reply(manager, storage, history, stats, details, system_prompt, sampl
                                 logprobs=INSPECT_TOP, capture_routing=loaded.has_experts,
                                 response_format=response_format)
         reply = StreamedReply(response_format, loaded.tokenizer)
+        pacer = UpdatePacer()
         for event in events:
             reply.take(event)
+            if not pacer.due(event):
+                continue  # its text shows with the next update
             if reply.stats is None:
                 # A bubble from the start: the queue place until the first words arrive. gr.skip(): the details
                 # state is only written when the reply is done, not copied per token.

@@ -24,7 +24,7 @@ from playground.storage import Storage
 from playground.storage_exchange import LabCell, StorageError, result_row
 from playground.ui.controls import preset_names, refresh_choices_on_focus, refusal, session_owner
 from playground.ui.explorer import build_next_token_explorer
-from playground.ui.replies import StreamedReply
+from playground.ui.replies import StreamedReply, UpdatePacer
 
 MAX_COLUMNS = 6
 # Cards share a row's width, three to a row at most; four make two rows of two (2 x 2 reads better than 3 and a
@@ -272,6 +272,7 @@ def run_lab(manager: ModelManager, storage: Storage | None, view: LabView, promp
     events = manager.stream_each(requests, owner=session_owner(request))
     refused: list[str] = []
     started = stopped = False
+    pacer = UpdatePacer()  # one for all the cards: each update redraws them all
     try:
         for index, event in events:
             if isinstance(event, PlaygroundError):
@@ -285,6 +286,8 @@ def run_lab(manager: ModelManager, storage: Storage | None, view: LabView, promp
                 first = {view.results: None, view.csv_file: None, view.results_box: gr.update(visible=False),
                          view.sweep_box: gr.update(visible=False), view.shared: shared}
             replies[index].take(event)
+            if not (first or pacer.due(event)):
+                continue  # its text shows with the next update
             running = sum(reply.generating for reply in replies)
             progress = (f"Running setting {index + 1} of {len(settings)}" if running <= 1
                         else f"Running {running} of {len(settings)} settings at once")

@@ -7,6 +7,7 @@ import functools
 import inspect
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -17,6 +18,10 @@ from playground.ui.controls import session_owner
 
 NOT_STARTED = "Waiting for its turn"
 GENERATING = "Generating…"
+# How often a streaming reply redraws the page. Each update sends and re-renders the whole Chatbot (or every lab
+# card): per token, that cost the browser and the server about as much CPU as computing the token (measured with
+# the embedded model); at a GPU's speed it would outrun the page. Text between two updates arrives with the next.
+UPDATES_PER_SECOND = 10
 
 
 @dataclass
@@ -65,6 +70,24 @@ class StreamedReply:
             self.summary += f" · {verdict}"
         self.line = self.summary
         self.details = {"tokens": token_state, "routing": routing_to_state(event.routing, self.tokenizer)}
+
+
+class UpdatePacer:
+    """Whether a streaming reply's event is worth an update of the page: a queue place, the first text and the end
+    always are; further text at most `per_second` times a second (a slower model updates on every token)."""
+
+    def __init__(self, per_second: float = UPDATES_PER_SECOND):
+        self.interval = 1.0 / per_second
+        self._last_text = -float("inf")
+
+    def due(self, event: GenerationEvent) -> bool:
+        if event.kind != "delta":
+            return True
+        now = time.monotonic()
+        if now - self._last_text < self.interval:
+            return False
+        self._last_text = now
+        return True
 
 
 class ClearableReplies:
@@ -130,4 +153,4 @@ class ClearableReplies:
             self._changed.notify_all()
 
 
-__all__ = ["ClearableReplies", "GENERATING", "NOT_STARTED", "StreamedReply"]
+__all__ = ["ClearableReplies", "GENERATING", "NOT_STARTED", "StreamedReply", "UpdatePacer"]
