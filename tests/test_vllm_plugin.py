@@ -161,14 +161,14 @@ def test_float_requests_arriving_together_keep_their_own_filter_state(servers, n
 
     def ask(index: int) -> None:
         gate.wait()
-        results[index] = _vllm(servers["float"], [prompts[index]], new_tokens=48)[0]["token_ids"]
+        results[index] = _vllm(servers["float"], [prompts[index]], new_tokens=NEW_TOKENS)[0]["token_ids"]
 
     threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(prompts))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
-    assert results == [_native_greedy(model, prompt, 48) for prompt in prompts]
+    assert results == [_native_greedy(model, prompt) for prompt in prompts]
     metrics = httpx.get(servers["float"].url + "/metrics").text
     preempted = sum(float(line.split()[-1]) for line in metrics.splitlines()
                     if line.startswith("vllm:num_preemptions_total"))
