@@ -10,8 +10,7 @@ from pathlib import Path
 
 from playground.embedded import hub_snapshot, on_spaces
 from playground.params import EXTENSION_FIELDS, VLLM_EXTENSIONS
-from playground.remote import CHAT_FORMATS, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S
-from playground.manager import DEFAULT_MAX_PROMPT_CHARS
+from playground.defaults import CHAT_FORMATS, DEFAULT_CONCURRENCY, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_TIMEOUT_S
 from playground.storage import default_data_dir
 
 # A Hugging Face model repo id: "owner/name" (letters, digits, "-", "_", "."), not an existing path.

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from playground.chat_format import checked_input, normalise_messages
+from playground.defaults import DEFAULT_CONCURRENCY, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_TIMEOUT_S
 from playground.errors import LoadInProgressError, ModelFolderError, ModelNotLoadedError, ParameterError, PlaygroundError
 from playground.generation import scheduling
 from playground.generation.events import GenerationEvent, GenerationResult, GenerationStats, TokenInfo
@@ -33,9 +34,6 @@ from playground.structured import ResponseFormat
 
 # ------------------------------------------------------------------------------------------- the manager
 
-
-# A longer prompt (all messages) is refused before it is tokenized; --max-prompt-chars changes it.
-DEFAULT_MAX_PROMPT_CHARS = 100_000
 
 
 class ModelManager:
@@ -117,7 +115,7 @@ class ModelManager:
         takes (None: known from its `owned_by`). On failure (engine down, key refused, no such model) the error
         is kept in the status, naming the URL, and raised: RemoteUnreachable when trying again later may work.
         """
-        from playground.remote import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, RemoteEngine, RemoteUnreachable
+        from playground.remote import RemoteEngine, RemoteUnreachable
 
         if not self._load_lock.acquire(blocking=False):
             raise LoadInProgressError("another model is loading; wait for it to finish")

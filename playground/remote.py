@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import httpx
 import openai
 
+from playground.defaults import CHAT_FORMATS, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S
 from playground.errors import ParameterError, PlaygroundError
 from playground.params import EXTENSION_FIELDS, SAMPLING_FIELDS, VLLM_EXTENSIONS, SamplingParams, to_wire
 from playground.structured import ResponseFormat
@@ -29,10 +30,7 @@ RETRIES = 2
 BACKOFF_S = 0.5
 RETRY_AFTER_CAP_S = 10.0
 RETRY_STATUSES = {429, 502, 503, 504}
-DEFAULT_TIMEOUT_S = 120.0  # the longest the remote may stay silent (first token included) before giving up
-DEFAULT_CONCURRENCY = 16
 CANCEL_POLL_S = 0.1
-CHAT_FORMATS = ("auto", "server", "yuan")
 OPENAI_FORMATS = ("json_object", "json_schema")  # the response formats of OpenAI's API, which vLLM takes too
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 
@@ -61,6 +62,18 @@ def test_environment_variables_configure_the_launch(monkeypatch, tmp_path):
     assert (settings.model, settings.device, settings.dtype, settings.port, settings.share, settings.api_key) == (
         str(tmp_path), "cpu", "bfloat16", 8123, True, "k3y")
     assert parse_args(["--port", "9000"]).port == 9000  # options win over the environment
+
+
+def test_help_and_a_bad_option_answer_without_loading_the_model_stack():
+    """`launch.py --help` (and a mistyped option) answer at once: neither torch, transformers, gradio nor the openai
+    client is imported to parse the command line."""
+    heavy = ("torch", "transformers", "gradio", "openai")
+    check = ("import sys; from playground.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit as end:\n"
+             f"    print(end.code, [name for name in {heavy!r} if name in sys.modules])")
+    for option, code in (("--help", 0), ("--no-such-option", 2)):
+        answer = subprocess.run([sys.executable, "-c", check, option], capture_output=True, text=True, cwd=REPO)
+        assert answer.stdout.splitlines()[-1] == f"{code} []", answer.stdout + answer.stderr
 
 
 def test_spaces_binds_all_interfaces_unless_told_otherwise(monkeypatch):
