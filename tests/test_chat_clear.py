@@ -1,5 +1,6 @@
-"""Clear during a streaming reply (`ClearableReplies`): the reply is cancelled in the manager and Clear answers only
-after the reply's last update, so nothing of the reply can arrive after the emptied chat."""
+"""Clear and Stop during a streaming reply (`ClearableReplies`): the reply is cancelled in the manager and Clear answers
+only after the reply's last update, so nothing of the reply can arrive after the emptied chat; Stop lets that last
+update say the reply was stopped, and answers after it."""
 
 from __future__ import annotations
 
@@ -93,3 +94,29 @@ def test_a_reply_closed_by_gradio_while_clear_waits_lets_clear_answer():
     started = time.monotonic()
     replies.clear("page-1")
     assert closed.is_set() and time.monotonic() - started < 2
+
+
+def test_stop_answers_after_the_replys_own_last_update_which_is_delivered():
+    """Stop (unlike Clear) lets the reply say it was stopped, and answers only after that last update: a "Stopping…"
+    answered earlier could land after it and stay on the page."""
+    stopped = threading.Event()
+    manager = SimpleNamespace(cancel=lambda owner: 0 if stopped.is_set() else stopped.set() or 1)  # how many it stopped
+    delivered, lock = [], threading.Lock()
+    replies = ClearableReplies(manager, wait_s=5)
+
+    def reply(text, request=None):
+        for count in range(100_000):
+            if stopped.is_set():
+                time.sleep(0.3)  # the generation takes a moment to notice
+                yield "Done: stopped by you"
+                return
+            time.sleep(0.005)
+            yield f"{text} {count}"
+
+    driver = drive(replies.clearable(reply)("hi", request=SimpleNamespace(session_hash="page-1")), delivered, lock)
+    time.sleep(0.2)
+    assert replies.stop("page-1") is True
+    with lock:
+        assert delivered[-1] == "Done: stopped by you"  # already sent when Stop answers
+    driver.join(timeout=5)
+    assert replies.stop("page-1") is False  # nothing running any more

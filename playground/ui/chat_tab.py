@@ -416,9 +416,9 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
             return buttons_free()
 
         def stop_generation(request: gr.Request = None):
-            owner = session_owner(request)
-            count = manager.cancel(owner) if owner else 0
-            return "Stopping…" if count else "Nothing is running."
+            # Answered once the reply has sent its last update, which says it was stopped: a "Stopping…" sent now
+            # could arrive after that update and stay on the page.
+            return gr.skip() if streaming.stop(session_owner(request)) else "Nothing is running."
 
         # State outputs are not part of the API, so the endpoints' visible outputs stay as they were.
         outputs = [chatbot, history, stats, status, details, chat_id]

@@ -148,8 +148,10 @@ def _wire_lists(views: HistoryViews, tab: gr.Tab, search, refresh, chats: ListPa
             run_view: gr.update(value="", visible=False), run_results: gr.update(value=None, visible=False)}
 
     everything = [*chats.components(), *runs.components(), run_view, run_results]
-    # Listing is a quick read: off the queue, like the status line, so it never waits behind a generation.
-    lists = dict(fn=show_lists, inputs=search, outputs=everything, api_name=False, queue=False, show_progress="hidden")
+    # Listing is a quick read with a queue of its own (it never waits behind a generation), one at a time: answered in
+    # the order asked, so a refresh answered late cannot put the full lists back over a search typed after it.
+    lists = dict(fn=show_lists, inputs=search, outputs=everything, api_name=False, show_progress="hidden",
+                 concurrency_limit=1, concurrency_id="history-lists")
     tab.select(**lists)
     refresh.click(**lists)
     search.change(**lists, trigger_mode="always_last")

@@ -24,7 +24,7 @@ from playground.storage import Storage
 from playground.storage_exchange import LabCell, StorageError, result_row
 from playground.ui.controls import preset_names, refresh_choices_on_focus, refusal, session_owner
 from playground.ui.explorer import build_next_token_explorer
-from playground.ui.replies import StreamedReply, UpdatePacer
+from playground.ui.replies import ClearableReplies, StreamedReply, UpdatePacer
 
 MAX_COLUMNS = 6
 # Cards share a row's width, three to a row at most; four make two rows of two (2 x 2 reads better than 3 and a
@@ -469,9 +469,10 @@ def build_lab_tab(manager: ModelManager, storage: Storage | None = None) -> LabT
             except PlaygroundError as exc:
                 return table, refusal(exc)
 
+        runs = ClearableReplies(manager)  # Stop answers after the run's last update (its own line says it stopped)
+
         def stop_lab(request: gr.Request = None):
-            owner = session_owner(request)
-            return "Stopping…" if owner and manager.cancel(owner) else "Nothing is running."
+            return gr.skip() if runs.stop(session_owner(request)) else "Nothing is running."
 
         def add_row(table):
             try:
@@ -486,6 +487,7 @@ def build_lab_tab(manager: ModelManager, storage: Storage | None = None) -> LabT
             except PlaygroundError as exc:
                 return table, refusal(exc)
 
+        @runs.clearable
         def run_and_save(prompt: str, table: Any, response_schema: str = "", request: gr.Request | None = None):
             yield from run_lab(manager, storage, view, prompt, table, response_schema, request)
 

@@ -91,7 +91,7 @@ class UpdatePacer:
 
 
 class ClearableReplies:
-    """The replies each page is streaming, so that Clear ends them and answers only after their last update.
+    """The replies each page is streaming, so that Clear (and Stop) ends them and answers only after their last update.
 
     Gradio's `cancels` runs beside Clear, not before it: an update a reply sent just then would land after the
     emptied chat and bring the reply back. Clear instead marks the page's replies, cancels them in the manager and
@@ -129,14 +129,24 @@ class ClearableReplies:
 
     def clear(self, owner: str | None) -> None:
         """End the page's replies, queued or streaming, and return once each has sent its last update."""
+        self._end(owner, silenced=True)
+
+    def stop(self, owner: str | None) -> bool:
+        """Stop the page's replies and return once each has sent its last update, the line saying it was stopped
+        (whatever the caller then shows comes after it, not under it); whether anything was running."""
+        return self._end(owner, silenced=False)
+
+    def _end(self, owner: str | None, silenced: bool) -> bool:
         if owner is None:
-            return
+            return False
         with self._changed:
             replies = set(self._running.get(owner, ()))
-            self._cleared |= replies
-        self._manager.cancel(owner)
+            if silenced:
+                self._cleared |= replies
+        cancelled = self._manager.cancel(owner)
         with self._changed:
             self._changed.wait_for(lambda: not replies & self._running.get(owner, set()), timeout=self._wait_s)
+        return bool(replies or cancelled)
 
     def _started(self, owner: str | None) -> int:
         with self._changed:
