@@ -9,6 +9,7 @@ from playground.manager import ModelManager
 from playground.storage import Storage
 from playground.storage_exchange import import_limit_bytes
 from playground.ui.chat_tab import CHAT_CSS, build_chat_tab
+from playground.ui.controls import UnavailableControls
 from playground.ui.history_tab import build_history_tab
 from playground.ui.insight_tab import build_insight_tab
 from playground.ui.lab_tab import LAB_CSS, build_lab_tab
@@ -50,26 +51,44 @@ def status_line(manager: ModelManager) -> str:
     return "No model loaded."
 
 
-def stand_in_banner(manager: ModelManager) -> dict:
-    """A one-line note while the embedded stand-in serves, saying what it is and how to serve Yuan2-M32."""
+def stand_in_note(manager: ModelManager) -> str:
+    """A one-line note while the embedded stand-in serves, saying what it is and how to serve Yuan2-M32; "" else."""
     status = manager.status()
     serving_stand_in = status["state"] == "ready" and status.get("kind") == "embedded"
-    return gr.update(value=STAND_IN_NOTE.format(name=status.get("name")) if serving_stand_in else "",
-                     visible=serving_stand_in)
+    return STAND_IN_NOTE.format(name=status.get("name")) if serving_stand_in else ""
+
+
+def keep_page_current(demo: gr.Blocks, manager: ModelManager, status: gr.Markdown, banner: gr.Markdown,
+                      unavailable: UnavailableControls) -> None:
+    """What a page keeps current (the status line, the stand-in banner, the greyed-out sampling controls), in one
+    request when it loads and every 2 s. Each part is sent only when it differs from what this page shows (kept in
+    its state), so an idle page gets an answer of skips and redraws nothing."""
+    timer = gr.Timer(2.0)
+    shown = gr.State(None)  # {"status": ..., "banner": ..., "greyed": [...]}: what this page shows
+
+    def refresh(shown: dict | None) -> list:
+        shown = dict(shown or {})
+        line, note = status_line(manager), stand_in_note(manager)
+        status_update = gr.skip() if shown.get("status") == line else line
+        banner_update = gr.skip() if shown.get("banner") == note else gr.update(value=note, visible=bool(note))
+        control_updates, shown["greyed"] = unavailable.refresh(shown.get("greyed"))
+        shown.update(status=line, banner=note)
+        return [status_update, banner_update, *control_updates, shown]
+
+    gr.on([demo.load, timer.tick], refresh, shown, [status, banner, *unavailable.controls, shown], api_name=False,
+          show_progress="hidden", queue=False)
 
 
 def build_app(settings: Settings, manager: ModelManager, storage: Storage | None = None) -> gr.Blocks:
     """The whole UI around `manager`; chats and lab runs are saved to `storage` (None: nothing is saved)."""
 
     def current_status() -> str:
+        """The model status line: which model, its state, and how many requests wait."""
         return status_line(manager)
-
-    def current_banner() -> dict:
-        return stand_in_banner(manager)
 
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}")
-        status = gr.Markdown(current_status, elem_id="model-status")
+        status = gr.Markdown(elem_id="model-status")
         banner = gr.Markdown(visible=False, elem_id="stand-in-banner")
         build_model_panel(manager, settings.models_root, device=settings.device, dtype=settings.dtype,
                           started_elsewhere=settings.backend == "openai" or settings.model is not None)
@@ -80,9 +99,7 @@ def build_app(settings: Settings, manager: ModelManager, storage: Storage | None
             memory_timer, memory_paused = build_memory_tab(manager)
             build_history_tab(manager, chat, lab, storage, import_limit_bytes(settings.max_request_bytes))
         refresh_only_when_shown(tabs, memory_timer, memory_paused)
-        status_timer = gr.Timer(2.0)
-        status_timer.tick(current_status, None, status, api_name="status", show_progress="hidden", queue=False)
-        status_timer.tick(current_banner, None, banner, api_name=False, show_progress="hidden", queue=False)
-        demo.load(current_banner, None, banner, api_name=False, show_progress="hidden", queue=False)
+        keep_page_current(demo, manager, status, banner, chat.unavailable)
+        gr.api(current_status, api_name="status", queue=False)  # the status line for API clients
         chat.restore_on_load(demo, storage)  # the chat this browser showed before a reload
     return demo

@@ -19,6 +19,7 @@ from playground.structured import schema_from_text
 from playground.params import SamplingParams
 from playground.ui.controls import (
     PresetPicker,
+    UnavailableControls,
     control_values,
     params_from_controls,
     refusal,
@@ -96,6 +97,7 @@ class ChatTab:
     shown_chat: gr.BrowserState  # the saved chat this browser shows, so a page reload brings it back
     settings: dict[str, Any]  # the sampling controls and the schema box, by name
     remembered: gr.BrowserState  # their values in this browser, so a reload or a restart keeps them
+    unavailable: UnavailableControls  # greys out the sampling controls the engine cannot take (refreshed by the app)
 
     def settings_values(self, values: dict[str, Any] | None) -> list:
         """Updates for the settings controls from `values` by name (a name it lacks keeps its control as it is)."""
@@ -295,7 +297,7 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
                 system_prompt = gr.Textbox(label="System prompt", lines=1, max_lines=8,
                                            placeholder="Optional instructions for the model")
                 presets = PresetPicker()
-                controls = sampling_controls(manager, per_row=2)
+                controls = sampling_controls(per_row=2)
                 # Right under the settings (its being on is also said beside the conversation: schema_on).
                 with gr.Accordion("Structured output", open=False, elem_id="chat-structured"):
                     schema = gr.Code(value="", language="json", lines=5, elem_id="chat-schema",
@@ -474,4 +476,4 @@ def build_chat_tab(manager: ModelManager, storage: Storage | None = None) -> Cha
                            show_progress="hidden", queue=False)
     return ChatTab(chatbot=chatbot, history=history, stats=stats, details=details, chat_id=chat_id,
                    system_prompt=system_prompt, status=status, shown_chat=shown_chat, settings=inputs_by_name,
-                   remembered=remembered)
+                   remembered=remembered, unavailable=UnavailableControls(manager, controls))

@@ -34,7 +34,7 @@ def refresh_choices_on_focus(dropdown: gr.Dropdown, choices, api_name: str | boo
                    api_name=api_name, show_progress="hidden", queue=False)
 
 
-def sampling_controls(manager: ModelManager, defaults: SamplingParams | None = None, per_row: int = 2) -> Controls:
+def sampling_controls(defaults: SamplingParams | None = None, per_row: int = 2) -> Controls:
     """One control per SamplingParams field, named and ordered as the registry lists them, `per_row` to a row.
 
     Numbers are number boxes with no bounds of their own: a value out of range reaches SamplingParams, which refuses
@@ -59,29 +59,30 @@ def sampling_controls(manager: ModelManager, defaults: SamplingParams | None = N
             controls[field.name] = gr.Textbox(value=values[field.name], lines=2, label=field.label,
                                               info="one per line; \\n means a newline",
                                               elem_id=f"sampling-{field.name}")
-    mark_unavailable_controls(manager, controls)
     return controls
 
 
-def mark_unavailable_controls(manager: ModelManager, controls: Controls) -> None:
-    """Grey out the fields the current engine cannot take (a remote engine may lack some), and bring them back
-    when the model changes. The page's greyed set is kept per session, so a tick changes nothing until it differs."""
-    check = gr.Timer(2.0)
-    shown = gr.State(None)  # the fields this page shows greyed out; None before the first check
-    infos = {name: getattr(control, "info", None) for name, control in controls.items()}
+class UnavailableControls:
+    """Greys out the fields the current engine cannot take (a remote engine may lack some) and brings them back when
+    the model changes. Refreshed with the rest of the page (app.keep_page_current), which keeps the greyed set this
+    page shows, so a refresh changes nothing until it differs."""
 
-    def mark(greyed):
-        missing = sorted(manager.unavailable_params()) if manager.status()["state"] == "ready" else greyed
+    def __init__(self, manager: ModelManager, controls: Controls):
+        self.manager = manager
+        self.controls = list(controls.values())
+        self.names = list(controls)
+        self.infos = {name: getattr(control, "info", None) for name, control in controls.items()}
+
+    def refresh(self, greyed: list[str] | None) -> tuple[list, list[str] | None]:
+        """(an update per control, the greyed set now) given the set the page shows (None before the first)."""
+        missing = sorted(self.manager.unavailable_params()) if self.manager.status()["state"] == "ready" else greyed
         if missing is None or missing == greyed:
-            return [gr.skip() for _ in controls] + [greyed]
-        updates = [
+            return [gr.skip() for _ in self.controls], greyed
+        return [
             gr.update(interactive=False, info="not available on the remote engine") if name in missing
-            else gr.update(interactive=True, info=infos[name] or "")  # "" clears it: None would leave the old text
-            for name in controls
-        ]
-        return updates + [missing]
-
-    check.tick(mark, shown, [*controls.values(), shown], api_name=False, queue=False, show_progress="hidden")
+            else gr.update(interactive=True, info=self.infos[name] or "")  # "" clears it: None would leave the old text
+            for name in self.names
+        ], missing
 
 
 def params_from_controls(values: dict[str, Any]) -> SamplingParams:
