@@ -5,7 +5,8 @@
 
 - the `yuan` config class is registered with transformers, so its `auto_map` is never followed;
 - `YuanForCausalLM` (this package's `model.py`) is registered with vLLM's model registry;
-- `--tokenizer-mode yuan` loads the release's tokenizer with the Yuan chat template;
+- `--tokenizer-mode yuan` loads the release's tokenizer with the Yuan chat template (another tokenizer is refused
+  when vLLM builds its config, before an engine starts: `config_check.py`);
 - `--load-format yuan` reads the byte-split INT4 weight parts in place.
 """
 
@@ -17,6 +18,7 @@ ARCHITECTURE = "YuanForCausalLM"
 def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.renderers.registry import RENDERER_REGISTRY
     from vllm.tokenizers.registry import TokenizerRegistry
     from vllm.transformers_utils.chat_templates.registry import (
@@ -24,12 +26,14 @@ def register() -> None:
         register_chat_template_fallback_path,
     )
 
+    from .config_check import YuanConfigCheck
     from .configuration_yuan import YuanConfig
     from .serving_tokenizer import CHAT_TEMPLATE
 
     AutoConfig.register("yuan", YuanConfig, exist_ok=True)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "vllm_yuan.model:YuanForCausalLM")
+    MODELS_CONFIG_MAP[ARCHITECTURE] = YuanConfigCheck
     # Registered once per process (register() may run again), without the registries' overwrite warnings.
     if "yuan" not in TokenizerRegistry.tokenizers:
         TokenizerRegistry.register("yuan", "vllm_yuan.serving_tokenizer", "YuanServingTokenizer")

@@ -216,7 +216,6 @@ class YuanForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP, SupportsQu
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        _check_tokenizer_mode(vllm_config)
         config = vllm_config.model_config.hf_config
         self.config = config
         self.quant_config = vllm_config.quant_config
@@ -330,14 +329,3 @@ def release_to_vllm(weights: Iterable[tuple[str, torch.Tensor]], bits: int = 4,
     incomplete = sorted(pending) + sorted(partners)
     if incomplete:
         raise ValueError(f"incomplete Yuan checkpoint: {incomplete[0]} lacks some of its tensors")
-
-
-def _check_tokenizer_mode(vllm_config: VllmConfig) -> None:
-    """Another tokenizer gives other ids than the release's (and adds <s>/</s>): refuse it rather than serve
-    wrong answers quietly."""
-    model_config = vllm_config.model_config
-    if not model_config.skip_tokenizer_init and model_config.tokenizer_mode != "yuan":
-        raise ValueError(
-            f"Yuan2 needs the release's tokenizer: start vLLM with --tokenizer-mode yuan "
-            f"(got --tokenizer-mode {model_config.tokenizer_mode}), or --skip-tokenizer-init and send token ids"
-        )
