@@ -63,15 +63,14 @@ def test_a_model_keeps_its_float_layers_and_its_4_bit_ones_compute_the_same():
 
 
 @pytest.fixture(scope="module")
-def int4_managers():
-    """The embedded model as `auto` loads it on CPU, with a prompt cache and without one."""
-    cached, cold = ModelManager(), ModelManager()
+def int4_managers(embedded_manager):
+    """The embedded model as `auto` loads it on CPU, with a prompt cache (the session's manager, what the app builds)
+    and without one."""
+    cold = ModelManager()
     cold.prompt_cache_bytes = 0
-    for manager in (cached, cold):
-        manager.load()
-    yield cached, cold
-    for manager in (cached, cold):
-        manager.close()
+    cold.load()
+    yield embedded_manager, cold
+    cold.close()
 
 
 def test_the_embedded_model_runs_its_q4_layers_on_int4_kernels(int4_managers, new_manager):
