@@ -18,6 +18,7 @@ Run alone with `pytest -m vllm`.
 
 from __future__ import annotations
 
+import re
 import threading
 
 import httpx
@@ -247,7 +248,11 @@ def test_the_release_folder_serves_without_running_its_remote_code(servers, fold
     for server in servers.values():
         assert "--trust-remote-code" not in server.process.args
         assert httpx.get(server.base_url + "/models").json()["data"][0]["id"] == server.model
-        assert "remote code from the model folder was executed" not in server.log(tail=10**7)
+        log = server.log(tail=10**7)
+        assert "remote code from the model folder was executed" not in log
+        # The weights are read once, in about a second (the byte-split parts through --load-format yuan too).
+        seconds = [float(found) for found in re.findall(r"Loading weights took ([\d.]+) seconds", log)]
+        assert len(seconds) == 1 and seconds[0] < 120, seconds
 
 
 def test_another_tokenizer_is_refused_with_the_flag_to_use(refused_start):

@@ -7,6 +7,7 @@ through the playground's `safetensors_parts` reader: nothing is joined on disk a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 from pathlib import Path
 
@@ -37,4 +38,8 @@ class YuanReleaseLoader(DefaultModelLoader):
             raise ValueError(f"--load-format {LOAD_FORMAT} reads a local model folder; {model_config.model} is not one")
 
     def get_all_weights(self, model_config: ModelConfig, model: nn.Module):
+        # The default loader starts the clock of its "Loading weights took ..." line where it opens the files; left
+        # at 0 it would report the machine's uptime.
+        if self.counter_before_loading_weights == 0.0:
+            self.counter_before_loading_weights = time.perf_counter()
         yield from release_weights(model_config.model)
