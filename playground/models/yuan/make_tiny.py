@@ -268,10 +268,14 @@ def random_float_model(config: YuanConfig, seed: int = 0, router_scale: float = 
     Random routers give every expert about 1/E of the weight, so the top-k choice hangs on differences of 1e-4 that
     any change of precision flips. `router_scale` multiplies the routers' value projection, spreading the router
     logits so the choice is decisive (for comparing two implementations in reduced precision)."""
+    from transformers.initialization import no_init_weights
+
     from .modeling_yuan import YuanForCausalLM
 
     generator = torch.Generator().manual_seed(seed)
-    model = YuanForCausalLM(config)
+    with no_init_weights():  # every parameter is written below: the default init (two thirds of the time) is skipped
+        model = YuanForCausalLM(config)
+    model.tie_weights()  # done by the init skipped above
     for name, param in model.named_parameters():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
