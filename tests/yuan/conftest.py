@@ -99,11 +99,14 @@ def full_vocab_model(full_vocab_dir):
 @pytest.fixture(scope="session")
 def dequantised_copy():
     """A function: the float model of an exact-mode GPTQ model's dequantised weights (no QuantLinear left)."""
+    from transformers.initialization import no_init_weights
+
     from playground.models.yuan.gptq import QuantLinear, dequantize_linear
     from playground.models.yuan.modeling_yuan import YuanForCausalLM
 
     def copy(model):
-        reference = YuanForCausalLM(model.config).eval()
+        with no_init_weights():  # every weight comes from `model` below
+            reference = YuanForCausalLM(model.config).eval()
         packed = ("qweight", "qzeros", "scales", "g_idx")
         reference.load_state_dict(
             {k: v for k, v in model.state_dict().items() if k.split(".")[-1] not in packed}, strict=False
