@@ -23,6 +23,7 @@ GROUP_SIZE = 32
 LEVELS = 15
 # A group is 4-bit when every weight lies within this fraction of a level of the level it rounds to.
 LEVEL_TOLERANCE = 1e-3
+SAMPLE_ROWS = 16  # rows checked first, so that a layer that is not 4-bit costs no pass over all its weights
 
 
 class Int4Linear(nn.Module):
@@ -46,12 +47,15 @@ def four_bit_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     """(q int32 [out, in], d [out, groups], m [out, groups]) with `weight == d * q + m` in every group of
     `GROUP_SIZE` inputs, or None when some group is not 4-bit levels."""
     out_features, in_features = weight.shape
+    if out_features > SAMPLE_ROWS and four_bit_groups(weight[:SAMPLE_ROWS]) is None:
+        return None  # a float layer (the tied head, a float checkpoint) is told apart by its first rows
     groups = weight.detach().float().view(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
-    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    low, high = torch.aminmax(groups, dim=-1, keepdim=True)
     step = (high - low) / LEVELS
-    levels = (groups - low) / torch.where(step == 0, torch.ones_like(step), step)
+    # In place where a temporary would do: this runs over every weight of the model at each load.
+    levels = (groups - low).div_(torch.where(step == 0, torch.ones_like(step), step))
     q = levels.round()
-    if (levels - q).abs().amax() > LEVEL_TOLERANCE:
+    if levels.sub_(q).abs_().amax() > LEVEL_TOLERANCE:
         return None
     return q.to(torch.int32).view(out_features, in_features), step.squeeze(-1), low.squeeze(-1)
 
