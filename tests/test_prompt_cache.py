@@ -2,9 +2,11 @@
 
 Each request runs twice, on a manager whose prompt cache holds what earlier requests computed and on one without a
 prompt cache. "The same" is tested tightly: a resumed request computes its last tokens in a separate pass, which moves
-logprobs by rounding noise (~1e-6 in float32, more in bf16). Yuan runs in float64 throughout (1e-9); SmolLM2 in
-float32 (1e-5): transformers' Llama norms its activations in float32 whatever the weights, so float64 would not make
-its figures tighter, only its steps several times slower.
+logprobs by rounding noise (float32 GEMMs of other shapes sum in another order: about 1e-6 on an Intel Xeon, up to
+1.4e-5 on an AMD EPYC, whose kernels block differently). Yuan runs in float64 throughout (1e-9); SmolLM2 in float32
+(1e-4, far below what a wrong position or a stale cache entry moves): transformers' Llama norms its
+activations in float32 whatever the weights, so float64 would not make its figures tighter, only its steps several
+times slower.
 Cuts: Regenerate (the whole prompt but its last token), a chat's next turn (inside the earlier turn for Yuan, whose
 format rewrites the turn's end; after the reply for SmolLM2's template) and a raw prompt that continues the earlier
 reply (at the end of the cached sequence). Greedy and seeded sampling, with expert routing for Yuan.
@@ -20,7 +22,7 @@ from playground.models.yuan.make_tiny import make_tiny_checkpoint
 from tests.conftest import YUAN_TOKENIZER_DIR
 
 GREEDY = {"temperature": 0, "max_new_tokens": 12}
-TOLERANCE = {"yuan": 1e-9, "smollm2": 1e-5}
+TOLERANCE = {"yuan": 1e-9, "smollm2": 1e-4}
 SEEDED = {"temperature": 0.9, "top_p": 0.95, "seed": 7, "max_new_tokens": 12}
 
 
