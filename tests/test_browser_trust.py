@@ -212,21 +212,26 @@ def test_8_structured_output_is_said_beside_the_chat_and_keeps_its_indentation(p
     schema = '{"type": "object", "properties": {"colour": {"type": "string", "maxLength": 12}}, "required": ["colour"]}'
     page.locator("#chat-schema .cm-content").fill(schema)
     expect(page.locator("#chat-schema-on")).to_contain_text("Structured output is on")
-    send(page, "Name a colour as JSON.")
-    expect(page.locator("#chat-status")).to_contain_text("valid JSON matching the schema", timeout=120_000)
-    reply = page.locator(REPLIES).last
-    assert '\n  "colour"' in reply.inner_text()  # two spaces of indentation, as printed
-    # Item 2: the stats line is shown under the reply but is not part of it: the reply's copy button copies JSON
-    # that parses.
-    expect(page.locator(REPLY_STATS).last).to_contain_text("tokens")
-    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
-    reply.hover()
-    page.locator(f"#chatbot .message-row:has({REPLIES.removeprefix('#chatbot ')}) + .message-buttons "
-                 "button[aria-label='Copy message']").last.click()
-    copied = page.evaluate("navigator.clipboard.readText()")
-    assert json.loads(copied)["colour"], copied
-    shot(page, screens, "trust-8-structured")
-    page.locator("#chat-schema .cm-content").fill("")
+    try:
+        send(page, "Name a colour as JSON.")
+        expect(page.locator("#chat-status")).to_contain_text("valid JSON matching the schema", timeout=120_000)
+        # Waited for, not read at once: on a busy machine the last bubble was once still Gradio's pending "•••" when
+        # the status line already said the reply was done.
+        reply = page.locator(REPLIES).last
+        expect(reply).to_contain_text('"colour"')
+        assert '\n  "colour"' in reply.inner_text()  # two spaces of indentation, as printed
+        # Item 2: the stats line is shown under the reply but is not part of it: the reply's copy button copies JSON
+        # that parses.
+        expect(page.locator(REPLY_STATS).last).to_contain_text("tokens")
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+        reply.hover()
+        page.locator(f"#chatbot .message-row:has({REPLIES.removeprefix('#chatbot ')}) + .message-buttons "
+                     "button[aria-label='Copy message']").last.click()
+        copied = page.evaluate("navigator.clipboard.readText()")
+        assert json.loads(copied)["colour"], copied
+        shot(page, screens, "trust-8-structured")
+    finally:  # the later steps share this page: they must not inherit the schema
+        page.locator("#chat-schema .cm-content").fill("")
     expect(page.locator("#chat-schema-on")).to_be_hidden()
 
 

@@ -41,6 +41,10 @@ INT4_TOLERANCE = 0.1
 # itself (batched against alone) only.
 INT4_COMPARED_TOKENS = 64
 NEW_TOKENS = 10
+# The requests sent together hold at least 13 of the float server's 12 KV blocks (128 tokens each) once all eight are running,
+# so they must preempt. With 64 prompt tokens a step, the last prompt is in after about 21 steps: the first request
+# must still be decoding then, whatever the machine's speed (with 10 new tokens it ended first on an AMD EPYC).
+TOGETHER_NEW_TOKENS = 48
 EOD = 77185
 
 
@@ -162,14 +166,14 @@ def test_float_requests_arriving_together_keep_their_own_filter_state(servers, n
 
     def ask(index: int) -> None:
         gate.wait()
-        results[index] = _vllm(servers["float"], [prompts[index]], new_tokens=NEW_TOKENS)[0]["token_ids"]
+        results[index] = _vllm(servers["float"], [prompts[index]], new_tokens=TOGETHER_NEW_TOKENS)[0]["token_ids"]
 
     threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(prompts))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
-    assert results == [_native_greedy(model, prompt) for prompt in prompts]
+    assert results == [_native_greedy(model, prompt, TOGETHER_NEW_TOKENS) for prompt in prompts]
     metrics = httpx.get(servers["float"].url + "/metrics").text
     preempted = sum(float(line.split()[-1]) for line in metrics.splitlines()
                     if line.startswith("vllm:num_preemptions_total"))
