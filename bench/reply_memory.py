@@ -21,12 +21,14 @@ import threading
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import psutil
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from playground.manager import ModelManager  # noqa: E402
+if TYPE_CHECKING:
+    from playground.manager import ModelManager
 
 TARGET_MB = 60
 PROMPT = "1, 2, 3, 4, 5, 6, 7, 8,"
@@ -79,7 +81,12 @@ def measure(manager: ModelManager, tokens: int, logprobs: int | None) -> dict:
 
 
 def run_one(args) -> None:
-    """One measurement in this (fresh) process: memory freed by an earlier reply would hide the next one's growth."""
+    """One measurement in this (fresh) process: memory freed by an earlier reply would hide the next one's growth.
+    Only this process loads torch and the model: the one that starts the measurements needs neither."""
+    import torch
+
+    from playground.manager import ModelManager
+
     torch.set_num_threads(args.threads)
     manager = ModelManager()
     status = manager.load(args.model)

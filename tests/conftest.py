@@ -19,16 +19,39 @@ os.environ.setdefault("PLAYGROUND_DATA_DIR", tempfile.mkdtemp(prefix="playground
 
 
 # `make test` runs two workers that take whole modules in collection order (`-n 2 --dist loadfile
-# --no-loadscope-reorder`); the longest modules (by `--durations`, in worker-seconds) go first, so that the two
-# workers end together instead of one waiting for the other's last long module.
+# --no-loadscope-reorder`), so that module fixtures start once; the modules on the session's launched server go to one
+# worker together, so that one server starts, not one per worker (`pytest_xdist_make_scheduler`). The longest modules
+# (by `--durations`, in worker-seconds) go first, so that the two workers end together instead of one waiting for the
+# other's last long module.
 LONGEST_MODULES = ("test_vllm_plugin.py", "test_browser.py", "test_langchain_standard.py", "test_space_simulation.py",
                    "test_benches.py", "test_browser_trust.py", "test_yuan_gguf.py", "test_prompt_cache.py",
                    "test_remote_faults.py", "test_persistence_e2e.py", "test_langchain.py")
+# The scheduler sees test ids only, so the modules that use `launched_server` are named; collection checks the list.
+SERVER_MODULES = ("test_api.py", "test_app_e2e.py", "test_bad_input.py", "test_browser.py", "test_browser_history.py",
+                  "test_browser_lab.py", "test_insight_e2e.py", "test_langchain.py", "test_remote.py",
+                  "test_structured.py")
 
 
 def pytest_collection_modifyitems(items):
     rank = {name: index for index, name in enumerate(LONGEST_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order is kept
+    unlisted = {item.path.name for item in items if "launched_server" in item.fixturenames} - set(SERVER_MODULES)
+    if unlisted:
+        raise pytest.UsageError(f"{sorted(unlisted)} use launched_server: add them to SERVER_MODULES in {__file__}")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the SERVER_MODULES as one unit of work."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ServerModulesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return "launched_server" if Path(module).name in SERVER_MODULES else module
+
+    return ServerModulesTogether(config, log)
 
 
 @pytest.fixture(scope="session")
