@@ -40,6 +40,7 @@ def pytest_collection_modifyitems(items):
         raise pytest.UsageError(f"{sorted(unlisted)} use launched_server: add them to SERVER_MODULES in {__file__}")
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it installed, pytest still starts
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile`, with the SERVER_MODULES as one unit of work."""
     if config.getvalue("dist") != "loadfile":
