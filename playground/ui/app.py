@@ -29,8 +29,8 @@ STAND_IN_NOTE = (
 )
 
 
-def status_line(manager: ModelManager) -> str:
-    status = manager.status()
+def status_line(status: dict) -> str:
+    """The model status line from `manager.status()`: which model, its state, and how many requests wait."""
     if status["state"] == "loading":
         loading = status["loading"]
         return f"Loading **{loading['model']}**: {loading['message']} ({loading['fraction']:.0%})"
@@ -51,9 +51,8 @@ def status_line(manager: ModelManager) -> str:
     return "No model loaded."
 
 
-def stand_in_note(manager: ModelManager) -> str:
+def stand_in_note(status: dict) -> str:
     """A one-line note while the embedded stand-in serves, saying what it is and how to serve Yuan2-M32; "" else."""
-    status = manager.status()
     serving_stand_in = status["state"] == "ready" and status.get("kind") == "embedded"
     return STAND_IN_NOTE.format(name=status.get("name")) if serving_stand_in else ""
 
@@ -67,11 +66,11 @@ def keep_page_current(demo: gr.Blocks, manager: ModelManager, status: gr.Markdow
     shown = gr.State(None)  # {"status": ..., "banner": ..., "greyed": [...]}: what this page shows
 
     def refresh(shown: dict | None) -> list:
-        shown = dict(shown or {})
-        line, note = status_line(manager), stand_in_note(manager)
+        shown, status = dict(shown or {}), manager.status()  # one snapshot: the three parts agree
+        line, note = status_line(status), stand_in_note(status)
         status_update = gr.skip() if shown.get("status") == line else line
         banner_update = gr.skip() if shown.get("banner") == note else gr.update(value=note, visible=bool(note))
-        control_updates, shown["greyed"] = unavailable.refresh(shown.get("greyed"))
+        control_updates, shown["greyed"] = unavailable.refresh(shown.get("greyed"), status)
         shown.update(status=line, banner=note)
         return [status_update, banner_update, *control_updates, shown]
 
@@ -84,7 +83,7 @@ def build_app(settings: Settings, manager: ModelManager, storage: Storage | None
 
     def current_status() -> str:
         """The model status line: which model, its state, and how many requests wait."""
-        return status_line(manager)
+        return status_line(manager.status())
 
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}")

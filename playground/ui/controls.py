@@ -73,9 +73,10 @@ class UnavailableControls:
         self.names = list(controls)
         self.infos = {name: getattr(control, "info", None) for name, control in controls.items()}
 
-    def refresh(self, greyed: list[str] | None) -> tuple[list, list[str] | None]:
-        """(an update per control, the greyed set now) given the set the page shows (None before the first)."""
-        missing = sorted(self.manager.unavailable_params()) if self.manager.status()["state"] == "ready" else greyed
+    def refresh(self, greyed: list[str] | None, status: dict) -> tuple[list, list[str] | None]:
+        """(an update per control, the greyed set now) given the set the page shows (None before the first) and the
+        manager's status."""
+        missing = sorted(self.manager.unavailable_params()) if status["state"] == "ready" else greyed
         if missing is None or missing == greyed:
             return [gr.skip() for _ in self.controls], greyed
         return [
